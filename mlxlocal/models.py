@@ -1,0 +1,171 @@
+"""The bridge to mlx-lm: read and normalise configs, pick architecture classes, load models.
+
+mlx-lm owns the architectures; this module owns what goes wrong between a Hugging Face config
+and mlx-lm's dataclasses (silent config drift) and turns mlx-lm's exceptions into clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+from .errors import MlxLocalError
+
+# mlx-lm modules that are building blocks, not architectures.
+_NOT_ARCHITECTURES = {
+    "activations",
+    "base",
+    "bitlinear_layers",
+    "cache",
+    "gated_delta",
+    "mla",
+    "pipeline",
+    "rope_utils",
+    "ssm",
+    "switch_layers",
+}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, with errors that say what to do."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise MlxLocalError(
+            f"{path}: no config.json — is this a Hugging Face or MLX model directory?"
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MlxLocalError(f"{file}: not valid JSON ({e}); re-download the checkpoint") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise MlxLocalError(f"{file}: no model_type; this does not look like a model config")
+    return config
+
+
+def supported_model_types() -> list[str]:
+    import mlx_lm.models
+
+    names = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)}
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return sorted((names - _NOT_ARCHITECTURES) | set(MODEL_REMAPPING))
+
+
+def model_classes(config: dict[str, Any]) -> tuple[type, type]:
+    """mlx-lm's (Model, ModelArgs) for a config, or an error listing what is supported."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)
+    except ValueError as e:
+        types = ", ".join(supported_model_types())
+        raise MlxLocalError(
+            f"model_type {config.get('model_type')!r} is not supported by mlx-lm "
+            f"(supported: {types})"
+        ) from e
+
+
+def normalize_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Rewrite Hugging Face config drift that mlx-lm would silently misread.
+
+    Returns the fixed config and one line per fix, for the user to see.
+    """
+    config = copy.deepcopy(config)
+    notes: list[str] = []
+    _lift_rope_parameters(config, notes)
+    return config, notes
+
+
+def _lift_rope_parameters(config: dict[str, Any], notes: list[str]) -> None:
+    # transformers 5 writes `rope_parameters`; mlx-lm reads `rope_theta`/`rope_scaling` and
+    # falls back to rope_theta=10000 without a word when they are missing.
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return
+    if all(isinstance(v, dict) for v in params.values()):
+        # Per layer type (Gemma 3 style): full attention carries the global settings.
+        full = params.get("full_attention") or next(iter(params.values()))
+        local = params.get("sliding_attention")
+        if local and "rope_theta" in local and "rope_local_base_freq" not in config:
+            config["rope_local_base_freq"] = local["rope_theta"]
+            notes.append(f"rope_local_base_freq={local['rope_theta']} from rope_parameters")
+        params = full
+    if "rope_theta" in params and "rope_theta" not in config:
+        config["rope_theta"] = params["rope_theta"]
+        notes.append(f"rope_theta={params['rope_theta']} from rope_parameters")
+    if "partial_rotary_factor" in params and "partial_rotary_factor" not in config:
+        config["partial_rotary_factor"] = params["partial_rotary_factor"]
+        notes.append(f"partial_rotary_factor={params['partial_rotary_factor']} from rope_parameters")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default" and not config.get("rope_scaling"):
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta",)}
+        scaling["rope_type"] = scaling["type"] = rope_type
+        config["rope_scaling"] = scaling
+        notes.append(f"rope_scaling ({rope_type}) from rope_parameters")
+
+
+def ignored_settings(config: dict[str, Any], args_class: type) -> list[str]:
+    """Warnings for config settings the mlx-lm architecture has no field for, so drops silently."""
+    fields = set(getattr(args_class, "__dataclass_fields__", {}))
+    window = config.get("sliding_window")
+    if not window or not config.get("use_sliding_window", True):
+        return []
+    # Llama-style classes apply the window only to layers that `layer_types` marks as sliding
+    # (and need one full-attention layer, so an all-sliding Mistral cannot be expressed).
+    by_layer = "layer_types" in fields
+    honoured = "sliding_window" in fields and (
+        not by_layer or "sliding_attention" in (config.get("layer_types") or [])
+    )
+    if not honoured:
+        return [
+            f"mlx-lm's {config['model_type']} ignores sliding_window={window}: outputs for "
+            f"sequences longer than {window} tokens will differ from transformers"
+        ]
+    return []
+
+
+def source_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype a config declares (transformers 5 writes `dtype`, older ones `torch_dtype`)."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if cfg.get(key) in ("float16", "bfloat16", "float32"):
+                return cfg[key]
+    return None
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_ctx", "seq_length"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
+
+
+def load(path: str | Path, adapter: str | Path | None = None):
+    """(model, tokenizer) from an MLX checkpoint directory, through mlx-lm."""
+    from mlx_lm import load as mlx_load
+
+    path = Path(path)
+    read_config(path)
+    if not any(path.glob("model*.safetensors")):
+        raise MlxLocalError(
+            f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
+        )
+    try:
+        return mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
+
+
+def import_module(name: str, purpose: str, extra: str = "test"):
+    """Import an optional dependency or say how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise MlxLocalError(
+            f"{purpose} needs the `{name}` package: pip install 'mlxlocal[{extra}]'"
+        ) from e

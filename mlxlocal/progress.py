@@ -1,0 +1,25 @@
+"""Progress bars on a terminal, silence in pipes and logs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    return iter(
+        tqdm(
+            items,
+            desc=desc,
+            total=total,
+            unit=unit,
+            disable=not sys.stderr.isatty(),
+            leave=False,
+            dynamic_ncols=True,
+        )
+    )

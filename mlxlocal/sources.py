@@ -1,0 +1,95 @@
+"""Where a checkpoint comes from: a local folder, or a Hub repo id through the local HF cache.
+
+Offline first: the cache is tried before the network, and the network only when the user has
+not set HF_HUB_OFFLINE.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import MlxLocalError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DOWNLOAD_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_source(src: str | Path, revision: str | None = None) -> Path:
+    """Return a local directory holding the checkpoint named by `src`."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MlxLocalError(f"{src} is a file: give the checkpoint's directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise MlxLocalError(f"{src}: permission denied; check the folder's permissions")
+        return path
+    if not REPO_ID.match(str(src)) or str(src).startswith((".", "/", "~")):
+        raise MlxLocalError(f"{src}: no such directory, and not a Hugging Face repo id (org/name)")
+    return _from_hub(str(src), revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True
+            )
+        )
+        if (path / "config.json").exists():
+            return path
+    except LocalEntryNotFoundError:
+        pass
+    if is_offline():
+        raise MlxLocalError(
+            f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "unset HF_HUB_OFFLINE to download it, or give a local path"
+        )
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+        if not any(path.glob("*.safetensors")):
+            patterns = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return path
+    except GatedRepoError as e:
+        raise MlxLocalError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and run "
+            "`huggingface-cli login`"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise MlxLocalError(f"{repo_id}: no such repository on the Hub (check the name)") from e
+    except RevisionNotFoundError as e:
+        raise MlxLocalError(f"{repo_id}: no revision {revision!r} (check --revision)") from e
+    except OSError as e:
+        raise MlxLocalError(f"{repo_id}: download failed ({e}); check the network") from e
+
+
+def resolved_revision(path: Path) -> str | None:
+    """The commit hash of a Hub cache snapshot folder, or None for a plain folder."""
+    parts = Path(path).resolve().parts
+    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return parts[-1]
+    return None

@@ -1,0 +1,121 @@
+"""A tiny Llama-shaped Hugging Face checkpoint built locally and deterministically.
+
+It stands in for a downloaded model in the quickstart, the benchmarks and the tests: same files,
+same config style (transformers 5), random weights. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog.
+A local model keeps your data on your own machine.
+Convert the checkpoint, quantize it, then talk to it.
+Fine-tuning teaches a small model one job done well.
+The weather today is sunny with a light breeze from the sea.
+I loved this film: the acting was great and the story moving.
+This product broke after two days and support never answered.
+Translate the sentence into French, then into German.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i * i)
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20.
+Questions and answers, prompts and completions, system and user and assistant.
+"""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def write_tokenizer(out: Path, vocab_size: int = 512, corpus: str = CORPUS) -> int:
+    """Train a byte-level BPE tokenizer on `corpus`, write HF tokenizer files; return its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 512,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok.get_vocab_size()
+
+
+def build_tiny_checkpoint(
+    out: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, rope_theta: float = 50000.0
+) -> Path:
+    """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    vocab = write_tokenizer(out)
+    vocab = -(-vocab // 64) * 64
+    heads, kv_heads, inter = max(hidden // 16, 1), max(hidden // 32, 1), hidden * 2
+    head_dim = hidden // heads
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.15).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": rand(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": rand(inter, hidden),
+            p + "mlp.up_proj.weight": rand(inter, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, inter),
+            p + "input_layernorm.weight": np.ones(hidden, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        }
+    tensors["model.norm.weight"] = np.ones(hidden, np.float32)
+    tensors["lm_head.weight"] = rand(vocab, hidden)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": False,
+        "vocab_size": vocab,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -1,0 +1,45 @@
+"""Shared fixtures: no network, a private temp dir, tiny real Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="mlxlocal-tests-")
+tempfile.tempdir = None
+
+from helpers import make_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to connect anywhere fails the test that made it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch → a tiny HF checkpoint written by transformers, built once per session."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict[str, Path] = {}
+
+    def get(arch: str, **kw) -> Path:
+        key = arch + "".join(f"-{k}={v}" for k, v in sorted(kw.items()))
+        if key not in cache:
+            cache[key] = make_hf_checkpoint(arch, root / key.replace("/", "_"), **kw)
+        return cache[key]
+
+    return get

@@ -1,0 +1,84 @@
+"""Builders for tiny, real Hugging Face checkpoints (transformers writes them) and references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlxlocal.tiny import write_tokenizer
+
+VOCAB = 512
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    rope_theta=50000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.15,
+)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # mlx-lm ignores these sliding windows (convert warns): keep them beyond the probes.
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"query_pre_attn_scalar": 16, "sliding_window": 128, "tie_word_embeddings": True},
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def make_hf_checkpoint(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny `arch` model with transformers (std 0.15 init) plus a local tokenizer.
+
+    `safe=False` saves pytorch_model.bin; `shard="100KB"` shards the safetensors.
+    """
+    import torch
+    import transformers
+
+    safe = overrides.pop("safe", True)
+    shard = overrides.pop("shard", None)
+    config_name, model_name, extra = ARCHS[arch]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(out, safe_serialization=safe, **kw)
+    write_tokenizer(out, vocab_size=VOCAB)
+    return Path(out)
+
+
+def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def mlx_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(path))
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+def probe_ids(n: int = 24, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
