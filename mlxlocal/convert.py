@@ -117,16 +117,18 @@ def convert(
 
         target = dtype or source_dtype(config) or _first_float_dtype(weights)
         cast = getattr(model, "cast_predicate", lambda _: True)
-        writer = ShardWriter(tmp, max_shard)
-        n_params = 0
-        for name in progress(sorted(weights), "converting", total=len(weights), unit="tensor"):
-            w = weights.pop(name)
-            if mx.issubdtype(w.dtype, mx.floating) and cast(name):
-                w = w.astype(DTYPES[target])
-            mx.eval(w)
-            n_params += w.size
-            writer.add(name, w)
-            del w
+        weights = {
+            k: w.astype(DTYPES[target]) if mx.issubdtype(w.dtype, mx.floating) and cast(k) else w
+            for k, w in sorted(weights.items())
+        }
+        n_params = sum(w.size for w in weights.values())
+        writer = ShardWriter(tmp, weights, max_shard)
+        try:
+            for name in progress(list(weights), "converting", total=len(weights), unit="tensor"):
+                writer.write(name, weights.pop(name))
+        except BaseException:
+            writer.abort()
+            raise
         shards = writer.close({"total_parameters": n_params})
         shutil.rmtree(tmp / ".staging", ignore_errors=True)
 

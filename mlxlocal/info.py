@@ -72,8 +72,11 @@ def _tensor_table(kind: str, files: list[Path]) -> tuple[dict[str, dict], str]:
     for f in files:
         if kind == "bin":
             for name, a in load_torch_bin(f).items():
-                table[name] = {"dtype": str(a.dtype).split(".")[-1].upper(), "shape": a.shape,
-                               "bytes": a.nbytes}
+                table[name] = {
+                    "dtype": str(a.dtype).split(".")[-1].upper(),
+                    "shape": a.shape,
+                    "bytes": a.nbytes,
+                }
             continue
         header, metadata = read_header(f)
         if metadata.get("format") == "mlx":

@@ -48,10 +48,9 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def supported_model_types() -> list[str]:
     import mlx_lm.models
-
-    names = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)}
     from mlx_lm.utils import MODEL_REMAPPING
 
+    names = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)}
     return sorted((names - _NOT_ARCHITECTURES) | set(MODEL_REMAPPING))
 
 
@@ -99,7 +98,9 @@ def _lift_rope_parameters(config: dict[str, Any], notes: list[str]) -> None:
         notes.append(f"rope_theta={params['rope_theta']} from rope_parameters")
     if "partial_rotary_factor" in params and "partial_rotary_factor" not in config:
         config["partial_rotary_factor"] = params["partial_rotary_factor"]
-        notes.append(f"partial_rotary_factor={params['partial_rotary_factor']} from rope_parameters")
+        notes.append(
+            f"partial_rotary_factor={params['partial_rotary_factor']} from rope_parameters"
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default" and not config.get("rope_scaling"):
         scaling = {k: v for k, v in params.items() if k not in ("rope_theta",)}

@@ -65,20 +65,30 @@ def write_tokenizer(out: Path, vocab_size: int = 512, corpus: str = CORPUS) -> i
 
 
 def build_tiny_checkpoint(
-    out: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, rope_theta: float = 50000.0
+    out: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int | None = None,
+    dtype: str = "float32",
+    shard_bytes: int | None = None,
+    seed: int = 0,
+    rope_theta: float = 50000.0,
 ) -> Path:
-    """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`."""
-    from safetensors.numpy import save_file
+    """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`.
 
+    `vocab` pads the embedding beyond the trained tokenizer (for realistic sizes);
+    `shard_bytes` splits the weights into shards with an index, as the Hub does.
+    """
     out = Path(out)
-    vocab = write_tokenizer(out)
+    vocab = max(vocab or 0, write_tokenizer(out))
     vocab = -(-vocab // 64) * 64
     heads, kv_heads, inter = max(hidden // 16, 1), max(hidden // 32, 1), hidden * 2
     head_dim = hidden // heads
     rng = np.random.default_rng(seed)
 
     def rand(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.15).astype(np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.15).astype(dtype)
 
     tensors = {"model.embed_tokens.weight": rand(vocab, hidden)}
     for i in range(layers):
@@ -91,12 +101,12 @@ def build_tiny_checkpoint(
             p + "mlp.gate_proj.weight": rand(inter, hidden),
             p + "mlp.up_proj.weight": rand(inter, hidden),
             p + "mlp.down_proj.weight": rand(hidden, inter),
-            p + "input_layernorm.weight": np.ones(hidden, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+            p + "input_layernorm.weight": np.ones(hidden, dtype),
+            p + "post_attention_layernorm.weight": np.ones(hidden, dtype),
         }
-    tensors["model.norm.weight"] = np.ones(hidden, np.float32)
+    tensors["model.norm.weight"] = np.ones(hidden, dtype)
     tensors["lm_head.weight"] = rand(vocab, hidden)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_shards(tensors, out, shard_bytes)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -115,7 +125,29 @@ def build_tiny_checkpoint(
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
-        "dtype": "float32",
+        "dtype": dtype,
+        "torch_dtype": dtype,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def _save_shards(tensors: dict[str, np.ndarray], out: Path, shard_bytes: int | None) -> None:
+    from safetensors.numpy import save_file
+
+    groups: list[dict[str, np.ndarray]] = [{}]
+    for name, t in tensors.items():
+        if shard_bytes and groups[-1] and sum(a.nbytes for a in groups[-1].values()) > shard_bytes:
+            groups.append({})
+        groups[-1][name] = t
+    if len(groups) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -50,11 +50,12 @@ def verify_conversion(
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise MlxLocalError(
-            "--verify needs transformers and torch as the reference: "
-            "pip install torch transformers"
+            "--verify needs transformers and torch as the reference: pip install torch transformers"
         ) from e
     import mlx.core as mx
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     src_dir = resolve_source(src, revision)
     dtype = read_config(Path(converted)).get("dtype", "float32")
     reference = AutoModelForCausalLM.from_pretrained(

@@ -57,10 +57,34 @@ def make_hf_checkpoint(arch: str, out: Path, seed: int = 0, **overrides) -> Path
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    kw = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(out, safe_serialization=safe, **kw)
+    if safe:
+        model.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    else:
+        _save_bin(model, Path(out), two_shards=bool(shard))
     write_tokenizer(out, vocab_size=VOCAB)
     return Path(out)
+
+
+def _save_bin(model, out: Path, two_shards: bool) -> None:
+    """pytorch_model*.bin as older transformers wrote them (transformers 5 writes safetensors)."""
+    import json
+
+    import torch
+
+    model.config.save_pretrained(out)
+    state = model.state_dict()
+    if not two_shards:
+        torch.save(state, out / "pytorch_model.bin")
+        return
+    names = list(state)
+    parts = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
+    for file, keys in parts.items():
+        torch.save({k: state[k] for k in keys}, out / file)
+    weight_map = {k: file for file, keys in parts.items() for k in keys}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 def hf_logits(path: Path, ids: list[int]) -> np.ndarray:

@@ -1,1 +1,1 @@
-"""Checkpoint I/O: validated safetensors reading, restricted .bin reading, atomic sharded writing."""
+"""Checkpoint I/O: validated safetensors, restricted .bin reading, atomic sharded writing."""

@@ -1,16 +1,38 @@
-"""Sharded safetensors writing with bounded memory: a shard is flushed as soon as it is full."""
+"""Sharded safetensors writing that streams: one tensor in memory at a time.
+
+Shapes and dtypes of MLX's lazy arrays are known before evaluation, so every shard's header is
+written up front and each tensor's bytes follow as soon as it is computed. Peak memory is one
+tensor, whatever the shard size.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import MlxLocalError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
+_CODES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.int16: "I16",
+    mx.uint16: "U16",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.int32: "I32",
+    mx.uint32: "U32",
+    mx.float32: "F32",
+    mx.int64: "I64",
+    mx.uint64: "U64",
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -27,44 +49,87 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def open_output(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
 class ShardWriter:
-    """Collects evaluated arrays and writes `model-XXXXX-of-YYYYY.safetensors` plus the index."""
+    """Writes `model[-XXXXX-of-YYYYY].safetensors` + index for a known list of lazy arrays.
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    Call `write` once per array, in the order given at construction.
+    """
+
+    def __init__(self, directory: Path, arrays: dict[str, mx.array], max_shard_bytes: int):
         self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, mx.array] = {}
-        self._pending_bytes = 0
-        self._written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.shards: list[list[str]] = [[]]
+        size = 0
+        for name, a in arrays.items():
+            if a.dtype not in _CODES:
+                raise MlxLocalError(f"tensor {name} has dtype {a.dtype}, which safetensors lacks")
+            if self.shards[-1] and size + a.nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(name)
+            size += a.nbytes
+        n = len(self.shards)
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._layout = {k: (tuple(a.shape), a.dtype, a.nbytes) for k, a in arrays.items()}
+        self._order = [k for shard in self.shards for k in shard]
+        self._starts = {shard[0]: i for i, shard in enumerate(self.shards) if shard}
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self.total_bytes = sum(nbytes for _, _, nbytes in self._layout.values())
 
-    def add(self, name: str, array: mx.array) -> None:
-        if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = array
-        self._pending_bytes += array.nbytes
-        self.total_bytes += array.nbytes
+    def _open_shard(self, i: int) -> None:
+        if self._file:
+            self._file.close()
+        header: dict = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        for name in self.shards[i]:
+            shape, dtype, nbytes = self._layout[name]
+            header[name] = {
+                "dtype": _CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open_output(self.directory / self.names[i])
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
 
-    def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self._written):05d}.partial.safetensors"
-        mx.save_safetensors(str(path), self._pending, metadata={"format": "mlx"})
-        self._written.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def write(self, name: str, array: mx.array) -> None:
+        expected = self._order[self._next]
+        if name != expected or (tuple(array.shape), array.dtype) != self._layout[name][:2]:
+            raise ValueError(f"ShardWriter expected {expected}, got {name} {array.shape}")
+        if name in self._starts:
+            self._open_shard(self._starts[name])
+        mx.eval(array)
+        raw = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+        self._file.write(np.ascontiguousarray(np.asarray(raw)).data)
+        self._next += 1
+        del array, raw
+        mx.clear_cache()  # return the buffer to the OS rather than MLX's cache
 
     def close(self, metadata: dict | None = None) -> list[str]:
-        """Write the last shard, give shards their final names, write the index; return names."""
-        if self._pending or not self._written:
-            self._flush()
-        n = len(self._written)
-        names, weight_map = [], {}
-        for i, (path, keys) in enumerate(self._written):
-            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.directory / name)
-            names.append(name)
-            weight_map.update(dict.fromkeys(keys, name))
+        """Finish the last shard and write the index; return the shard file names."""
+        if self._next != len(self._order):
+            raise ValueError(f"ShardWriter closed after {self._next} of {len(self._order)}")
+        if self._file is None:
+            self._open_shard(0)  # a model with no tensors still gets a valid, empty file
+        self._file.close()
+        weight_map = {k: self.names[i] for i, shard in enumerate(self.shards) for k in shard}
         index = {
             "metadata": {"total_size": self.total_bytes, **(metadata or {})},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return names
+        return self.names
+
+    def abort(self) -> None:
+        if self._file:
+            self._file.close()

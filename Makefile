@@ -1,0 +1,41 @@
+# Two commands on a fresh machine with Python 3.10+ and make:
+#   make quickstart   — install into .venv, then run the offline demo
+#   make test         — install with the test references, then run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UNAME := $(shell uname -s)
+# On Linux plain mlx-lm installs no MLX: take the CPU back end (use MLX_EXTRA=cuda for NVIDIA).
+MLX_EXTRA ?= $(if $(filter Linux,$(UNAME)),cpu,)
+EXTRAS := $(MLX_EXTRA)
+
+.PHONY: install install-test quickstart test lint bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PY) -m pip install -q ".[$(EXTRAS)]"
+
+install-test: $(VENV)/bin/python
+	# torch first and pinned: anything that pulls torch later must not fetch a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q ".[$(if $(EXTRAS),$(EXTRAS)$(comma))test]"
+
+quickstart: install
+	$(VENV)/bin/mlxlocal quickstart
+
+test: install-test
+	cd tests && ../$(VENV)/bin/python -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install-test
+	$(PY) -m benchmarks --suite all --size tiny
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+comma := ,

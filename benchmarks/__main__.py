@@ -1,0 +1,61 @@
+"""`python -m benchmarks --suite convert --size small`: JSON + a markdown table of ratios."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+from . import convert
+from .common import machine
+
+SUITES = {"convert": convert}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--suite", default="all", help=f"comma list of {', '.join(SUITES)}, or all")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"])
+    parser.add_argument("--reps", type=int, default=3, help="A/B repetitions (medians reported)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, help="where checkpoints are built (default: temp)")
+    args = parser.parse_args()
+    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    unknown = set(names) - set(SUITES)
+    if unknown:
+        parser.error(
+            f"unknown suite(s) {', '.join(sorted(unknown))}: choose from {', '.join(SUITES)}"
+        )
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="mlxlocal-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "size": args.size,
+        "reps": args.reps,
+        "machine": machine(),
+        "results": {},
+    }
+    rows = ["| figure | mlxlocal | mlx-lm | ratio | target |", "|---|---|---|---|---|"]
+    for name in names:
+        print(f"running {name} ({args.size}, {args.reps} reps)…", flush=True)
+        report["results"][name] = SUITES[name].run(args.size, args.reps, work)
+        rows += SUITES[name].table(report["results"][name])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['date']}-{args.size}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    header = (
+        f"{report['date']}, {m['cpu']} × {m['cores']} cores, {m['system']}, MLX {m['mlx']} "
+        f"({m['mlx_backend']}), mlx-lm {m['mlx_lm']}, size {args.size}, "
+        f"median of {args.reps}"
+    )
+    markdown = "\n".join([header, "", *rows])
+    (args.out / f"{stem}.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Measuring child processes and describing the machine, shared by every suite."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_mb: float
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Wall time and peak RSS of one child process (from the kernel, via wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
+    return Run(wall, usage.ru_maxrss / 1024)
+
+
+def alternate(pairs: dict[str, callable], reps: int) -> dict[str, list[Run]]:
+    """Run each contender once per repetition, A/B/A/B, so drift hits both alike."""
+    runs: dict[str, list[Run]] = {name: [] for name in pairs}
+    for _ in range(reps):
+        for name, fn in pairs.items():
+            runs[name].append(fn())
+    return runs
+
+
+def median(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def machine() -> dict:
+    import mlx.core as mx
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "mlx_backend": "metal"
+        if mx.metal.is_available()
+        else ("cuda" if mx.cuda.is_available() else "cpu"),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+        "mlxlocal": version("mlxlocal"),
+    }
