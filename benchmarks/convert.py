@@ -6,8 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlxlocal.tiny import build_tiny_checkpoint
-
 from .common import alternate, measure, median
 
 # hidden, layers, vocab, source shard size: fp16 checkpoints, Llama-shaped.
@@ -22,9 +20,14 @@ def run(size: str, reps: int, work: Path) -> dict:
     hidden, layers, vocab, shard = SIZES[size]
     src = work / f"src-{size}"
     if not (src / "config.json").exists():
-        build_tiny_checkpoint(
-            src, hidden=hidden, layers=layers, vocab=vocab, dtype="float16", shard_bytes=shard
+        # In a child process: a forked child starts with its parent's RSS, so the parent must
+        # never hold a checkpoint or every later measurement is inflated.
+        code = (
+            "import sys; from mlxlocal.tiny import build_tiny_checkpoint as b; "
+            f"b(sys.argv[1], hidden={hidden}, layers={layers}, vocab={vocab}, "
+            f"dtype='float16', shard_bytes={shard})"
         )
+        measure([sys.executable, "-c", code, str(src)])
     source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     outs = {"mlxlocal": work / "out-mlxlocal", "mlx_lm": work / "out-mlx_lm"}
     commands = {

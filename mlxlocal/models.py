@@ -7,7 +7,6 @@ and mlx-lm's dataclasses (silent config drift) and turns mlx-lm's exceptions int
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import pkgutil
 from pathlib import Path
@@ -160,13 +159,3 @@ def load(path: str | Path, adapter: str | Path | None = None):
         return mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
-
-
-def import_module(name: str, purpose: str, extra: str = "test"):
-    """Import an optional dependency or say how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise MlxLocalError(
-            f"{purpose} needs the `{name}` package: pip install 'mlxlocal[{extra}]'"
-        ) from e

@@ -57,3 +57,49 @@ def test_ignored_sliding_window_is_reported(checkpoints, tmp_path):
         result = convert(checkpoints(arch), tmp_path / arch)
         assert any("sliding_window=128" in w for w in result.warnings), arch
     assert not convert(checkpoints("llama"), tmp_path / "llama").warnings
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 50000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {"rope_parameters": LLAMA3_ROPE}),
+        ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0,
+                                      "partial_rotary_factor": 0.5}}),
+    ],
+    ids=["llama3-rope-scaling", "phi3-partial-rotary"],
+)
+def test_rope_parameters_beyond_theta(arch, overrides, checkpoints, tmp_path):
+    """rope scaling and partial rotary factors also live in rope_parameters in transformers 5."""
+    src = checkpoints(arch, **overrides)
+    raw = json.loads((src / "config.json").read_text())
+    assert "rope_scaling" not in raw and "partial_rotary_factor" not in raw
+    convert(src, tmp_path / "out")
+    ids = probe_ids(48)
+    ref = hf_logits(src, ids)
+    assert np.abs(ref - mlx_logits(tmp_path / "out", ids)).max() <= 1e-4
+
+
+def test_missing_tie_word_embeddings_is_set_from_the_weights(checkpoints, tmp_path):
+    """mlx-lm's Llama defaults to tied embeddings, HF's to untied: the weights decide."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (src / "config.json").write_text(json.dumps(config))
+    result = convert(src, tmp_path / "out")
+    assert any("tie_word_embeddings" in n for n in result.notes)
+    ids = probe_ids()
+    ref = hf_logits(checkpoints("llama"), ids)
+    assert np.abs(ref - mlx_logits(tmp_path / "out", ids)).max() <= 1e-4
