@@ -73,8 +73,16 @@ LLAMA3_ROPE = {
     "arch,overrides",
     [
         ("llama", {"rope_parameters": LLAMA3_ROPE}),
-        ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0,
-                                      "partial_rotary_factor": 0.5}}),
+        (
+            "phi3",
+            {
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 20000.0,
+                    "partial_rotary_factor": 0.5,
+                }
+            },
+        ),
     ],
     ids=["llama3-rope-scaling", "phi3-partial-rotary"],
 )
