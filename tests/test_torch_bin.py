@@ -194,6 +194,13 @@ def test_out_of_bounds_view_is_refused(tmp_path: Path) -> None:
     _raises(path, "storage '0'", "corrupt")
 
 
+def test_unbounded_stride_zero_expansion_is_refused(tmp_path: Path) -> None:
+    """A 4-byte storage must not be able to demand gigabytes through a stride-0 view."""
+    obj = {"w": _FakeTensor(_StorageRef("0", 1), 0, (100000, 100000), (0, 0))}
+    path = _write_checkpoint(tmp_path / "bomb.bin", obj, {"0": bytes(4)})
+    _raises(path, "expands 1 stored elements", "malicious")
+
+
 def test_missing_and_short_storage_entries(tmp_path: Path) -> None:
     obj = {"w": _FakeTensor(_StorageRef("0", 4), 0, (4,), (1,))}
     _raises(_write_checkpoint(tmp_path / "missing.bin", obj, {}), "archive/data/0", "missing")

@@ -16,6 +16,7 @@ Only the zip layout that ``torch.save`` has written since torch 1.6 is supported
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -248,6 +249,12 @@ class _TorchUnpickler(pickle.Unpickler):
                 f"({_q(storage_offset, 20)}, {_q(size, 40)}, {_q(stride, 40)}); the file is corrupt"
             )
         flat = storage.flat
+        if math.prod(size) > 64 * max(flat.size, 1):
+            # Stride-0 views could otherwise make a tiny file allocate without bound.
+            raise self._fail(
+                f"a tensor in data.pkl expands {flat.size} stored elements to "
+                f"{math.prod(size)}; the file is corrupt or malicious — {_SAFE_FIX}"
+            )
         if 0 in size:
             data = np.zeros(size, dtype=flat.dtype)
         else:
