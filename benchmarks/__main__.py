@@ -5,16 +5,28 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 
-from . import convert
+from mlxlocal.blas import fast_blas_env
+
+from . import convert, data, generate, quantize
 from .common import machine
 
-SUITES = {"convert": convert}
+SUITES = {"convert": convert, "generate": generate, "quantize": quantize, "data": data}
 
 
 def main() -> None:
+    # MLXLOCAL_BLAS=mkl: restart with MKL preloaded so every measured child runs with it too.
+    env = fast_blas_env(dict(os.environ))
+    if env:
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "benchmarks", *sys.argv[1:]],
+            {**os.environ, **env},
+        )
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", default="all", help=f"comma list of {', '.join(SUITES)}, or all")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"])
@@ -49,7 +61,7 @@ def main() -> None:
     m = report["machine"]
     header = (
         f"{report['date']}, {m['cpu']} × {m['cores']} cores, {m['system']}, MLX {m['mlx']} "
-        f"({m['mlx_backend']}), mlx-lm {m['mlx_lm']}, size {args.size}, "
+        f"({m['mlx_backend']}, BLAS {m['blas']}), mlx-lm {m['mlx_lm']}, size {args.size}, "
         f"median of {args.reps}"
     )
     markdown = "\n".join([header, "", *rows])

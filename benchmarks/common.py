@@ -49,6 +49,8 @@ def median(runs: list[Run], field: str) -> float:
 def machine() -> dict:
     import mlx.core as mx
 
+    from mlxlocal.blas import active_blas
+
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -57,6 +59,7 @@ def machine() -> dict:
         "mlx_backend": "metal"
         if mx.metal.is_available()
         else ("cuda" if mx.cuda.is_available() else "cpu"),
+        "blas": active_blas(),  # children inherit it (MLXLOCAL_BLAS=mkl re-executes us)
         "mlx": version("mlx"),
         "mlx_lm": version("mlx-lm"),
         "mlxlocal": version("mlxlocal"),

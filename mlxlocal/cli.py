@@ -45,6 +45,87 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _quantize_options(f):
+    """Flags shared by quantize and convert --quantize: what each layer becomes, what text
+    measures it."""
+    options = [
+        click.option("--bits", type=int, help="2, 3, 4, 5, 6 or 8 (default 4; mxfp8: 8)."),
+        click.option("--group-size", type=int, help="32, 64 or 128 (default: the mode's)."),
+        click.option(
+            "--mode",
+            type=click.Choice(["affine", "mxfp4", "mxfp8", "nvfp4"]),
+            default="affine",
+            show_default=True,
+            help="affine (any bits) or a float format: mxfp4/nvfp4 (4 bits), mxfp8 (8 bits).",
+        ),
+        click.option(
+            "--preset",
+            type=click.Choice(["uniform", "keep-embeddings", "mixed"]),
+            default="uniform",
+            show_default=True,
+            help="keep-embeddings: embeddings and output head at higher precision; mixed: also "
+            "v_proj/down_proj of some layers (llama.cpp Q4_K_M style).",
+        ),
+        click.option(
+            "--rule",
+            "rules",
+            multiple=True,
+            metavar="PATTERN=BITS[/GROUP]",
+            help="Per-layer override, regex on the module path, first match wins; BITS 16 keeps "
+            "the layer unquantized (repeatable).",
+        ),
+        click.option(
+            "--rules",
+            "rules_file",
+            type=click.Path(),
+            help="YAML mapping of PATTERN: BITS[/GROUP], applied after the --rule flags.",
+        ),
+        click.option(
+            "--target-bpw",
+            type=float,
+            help="Choose affine bits per layer to hit this average bits per weight with the "
+            "least damage measured on the calibration text (one model run per layer and width).",
+        ),
+        click.option(
+            "--calib",
+            type=click.Path(),
+            help="Your own text file instead of the built-in one: the first half calibrates "
+            "--target-bpw, the second half evaluates.",
+        ),
+        click.option(
+            "--no-eval",
+            is_flag=True,
+            help="Skip perplexity, KL and top-1 (no text is run; memory stays ~one layer).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_quantize(src, out, dtype, shard_size, revision, force, qflags: dict) -> None:
+    from .quantize import format_report
+    from .quantize import quantize as run_quantize
+
+    evaluate = not qflags.pop("no_eval")
+    result = run_quantize(
+        src,
+        out,
+        **qflags,
+        evaluate=evaluate,
+        dtype=dtype,
+        shard_size=shard_size,
+        revision=revision,
+        force=force,
+    )
+    for note in result.notes:
+        click.echo(f"fixed config: {note}", err=True)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"quantized {result.report['model_type']} → {result.out}")
+    click.echo(format_report(result.report))
+
+
 @cli.command()
 @click.argument("src")
 @click.argument("out", type=click.Path())
@@ -61,15 +142,34 @@ def cli(ctx: click.Context, debug: bool) -> None:
     is_flag=True,
     help="Compare logits with transformers on probe prompts; exit 1 above tolerance.",
 )
-def convert(src, out, dtype, shard_size, revision, force, verify) -> None:
+@click.option(
+    "--quantize",
+    "quantize_output",
+    is_flag=True,
+    help="Quantize while converting (same as `mlxlocal quantize`; see its --help).",
+)
+@_quantize_options
+def convert(src, out, dtype, shard_size, revision, force, verify, quantize_output, **qflags):
     """Convert a Hugging Face checkpoint SRC into an MLX checkpoint at OUT.
 
     SRC is a local folder (safetensors, sharded or not, or pytorch_model*.bin read without
     running any code) or a Hub repo id (org/name), taken from the local Hugging Face cache
     first; it is downloaded only when not cached and HF_HUB_OFFLINE is not set.
     Config drift that mlx-lm would silently misread is fixed and reported.
+    With --quantize the output is quantized in the same pass and a quality report is printed.
     """
     from .convert import convert as run_convert
+
+    if quantize_output:
+        if verify:
+            raise MlxLocalError(
+                "--verify checks a full-precision conversion; a quantized one is measured by "
+                "its quality report instead: drop --verify"
+            )
+        _run_quantize(src, out, dtype, shard_size, revision, force, qflags)
+        return
+    if any(value not in (None, (), False, "affine", "uniform") for value in qflags.values()):
+        raise MlxLocalError("quantization options apply only with --quantize: add --quantize")
 
     result = run_convert(
         src, out, dtype=dtype, shard_size=shard_size, revision=revision, force=force
@@ -95,6 +195,38 @@ def convert(src, out, dtype, shard_size, revision, force, verify) -> None:
 
 
 @cli.command()
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Dtype of what stays unquantized and of affine scales (default: the source's).",
+)
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--revision", help="Hub branch, tag or commit (for a repo id SRC).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+@_quantize_options
+def quantize(src, out, dtype, shard_size, revision, force, **qflags) -> None:
+    """Quantize SRC (a Hugging Face or unquantized MLX checkpoint) into an MLX checkpoint at OUT,
+    and report what it cost.
+
+    \b
+    Examples:
+      mlxlocal quantize ./qwen-mlx ./qwen-4bit                    # 4-bit affine, group 64
+      mlxlocal quantize ./qwen-mlx ./qwen-mixed --preset mixed    # sensitive layers at 6 bits
+      mlxlocal quantize ./qwen-mlx ./qwen-q --rule 'lm_head=8' --rule 'layers.0.mlp=6/32'
+      mlxlocal quantize ./qwen-mlx ./qwen-4.5 --target-bpw 4.5    # bits chosen per layer
+
+    A layer whose width the group size does not divide gets the largest group size that does
+    (or stays at full precision), and the report says so. The report (bits per weight counted
+    from the written file, sizes, per-layer bits and weight error, perplexity before/after and
+    KL / top-1 agreement against the unquantized model) is printed and written to
+    OUT/quantization_report.json. The output opens with mlx_lm.load.
+    """
+    _run_quantize(src, out, dtype, shard_size, revision, force, qflags)
+
+
+@cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def info(path, as_json) -> None:
@@ -106,6 +238,156 @@ def info(path, as_json) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
+def _generation_options(f):
+    """Flags shared by generate, chat and batch: the model's adapter, sampling, when to stop."""
+    options = [
+        click.option("--adapter", type=click.Path(), help="LoRA adapter folder to apply."),
+        click.option("--system", help="System prompt (needs the model's chat template)."),
+        click.option("--max-tokens", default=256, show_default=True, help="Longest answer."),
+        click.option("--temp", default=0.0, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", default=0, show_default=True, help="Keep the k likeliest; 0: off."),
+        click.option("--min-p", default=0.0, show_default=True, help="Min prob. vs top; 0: off."),
+        click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats."),
+        click.option("--seed", type=int, help="Random seed: same seed, same text."),
+        click.option("--stop", multiple=True, help="Stop at this text, not printed (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _generation_kwargs(flags: dict) -> dict:
+    """The shared flags as the library's keyword arguments."""
+    from .generate import Sampling
+
+    names = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    sampling = Sampling(*(flags.pop(name) for name in names))
+    return {**flags, "stop": tuple(flags["stop"]), "sampling": sampling}
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-p", "--prompt", help="The prompt; `-p -` reads it from stdin.")
+@_generation_options
+@click.option("--no-chat-template", is_flag=True, help="Send the prompt as plain text.")
+@click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+def generate(model, prompt, no_chat_template, truncate, ignore_eos, as_json, **flags) -> None:
+    """Generate an answer to one prompt with MODEL (an MLX folder), streamed as it comes.
+
+    The model's chat template is applied when it has one. A one-line summary goes to stderr:
+    prompt tokens and tok/s, generated tokens and tok/s, peak memory.
+
+    \b
+      mlxlocal generate ./qwen-mlx -p "Name three rivers."
+      echo "Summarise: ..." | mlxlocal generate ./qwen-mlx -p - --max-tokens 100 --json
+    """
+    from .generate import stream
+
+    if prompt is None:
+        raise MlxLocalError("give a prompt: -p TEXT, or -p - to read it from stdin")
+    if prompt == "-":
+        prompt = sys.stdin.read().rstrip("\n")
+    answer = stream(
+        model,
+        prompt,
+        chat_template=not no_chat_template,
+        truncate=truncate,
+        ignore_eos=ignore_eos,
+        **_generation_kwargs(flags),
+    )
+    for warning in answer.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for piece in answer:
+        if not as_json:
+            click.echo(piece, nl=False)
+    click.echo(json.dumps(answer.result.to_json(), ensure_ascii=False) if as_json else "")
+    click.echo(answer.result.summary(), err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@_generation_options
+def chat(model, **flags) -> None:
+    """Talk with MODEL; the conversation's KV cache is kept, so history is not re-read.
+
+    \b
+    Commands: /reset, /system TEXT, /save FILE (JSON), /quit (or Ctrl-D).
+    Ctrl-C stops the current answer and keeps the chat going.
+    With stdin not a terminal, each line is one message (scriptable):
+      printf 'Hi\nWhat did I say?\n' | mlxlocal chat ./qwen-mlx
+    """
+    from .chat import HELP, ChatSession, repl
+    from .generate import load_model
+
+    options = _generation_kwargs(flags)
+    session = ChatSession(load_model(model, options.pop("adapter")), **options)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(HELP, err=True)
+    repl(
+        session,
+        read=lambda: input("> " if interactive else ""),
+        write=lambda text: click.echo(text, nl=False),
+        note=lambda text: click.echo(text, err=True),
+    )
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--input", "input_path", required=True, type=click.Path(), help="JSONL or .csv.")
+@click.option("--output", required=True, type=click.Path(), help="JSONL, one line per record.")
+@click.option("--template", help="Prompt from the record's fields, e.g. 'Classify: {text}'.")
+@click.option("--field", default="text", show_default=True, help="Prompt field (no --template).")
+@_generation_options
+@click.option("--batch-size", default=32, show_default=True, help="Sequences generated at once.")
+@click.option(
+    "--on-error",
+    type=click.Choice(["stop", "skip"]),
+    default="stop",
+    show_default=True,
+    help="A bad record stops the run, or gets an error line in the output.",
+)
+@click.option("--no-chat-template", is_flag=True, help="Send prompts as plain text.")
+@click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT, discarding an interrupted run.")
+def batch(model, input_path, output, no_chat_template, **flags) -> None:
+    """Run every record of a JSONL/CSV file through MODEL, batched; resumable.
+
+    Each output line is the input record's fields plus id (its own "id" field, or its line
+    number), output, finish_reason and generated_tokens, in input order. Work goes to
+    OUTPUT.partial, renamed to OUTPUT at the end; after Ctrl-C or a kill, re-run the same
+    command to continue: nothing is lost or repeated.
+
+    \b
+      mlxlocal batch ./qwen-mlx --input tickets.jsonl --output labels.jsonl
+          --template 'Classify as bug/question/praise: {text}' --max-tokens 8
+      mlxlocal batch ./qwen-mlx --input reviews.csv --output out.jsonl --field review
+    """
+    from .batch import batch as run_batch
+
+    try:
+        result = run_batch(
+            model,
+            input_path,
+            output,
+            chat_template=not no_chat_template,
+            note=lambda text: click.echo(text, err=True),
+            **_generation_kwargs(flags),
+        )
+    except KeyboardInterrupt:
+        click.echo("stopped: re-run the same command to continue", err=True)
+        raise
+    for warning in result.warnings[:10]:
+        click.echo(f"warning: {warning}", err=True)
+    if len(result.warnings) > 10:
+        click.echo(f"warning: … and {len(result.warnings) - 10} more", err=True)
+    click.echo(result.summary())
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(), default=None, help="Where to put the demo files.")
 def quickstart(workdir) -> None:
@@ -115,7 +397,265 @@ def quickstart(workdir) -> None:
     run_quickstart(workdir, echo=click.echo)
 
 
+@cli.group()
+def recipes() -> None:
+    """Built-in fine-tuning recipes: list them, read one, copy one to edit, check a recipe.
+
+    \b
+    A recipe is one YAML file: model, data, method (lora/dora/full), training, eval,
+    checkpoint, output. Start from a built-in one:
+      mlxlocal recipes list
+      mlxlocal recipes copy qwen2.5-0.5b-lora my-recipe.yaml
+      mlxlocal recipes validate my-recipe.yaml data.train=mine.jsonl
+    """
+
+
+@recipes.command("list")
+def recipes_list() -> None:
+    """Table of the built-in recipes: what each is for and its expected peak memory."""
+    from .recipe import builtin_recipes, format_recipe_table
+
+    click.echo(format_recipe_table(builtin_recipes()))
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name) -> None:
+    """Print the built-in recipe NAME (see `mlxlocal recipes list`)."""
+    from .recipe import show_recipe
+
+    click.echo(show_recipe(name), nl=False)
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+def recipes_copy(name, dest, force) -> None:
+    """Copy the built-in recipe NAME to DEST (a file, or a folder) to edit it.
+
+    Relative data paths in a recipe are read from the recipe's own folder.
+    """
+    from .recipe import copy_recipe
+
+    click.echo(f"copied {name} → {copy_recipe(name, dest, force=force)}")
+
+
+@recipes.command("validate")
+@click.argument("file")
+@click.argument("overrides", nargs=-1)
+def recipes_validate(file, overrides) -> None:
+    """Check the recipe FILE without running it: every key, the model and the data.
+
+    OVERRIDES are key.path=value settings (values read as YAML) that win over the file, as
+    with `mlxlocal run`, e.g. training.learning_rate=2e-4 data.train=other.jsonl. A Hub
+    model is looked for in the local cache only; nothing is downloaded.
+    """
+    from .recipe import validate_recipe
+
+    for line in validate_recipe(file, list(overrides)):
+        click.echo(line)
+    click.echo("ok")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Insist on continuing from the last checkpoint.")
+def run(recipe, overrides, resume) -> None:
+    """Fine-tune as the RECIPE file (or built-in recipe name) says.
+
+    OVERRIDES are key.path=value settings that win over the file, e.g.
+    training.learning_rate=2e-4 output=runs/try2. The run directory (`output`) gets the
+    resolved recipe, metrics.jsonl, checkpoints step-N/ (with checkpoint.every) and the final
+    adapters/. A run killed mid-way continues exactly where its last checkpoint left off when
+    started again (same optimizer state, schedule and data order); --resume insists on that.
+
+    \b
+      mlxlocal run tiny-lora
+      mlxlocal run my-recipe.yaml training.steps=200
+      mlxlocal generate runs/base-model -p "Hi" --adapter runs/my-run/adapters
+    """
+    from .recipe import load_recipe
+    from .train.run import run_recipe
+
+    summary = run_recipe(
+        load_recipe(recipe, list(overrides)),
+        resume=True if resume else None,
+        echo=lambda text: click.echo(text, err=True),
+    )
+    for line in summary.lines():
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.argument("adapters", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--dequantize", is_flag=True, help="Write float weights, even for a quantized MODEL.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+def fuse(model, adapters, out, dequantize, force) -> None:
+    """Merge the ADAPTERS folder (from `mlxlocal run`) into MODEL's weights, written to OUT.
+
+    A quantized MODEL is quantized again with its own settings unless --dequantize. OUT is an
+    MLX checkpoint that needs no adapter to load.
+
+    \b
+      mlxlocal fuse runs/my-run/model runs/my-run/adapters my-model
+    """
+    from .train.fuse import fuse as run_fuse
+
+    result = run_fuse(model, adapters, out, dequantize=dequantize, force=force)
+    kind = "quantized" if result.quantized else "float"
+    click.echo(
+        f"fused {result.fused_layers} adapted layers → {result.out} ({kind}, "
+        f"{len(result.shards)} shard(s), {result.bytes / 1e6:.1f} MB)"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def blas(as_json) -> None:
+    """Show which BLAS MLX's CPU back end uses, and check its fp32 matmul against numpy.
+
+    \b
+    MLX's Linux CPU wheel ships a slow reference BLAS. Opt in to Intel's MKL with
+      pip install 'mlxlocal[fast-cpu]'
+      MLXLOCAL_BLAS=mkl mlxlocal <verb> ...
+    """
+    from .blas import check_matmul
+
+    result = check_matmul()
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(
+            f"BLAS: {result['blas']}  fp32 matmul 1024³: {result['gflops']:.1f} GFLOP/s, "
+            f"max relative error vs numpy float64 {result['relative_error']:.1e}"
+        )
+
+
+_GGUF_TYPES = click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+
+
+@cli.group()
+def export() -> None:
+    """Take a model or adapter to other runtimes: llama.cpp/Ollama (GGUF) and PEFT.
+
+    \b
+      mlxlocal export gguf my-model my-model.gguf --type q8_0
+      mlxlocal export gguf base-model adapter.gguf --adapter runs/x/adapters --adapter-only
+      mlxlocal export ollama my-model ollama-dir   # then: ollama create me -f ollama-dir/Modelfile
+      mlxlocal export peft runs/x/adapters peft-adapter
+    """
+
+
+def _print_gguf(result) -> None:
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(
+        f"wrote {result.out} ({result.arch}, {result.type}, {result.tensors} tensors, "
+        f"{result.bytes / 1e6:.1f} MB)"
+    )
+
+
+@export.command("gguf")
+@click.argument("model", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--adapter", type=click.Path(), help="Fuse this adapter (ours or PEFT) in first.")
+@click.option(
+    "--adapter-only",
+    is_flag=True,
+    help="Write only --adapter, as a GGUF LoRA adapter for MODEL's GGUF (llama.cpp --lora).",
+)
+@click.option(
+    "--type",
+    "type_",
+    type=_GGUF_TYPES,
+    default="auto",
+    show_default=True,
+    help="GGML type of the 2-D weights; auto keeps the dtype, 4-bit g32 → q4_1.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+def export_gguf(model, out, adapter, adapter_only, type_, force) -> None:
+    """Write the MLX checkpoint MODEL as one GGUF file OUT for llama.cpp, Ollama, LM Studio.
+
+    Llama, Mistral and Qwen2 families. Norms stay F32; a 4-bit group-32 MODEL repacks to q4_1
+    without changing a weight; other quantized models are re-quantized (with a warning).
+    """
+    from .export.gguf import export_gguf as run
+    from .export.gguf import export_gguf_adapter
+
+    if adapter_only:
+        if not adapter:
+            raise MlxLocalError("--adapter-only needs --adapter DIR")
+        _print_gguf(export_gguf_adapter(adapter, model, out, force=force))
+    else:
+        _print_gguf(run(model, out, adapter=adapter, type=type_, force=force))
+
+
+@export.command("ollama")
+@click.argument("model", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--adapter", type=click.Path(), help="Fuse this adapter (ours or PEFT) in first.")
+@click.option(
+    "--type", "type_", type=_GGUF_TYPES, default="auto", show_default=True, help="GGML type."
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+def export_ollama(model, out, adapter, type_, force) -> None:
+    """Write folder OUT with model.gguf and a Modelfile (chat template, stop tokens).
+
+    Then: ollama create NAME -f OUT/Modelfile
+    """
+    from .export.ollama import export_ollama as run
+
+    _print_gguf(run(model, out, adapter=adapter, type=type_, force=force))
+    click.echo(f"next: ollama create NAME -f {out}/Modelfile")
+
+
+@export.command("peft")
+@click.argument("adapters", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--base-model", help="Hub id or path to record as base_model_name_or_path.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+def export_peft(adapters, out, base_model, force) -> None:
+    """Write the ADAPTERS folder (LoRA, rsLoRA or DoRA) as a PEFT adapter folder OUT.
+
+    Load it with peft.PeftModel.from_pretrained(base_model, OUT).
+    """
+    from .export.peft import export_peft as run
+
+    click.echo(f"wrote {run(adapters, out, base_model=base_model, force=force)}")
+
+
+@cli.group("import")
+def import_() -> None:
+    """Bring adapters made elsewhere (PEFT) to mlxlocal. GGUF models: `mlxlocal convert X.gguf`."""
+
+
+@import_.command("peft")
+@click.argument("peft_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--model", required=True, type=click.Path(), help="The MLX checkpoint it adapts.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+def import_peft(peft_dir, out, model, force) -> None:
+    """Write the PEFT adapter PEFT_DIR in mlx-lm's layout at OUT, checked against --model.
+
+    OUT works with `mlx_lm.generate --adapter-path OUT` and mlxlocal's --adapter options.
+    """
+    from .export.peft import import_peft as run
+
+    click.echo(f"wrote {run(peft_dir, out, model, force=force)}")
+
+
 def main() -> None:
+    from .blas import reexec_with_fast_blas
+
+    try:
+        reexec_with_fast_blas()
+    except MlxLocalError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     cli(prog_name="mlxlocal")
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -79,6 +81,29 @@ def weight_files(src: Path) -> tuple[str, list[Path]]:
     )
 
 
+@dataclass
+class Source:
+    """A checkpoint opened for conversion: fixed config, mlx-lm model skeleton, lazy tensors.
+
+    `open_source` fills the first part without reading a tensor, so bad input fails before any
+    output exists; `load_weights` adds the model and the lazily read, cast weights.
+    """
+
+    name: str | Path
+    path: Path
+    config: dict
+    model_class: type
+    args_class: type
+    kind: str
+    files: list[Path]
+    notes: list[str]
+    warnings: list[str]
+    model: Any = None
+    weights: dict[str, mx.array] = field(default_factory=dict)
+    dtype: str = "float32"
+    parameters: int = 0
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -88,62 +113,103 @@ def convert(
     revision: str | None = None,
     force: bool = False,
 ) -> ConvertResult:
-    """Convert `src` (local folder or Hub repo id) into an MLX checkpoint at `out`."""
+    """Convert `src` (local folder, Hub repo id or .gguf file) into an MLX checkpoint at `out`."""
+    if str(src).endswith(".gguf") and Path(src).is_file():
+        from .gguf_import import convert_gguf
+
+        return convert_gguf(src, out, dtype=dtype, shard_size=shard_size, force=force)
     out = Path(out)
     check_output(out, force)
+    check_dtype(dtype)
+    max_shard = parse_size(shard_size)
+    source = open_source(src, revision)
+    with atomic_directory(out, force) as tmp:
+        load_weights(source, tmp / ".staging", dtype)
+        shards, total = write_checkpoint(tmp, source, max_shard)
+    return ConvertResult(
+        out,
+        source.config["model_type"],
+        source.dtype,
+        source.parameters,
+        shards,
+        total,
+        source.notes,
+        source.warnings,
+    )
+
+
+def check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise MlxLocalError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    max_shard = parse_size(shard_size)
+
+
+def open_source(src: str | Path, revision: str | None = None) -> Source:
+    """Resolve `src` and read what it is, without touching a tensor."""
     src_dir = resolve_source(src, revision)
     config, notes = normalize_config(read_config(src_dir))
     model_class, args_class = model_classes(config)
     warnings = ignored_settings(config, args_class)
     kind, files = weight_files(src_dir)
+    return Source(src, src_dir, config, model_class, args_class, kind, files, notes, warnings)
 
-    with atomic_directory(out, force) as tmp:
-        if kind == "bin":
-            files = _stage_bin(files, tmp / ".staging")
-        weights: dict[str, mx.array] = {}
-        for f in files:
-            weights.update(load_lazy(f))
-        if "lm_head.weight" in weights and "tie_word_embeddings" not in config:
-            # mlx-lm's Llama defaults to tied embeddings; HF's default is untied.
-            config["tie_word_embeddings"] = False
-            notes.append("tie_word_embeddings=false (the checkpoint has its own lm_head)")
-        model = _build(model_class, args_class, config)
-        if hasattr(model, "sanitize"):
-            weights = model.sanitize(weights)
-        _check_weights(model, weights)
 
-        target = dtype or source_dtype(config) or _first_float_dtype(weights)
-        cast = getattr(model, "cast_predicate", lambda _: True)
-        weights = {
-            k: w.astype(DTYPES[target]) if mx.issubdtype(w.dtype, mx.floating) and cast(k) else w
-            for k, w in sorted(weights.items())
-        }
-        n_params = sum(w.size for w in weights.values())
-        writer = ShardWriter(tmp, weights, max_shard)
-        try:
-            for name in progress(list(weights), "converting", total=len(weights), unit="tensor"):
-                writer.write(name, weights.pop(name))
-        except BaseException:
-            writer.abort()
-            raise
-        shards = writer.close({"total_parameters": n_params})
-        shutil.rmtree(tmp / ".staging", ignore_errors=True)
+def load_weights(source: Source, staging: Path, dtype: str | None = None) -> None:
+    """Map the source tensors lazily onto mlx-lm's names and cast them; nothing is read yet."""
+    files = _stage_bin(source.files, staging) if source.kind == "bin" else source.files
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(load_lazy(f))
+    config = source.config
+    if "lm_head.weight" in weights and "tie_word_embeddings" not in config:
+        # mlx-lm's Llama defaults to tied embeddings; HF's default is untied.
+        config["tie_word_embeddings"] = False
+        source.notes.append("tie_word_embeddings=false (the checkpoint has its own lm_head)")
+    model = _build(source.model_class, source.args_class, config)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _check_weights(model, weights)
 
-        config["dtype"] = target
-        config.pop("torch_dtype", None)
-        config["mlxlocal"] = _provenance(src, src_dir, files if kind != "bin" else [], notes)
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
-        for name in TOKENIZER_FILES:
-            if (src_dir / name).exists():
-                shutil.copyfile(src_dir / name, tmp / name)
-        total = writer.total_bytes
+    target = dtype or source_dtype(config) or _first_float_dtype(weights)
+    cast = getattr(model, "cast_predicate", lambda _: True)
+    source.weights = {
+        k: w.astype(DTYPES[target]) if mx.issubdtype(w.dtype, mx.floating) and cast(k) else w
+        for k, w in sorted(weights.items())
+    }
+    source.model, source.dtype = model, target
+    source.parameters = sum(w.size for w in source.weights.values())
 
-    return ConvertResult(
-        out, config["model_type"], target, n_params, shards, total, notes, warnings
-    )
+
+def write_checkpoint(
+    tmp: Path,
+    source: Source,
+    max_shard: int,
+    after_write: Callable[[str], None] | None = None,
+) -> tuple[list[str], int]:
+    """Stream `source.weights` into shards (calling `after_write(name)` after each tensor), then
+    write config.json with provenance and copy the tokenizer files; (shard names, bytes)."""
+    weights = source.weights
+    writer = ShardWriter(tmp, weights, max_shard)
+    try:
+        for name in progress(list(weights), "converting", total=len(weights), unit="tensor"):
+            writer.write(name, weights.pop(name))
+            if after_write is not None:
+                after_write(name)
+    except BaseException:
+        writer.abort()
+        raise
+    shards = writer.close({"total_parameters": source.parameters})
+    shutil.rmtree(tmp / ".staging", ignore_errors=True)
+
+    config = source.config
+    config["dtype"] = source.dtype
+    config.pop("torch_dtype", None)
+    files = source.files if source.kind != "bin" else []
+    config["mlxlocal"] = _provenance(source.name, source.path, files, source.notes)
+    (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+    for name in TOKENIZER_FILES:
+        if (source.path / name).exists():
+            shutil.copyfile(source.path / name, tmp / name)
+    return shards, writer.total_bytes
 
 
 def _build(model_class: type, args_class: type, config: dict):

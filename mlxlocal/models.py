@@ -145,9 +145,15 @@ def context_length(config: dict[str, Any]) -> int | None:
     return None
 
 
-def load(path: str | Path, adapter: str | Path | None = None):
-    """(model, tokenizer) from an MLX checkpoint directory, through mlx-lm."""
+def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False):
+    """(model, tokenizer) from an MLX checkpoint directory, through mlx-lm.
+
+    Adapters go through mlxlocal's loader (it reads mlx-lm's format too, and unlike mlx-lm's
+    takes DoRA over 3-, 5- and 6-bit bases); `lazy` leaves weights unread until first used.
+    """
     from mlx_lm import load as mlx_load
+
+    from .train.lora import load_adapters
 
     path = Path(path)
     read_config(path)
@@ -156,6 +162,10 @@ def load(path: str | Path, adapter: str | Path | None = None):
             f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
         )
     try:
-        return mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
+        model, tokenizer = mlx_load(str(path), lazy=lazy)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
+    if adapter:
+        load_adapters(model, adapter)
+        model.eval()
+    return model, tokenizer

@@ -6,6 +6,7 @@ not set HF_HUB_OFFLINE.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -30,8 +31,13 @@ def is_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_source(src: str | Path, revision: str | None = None) -> Path:
-    """Return a local directory holding the checkpoint named by `src`."""
+def resolve_source(src: str | Path, revision: str | None = None, download: bool = True) -> Path:
+    """Return a local directory holding the checkpoint named by `src`.
+
+    `builtin:tiny` is the tiny offline stand-in model; `download=False` only looks in caches.
+    """
+    if str(src).startswith("builtin:"):
+        return builtin_model(str(src).removeprefix("builtin:"))
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -41,10 +47,35 @@ def resolve_source(src: str | Path, revision: str | None = None) -> Path:
         return path
     if not REPO_ID.match(str(src)) or str(src).startswith((".", "/", "~")):
         raise MlxLocalError(f"{src}: no such directory, and not a Hugging Face repo id (org/name)")
-    return _from_hub(str(src), revision)
+    return _from_hub(str(src), revision, download)
 
 
-def _from_hub(repo_id: str, revision: str | None) -> Path:
+def cache_dir() -> Path:
+    """Where mlxlocal keeps what it builds once: $MLXLOCAL_CACHE or ~/.cache/mlxlocal."""
+    return Path(os.environ.get("MLXLOCAL_CACHE") or Path.home() / ".cache" / "mlxlocal")
+
+
+def builtin_model(name: str) -> Path:
+    """The HF-format checkpoint of a built-in model, built into the cache on first use."""
+    from . import tiny
+    from .checkpoint.atomic import atomic_directory
+
+    if name != "tiny":
+        raise MlxLocalError(f"builtin:{name}: no such built-in model (there is: builtin:tiny)")
+    # Named by the builder's own source, so a changed builder never reuses a stale model.
+    version = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
+    out = cache_dir() / f"tiny-{version}"
+    if not (out / "config.json").exists():
+        try:
+            with atomic_directory(out, force=True) as tmp:
+                tiny.build_tiny_checkpoint(tmp)
+        except OSError as e:
+            if not (out / "config.json").exists():  # not merely another process winning
+                raise MlxLocalError(f"{out}: cannot build the tiny model there ({e})") from e
+    return out
+
+
+def _from_hub(repo_id: str, revision: str | None, download: bool = True) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -63,6 +94,8 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
             return path
     except LocalEntryNotFoundError:
         pass
+    if not download:
+        raise MlxLocalError(f"{repo_id} is not in the Hugging Face cache")
     if is_offline():
         raise MlxLocalError(
             f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "

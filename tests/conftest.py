@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="mlxlocal-tests-")
+os.environ["MLXLOCAL_CACHE"] = os.path.join(os.environ["TMPDIR"], "cache")  # builtin:tiny etc.
 tempfile.tempdir = None
 
 from helpers import make_hf_checkpoint  # noqa: E402
@@ -41,5 +42,40 @@ def checkpoints(tmp_path_factory):
         if key not in cache:
             cache[key] = make_hf_checkpoint(arch, root / key.replace("/", "_"), **kw)
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(checkpoints, tmp_path_factory):
+    """The tiny Llama checkpoint converted to MLX (fp32), once per session."""
+    from mlxlocal import convert
+
+    out = tmp_path_factory.mktemp("mlx") / "llama"
+    convert(checkpoints("llama"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_mlx):
+    """`tiny_mlx` loaded for generation (shared: tests must leave it as they found it)."""
+    from mlxlocal.generate import load_model
+
+    return load_model(tiny_mlx)
+
+
+@pytest.fixture(scope="session")
+def mlx_checkpoints(checkpoints, tmp_path_factory):
+    """arch (+ config overrides) → the tiny checkpoint converted to MLX (fp32), once each."""
+    from mlxlocal import convert
+
+    root = tmp_path_factory.mktemp("mlx-arch")
+    cache: dict[str, Path] = {}
+
+    def get(arch: str, **kw) -> Path:
+        src = checkpoints(arch, **kw)
+        if src not in cache:
+            cache[src] = convert(src, root / src.name, dtype="float32").out
+        return cache[src]
 
     return get

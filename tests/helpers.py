@@ -106,3 +106,54 @@ def mlx_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 def probe_ids(n: int = 24, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+
+
+def write_recipe(folder: Path, model: Path, **overrides) -> Path:
+    """A small, fast training recipe in `folder` (run dir `folder/run`); `a__b=v` sets a.b."""
+    import yaml
+
+    recipe = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "data": {"train": "builtin:tiny-chat.jsonl", "max_length": 128},
+        "method": {"type": "lora", "rank": 4, "alpha": 8},
+        "training": {"learning_rate": 2e-3, "batch_size": 4, "steps": 6, "compile": False},
+        "output": str(folder / "run"),
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            recipe.setdefault(section, {})[name] = value
+        else:
+            recipe[key] = value
+    path = Path(folder) / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def make_adapter(model_dir, out, kind="lora", rank=4, scale=2.0, num_layers=2, keys=None, **extra):
+    """An adapter in mlx-lm's layout with random (non-zero) lora_b and, for DoRA, magnitudes."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(model_dir))
+    params = {"rank": rank, "scale": scale, "dropout": 0.0, **({"keys": keys} if keys else {})}
+    linear_to_lora_layers(model, num_layers, params, use_dora=kind == "dora")
+    mx.random.seed(3)
+    tensors = {}
+    for name, value in tree_flatten(model.parameters()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "lora_a":
+            tensors[name] = value
+        elif leaf == "lora_b":
+            tensors[name] = mx.random.normal(value.shape) * 0.2
+        elif leaf == "m":
+            tensors[name] = value * (1 + 0.2 * mx.random.normal(value.shape))
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
+    config = {"fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": params}
+    (out / "adapter_config.json").write_text(json.dumps({**config, **extra}))
+    return out

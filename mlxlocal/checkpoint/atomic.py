@@ -38,3 +38,17 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+@contextmanager
+def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path for a single-file output; rename it into place on success."""
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,381 @@
+"""`batch`: every record of a JSONL or CSV file through the model, batched, resumable.
+
+Generation is mlx-lm's `BatchGenerator` (continuous batching: finished sequences leave, waiting
+ones join); greedy outputs equal `generate`'s for each record alone. The output is written to
+`OUT.partial` in input order, complete lines only, each write flushed and fsynced, so a kill -9
+leaves at worst a torn last line; a re-run drops it, checks the ids already written against the
+input and continues. When every record is done, `OUT.partial` is renamed to OUT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import string
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint.atomic import atomic_file, check_output
+from .errors import MlxLocalError
+from .generate import (
+    Detokenized,
+    LoadedModel,
+    Sampling,
+    as_loaded,
+    encode_prompt,
+    fit_context,
+)
+from .progress import bar
+
+# Fields every output record gets; an input record may not already have them.
+ADDED_FIELDS = ("output", "finish_reason", "generated_tokens", "error")
+
+
+@dataclass
+class Record:
+    line: int  # where the record starts in the input file, 1-based
+    fields: dict[str, Any] | None  # None when the line could not be read
+    error: str | None = None
+
+    @property
+    def id(self) -> Any:
+        return self.fields["id"] if self.fields and "id" in self.fields else self.line
+
+
+@dataclass
+class BatchResult:
+    output: Path
+    records: int
+    resumed: int  # records already in the output from an interrupted run
+    errors: list[str]
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    peak_memory_gb: float
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        done = self.records - self.resumed
+        rate = done / self.seconds if self.seconds else 0.0
+        tps = self.generated_tokens / self.seconds if self.seconds else 0.0
+        resumed = f" ({self.resumed} done before)" if self.resumed else ""
+        return (
+            f"{self.records} records{resumed} → {self.output}: {done} in {self.seconds:.1f} s, "
+            f"{rate:.2f} records/s, {self.generated_tokens} tokens generated ({tps:.1f} tok/s), "
+            f"{len(self.errors)} error(s) | peak memory: {self.peak_memory_gb:.3f} GB"
+        )
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """Records of a JSONL file (one object a line) or, for a .csv, of a CSV file with a header."""
+    if not path.is_file():
+        raise MlxLocalError(f"{path}: no such input file")
+    yield from (_read_csv if path.suffix.lower() == ".csv" else _read_jsonl)(path)
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                fields = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield Record(line, None, f"not valid JSON ({e})")
+                continue
+            if isinstance(fields, dict):
+                yield Record(line, fields)
+            else:
+                yield Record(line, None, f"expected a JSON object, got {type(fields).__name__}")
+
+
+def _read_csv(path: Path) -> Iterator[Record]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            return
+        start = reader.line_num + 1
+        for row in reader:
+            if row:
+                if len(row) == len(header):
+                    yield Record(start, dict(zip(header, row, strict=True)))
+                else:
+                    error = f"{len(row)} values for {len(header)} columns"
+                    yield Record(start, None, error)
+            start = reader.line_num + 1
+
+
+def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str, Any]], str]:
+    """The function that turns a record into its prompt text: a template, or one field."""
+    if template is None:
+
+        def from_field(fields: dict[str, Any]) -> str:
+            if field_name not in fields:
+                raise MlxLocalError(
+                    f"no field {field_name!r} (fields: {', '.join(fields) or 'none'}); name the "
+                    "prompt's field with --field or write a --template"
+                )
+            return str(fields[field_name])
+
+        return from_field
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise MlxLocalError(f"template: {e}; write a literal brace as {{{{ or }}}}") from e
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise MlxLocalError(
+            f"template: {{{bad[0]}}} is not a field name; use plain names like {{text}}"
+        )
+
+    def from_template(fields: dict[str, Any]) -> str:
+        missing = sorted(names - set(fields))
+        if missing:
+            raise MlxLocalError(
+                f"the template uses {{{missing[0]}}} but the record has no field "
+                f"{missing[0]!r} (fields: {', '.join(fields) or 'none'})"
+            )
+        return template.format_map(fields)
+
+    return from_template
+
+
+def batch(
+    model: str | Path | LoadedModel,
+    input: str | Path,
+    output: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    template: str | None = None,
+    field: str = "text",
+    system: str | None = None,
+    chat_template: bool = True,
+    max_tokens: int = 256,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    batch_size: int = 32,
+    on_error: str = "stop",
+    truncate: bool = False,
+    ignore_eos: bool = False,
+    force: bool = False,
+    note: Callable[[str], None] = lambda _: None,
+) -> BatchResult:
+    """Generate for every record of `input`, one output record per input record, in order.
+
+    Each output record is the input's fields plus `id` (the record's own, or its line number),
+    `output`, `finish_reason` and `generated_tokens`; a bad record (with `on_error="skip"`)
+    gets `error` instead. Re-running after an interruption continues where it stopped.
+    `note` receives progress messages meant for a person.
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    if on_error not in ("skip", "stop"):
+        raise MlxLocalError(f"on_error must be 'skip' or 'stop', not {on_error!r}")
+    if batch_size < 1:
+        raise MlxLocalError("batch_size must be ≥ 1")
+    input, output = Path(input), Path(output)
+    sampling = sampling or Sampling()
+    build_prompt = prompt_builder(template, field)
+    total = sum(1 for _ in read_records(input))
+    check_output(output, force)
+    partial = output.with_name(output.name + ".partial")
+    settings_file = output.with_name(output.name + ".partial-settings.json")
+    lm = as_loaded(model, adapter)
+    settings = {
+        "input": str(input.resolve()),
+        "model": str(lm.path.resolve()),
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "template": template,
+        "field": None if template else field,
+        "system": system,
+        "chat_template": chat_template,
+        "max_tokens": max_tokens,
+        "sampling": asdict(sampling),
+        "stop": list(stop),
+        "truncate": truncate,
+        "ignore_eos": ignore_eos,
+    }
+    if force:
+        partial.unlink(missing_ok=True)
+    records = read_records(input)
+    resumed = _resume(partial, settings_file, settings, records, input)
+    if resumed:
+        note(f"resuming: {resumed} of {total} records already in {partial}")
+    else:
+        with atomic_file(settings_file, force=True) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
+
+    def prepare(record: Record) -> tuple[list[int], int, list[str]]:
+        if record.error:
+            raise MlxLocalError(record.error)
+        clash = [k for k in ADDED_FIELDS if k in record.fields]
+        if clash:
+            raise MlxLocalError(
+                f"the record already has a field {clash[0]!r}, which the output would "
+                "overwrite; rename that field"
+            )
+        text = build_prompt(record.fields)
+        ids = encode_prompt(lm.tokenizer, text, system, chat_template)
+        return fit_context(ids, max_tokens, lm.context, truncate)
+
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    eos = [] if ignore_eos else [[t] for t in lm.tokenizer.eos_token_ids]
+    gen = BatchGenerator(
+        lm.model,
+        max_tokens=max_tokens,
+        stop_tokens=eos,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(),
+        completion_batch_size=batch_size,
+        prefill_batch_size=min(batch_size, 8),
+    )
+    mx.reset_peak_memory()
+    window = 2 * batch_size  # records read but not yet written: bounds memory
+    items: deque[_Item] = deque()
+    active: dict[int, _Item] = {}
+    result = BatchResult(output, total, resumed, [], 0, 0, 0.0, 0.0)
+    failure = None
+    exhausted = False
+    start = time.perf_counter()
+    progress = bar("batch", total=total, unit="rec")
+    progress.update(resumed)
+    try:
+        with open(partial, "ab") as out:
+            while True:
+                while not exhausted and failure is None and len(items) < window:
+                    record = next(records, None)
+                    if record is None:
+                        exhausted = True
+                        break
+                    item = _Item(record)
+                    try:
+                        ids, record_max, warnings = prepare(record)
+                    except MlxLocalError as e:
+                        message = f"{input}:{record.line}: {e}"
+                        if on_error == "stop":
+                            failure = message
+                            break
+                        note(f"skipped {message}")
+                        result.errors.append(message)
+                        item.finish(error=str(e))
+                    else:
+                        result.warnings += [f"{input}:{record.line}: {w}" for w in warnings]
+                        result.prompt_tokens += len(ids)
+                        item.text = Detokenized(lm.tokenizer, stop)
+                        active[gen.insert([ids], [record_max])[0]] = item
+                    items.append(item)
+                if active:
+                    for response in gen.next_generated():
+                        item = active[response.uid]
+                        if item.step(response.token, response.finish_reason):
+                            del active[response.uid]
+                            if response.finish_reason is None:  # a stop string, not the generator
+                                gen.remove([response.uid])
+                            result.generated_tokens += len(item.tokens)
+                written = _write_done(items, out)
+                if written:
+                    elapsed = time.perf_counter() - start
+                    progress.update(written)
+                    progress.set_postfix_str(f"{result.generated_tokens / elapsed:.1f} tok/s")
+                if not active and not items and (exhausted or failure):
+                    break
+    finally:
+        gen.close()
+        progress.close()
+    result.seconds = time.perf_counter() - start
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    if failure:
+        raise MlxLocalError(
+            f"{failure} — fix the line (the {partial.name} output so far is kept and a re-run "
+            "continues), or pass --on-error skip"
+        )
+    os.replace(partial, output)
+    settings_file.unlink(missing_ok=True)
+    return result
+
+
+class _Item:
+    """One record on its way through the model."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        self.tokens: list[int] = []
+        self.text: Detokenized | None = None
+        self.result: dict[str, Any] | None = None
+
+    def step(self, token: int, finish_reason: str | None) -> bool:
+        """Take the next token; True when this record is finished."""
+        self.tokens.append(token)
+        if finish_reason != "stop":  # "stop" from the generator means an EOS token
+            self.text.add(token)
+        if self.text.stopped:
+            finish_reason = "stop"
+        if finish_reason is None:
+            return False
+        self.text.finish()
+        self.finish(output=self.text.text, finish_reason=finish_reason)
+        return True
+
+    def finish(self, **added: Any) -> None:
+        if "output" in added:
+            added["generated_tokens"] = len(self.tokens)
+        self.result = {"id": self.record.id, **(self.record.fields or {}), **added}
+
+
+def _write_done(items: deque[_Item], out) -> int:
+    """Append the finished records at the head of the queue, durably; how many were written."""
+    lines = []
+    while items and items[0].result is not None:
+        lines.append(json.dumps(items.popleft().result, ensure_ascii=False) + "\n")
+    if lines:
+        out.write("".join(lines).encode())
+        out.flush()
+        os.fsync(out.fileno())
+    return len(lines)
+
+
+def _resume(
+    partial: Path, settings_file: Path, settings: dict, records: Iterator[Record], input: Path
+) -> int:
+    """How many records an interrupted run already wrote; `records` is advanced past them."""
+    if not partial.exists():
+        return 0
+    try:
+        before = json.loads(settings_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        before = None
+    if before != settings:
+        changed = sorted(k for k in settings if not before or before.get(k) != settings[k])
+        raise MlxLocalError(
+            f"{partial} is from an interrupted run with other settings "
+            f"({', '.join(changed) or 'unknown'} changed): re-run with the same ones to "
+            "continue, or pass --force to start over"
+        )
+    done = good = 0  # complete lines, and their bytes
+    with open(partial, "rb+") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # torn by the interruption: cut off below
+            record = next(records, None)
+            try:
+                written = json.loads(raw).get("id")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                written = "(not a JSON object)"
+            if record is None or written != record.id:
+                raise MlxLocalError(
+                    f"{partial} line {done + 1} (id {written!r}) does not match {input} "
+                    "(the input changed since the interrupted run): pass --force to start over"
+                )
+            done += 1
+            good += len(raw)
+        f.truncate(good)
+    return done

@@ -1,0 +1,1 @@
+"""Getting models and adapters out to other runtimes (llama.cpp/Ollama GGUF, PEFT) and back."""

@@ -1,0 +1,369 @@
+"""`generate`: one prompt in, text streamed out, on mlx-lm's decoding loop.
+
+mlx-lm's `generate_step` owns the model loop (chunked prefill, KV cache, asynchronous decoding).
+This module owns what a person sees around it: the chat template, the context limit, stop strings
+cut exactly (also when one spans several tokens), optional EOS, and the timings of the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MlxLocalError
+from .models import context_length, read_config
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked; the defaults are greedy (temperature 0)."""
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temp >= 0, "temp must be ≥ 0 (0 is greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)"),
+            (self.top_k >= 0, "top_k must be ≥ 0 (0 turns it off)"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 turns it off)"),
+            (
+                self.repetition_penalty is None or self.repetition_penalty > 0,
+                "repetition_penalty must be > 0 (1 turns it off)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MlxLocalError(message)
+
+    def sampler(self):
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self) -> list:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(repetition_penalty=self.repetition_penalty)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: mlx-lm's model and tokenizer, plus its context length."""
+
+    model: Any
+    tokenizer: Any
+    context: int | None
+    path: Path
+
+
+def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
+    from .models import load
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MlxLocalError(
+            f"{path}: no such model folder; give an MLX checkpoint (make one with "
+            "`mlxlocal convert`)"
+        )
+    model, tokenizer = load(path, adapter)
+    return LoadedModel(model, tokenizer, context_length(read_config(path)), path)
+
+
+def as_loaded(model: str | Path | LoadedModel, adapter: str | Path | None = None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        if adapter is not None:
+            raise MlxLocalError("pass the adapter to load_model(), not to an already loaded model")
+        return model
+    return load_model(model, adapter)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the next answer."""
+    from jinja2 import TemplateError
+
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    except TemplateError as e:
+        raise MlxLocalError(f"the model's chat template refused the conversation: {e}") from e
+
+
+def encode_prompt(
+    tokenizer, prompt: str | Sequence[int], system: str | None = None, chat_template: bool = True
+) -> list[int]:
+    """Prompt token ids: in the chat template when the model has one, else the plain text."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat_template and tokenizer.has_chat_template:
+        messages = [{"role": "system", "content": system}] if system else []
+        return render_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
+    if system:
+        raise MlxLocalError(
+            "a system prompt needs the model's chat template (this model has none, or it was "
+            "turned off): put the instructions in the prompt itself"
+        )
+    bos = tokenizer.bos_token
+    return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+
+
+def fit_context(
+    ids: list[int], max_tokens: int, context: int | None, truncate: bool = False
+) -> tuple[list[int], int, list[str]]:
+    """(ids, max_tokens, warnings) that fit in the model's context.
+
+    A prompt that does not fit is an error, or with `truncate` loses its oldest tokens (keeping
+    room for up to half a context of answer); the answer is capped at what is left.
+    """
+    if not ids:
+        raise MlxLocalError("the prompt is empty: give at least one token of text")
+    if max_tokens < 1:
+        raise MlxLocalError("max_tokens must be ≥ 1")
+    warnings = []
+    if context is None:
+        return ids, max_tokens, warnings
+    if len(ids) >= context:
+        if not truncate:
+            raise MlxLocalError(
+                f"the prompt has {len(ids)} tokens but the model's context is {context}: "
+                "shorten it, or pass --truncate to drop its oldest tokens"
+            )
+        keep = context - min(max_tokens, context // 2)
+        warnings.append(
+            f"prompt truncated from {len(ids)} to its last {keep} tokens (context {context})"
+        )
+        ids = ids[-keep:]
+    if len(ids) + max_tokens > context:
+        max_tokens = context - len(ids)
+        warnings.append(f"max_tokens capped at {max_tokens} to stay within the context ({context})")
+    return ids, max_tokens, warnings
+
+
+def find_stop(text: str, stop: Sequence[str], start: int, final: bool = False) -> tuple[int, bool]:
+    """(end, stopped): `text[:end]` is safe to show; `stopped` when a stop string begins at end.
+
+    Until `final`, a tail that could still grow into a stop string is held back, so no part of
+    a stop string is ever shown, even when it arrives over several tokens.
+    """
+    hits = [i for s in stop if (i := text.find(s, start)) >= 0]
+    if hits:
+        return min(hits), True
+    if final:
+        return len(text), False
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text) - start), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return len(text) - hold, False
+
+
+class Detokenized:
+    """Text of a growing token list, released as it becomes safe, cut before any stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._detokenizer = tokenizer.detokenizer
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self._detokenizer.add_token(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self._detokenizer.finalize()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        full = self._detokenizer.text
+        end, self.stopped = find_stop(full, self.stop, len(self.text), final)
+        new = full[len(self.text) : end]
+        self.text += new
+        return new
+
+
+@dataclass
+class Generation:
+    """What one generation produced, with the figures of the summary line."""
+
+    text: str
+    tokens: list[int]  # every token the model produced, EOS included when it ended on one
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    prompt_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+    peak_memory_gb: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def generation_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        # As mlx-lm counts it: tokens over the time after the first one arrived.
+        secs = self.generation_seconds
+        return self.generation_tokens / secs if secs else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+            f"generated: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"peak memory: {self.peak_memory_gb:.3f} GB"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
+            "prompt_tps": round(self.prompt_tps, 2),
+            "generation_tps": round(self.generation_tps, 2),
+            "prompt_seconds": round(self.prompt_seconds, 4),
+            "generation_seconds": round(self.generation_seconds, 4),
+            "peak_memory_gb": round(self.peak_memory_gb, 4),
+            "warnings": self.warnings,
+        }
+
+
+class Stream:
+    """Iterate for pieces of text as they are produced; `.result` is set once it is exhausted.
+
+    `tokens` and `text` grow as it runs, so a stream stopped early (break, Ctrl-C) still says
+    what it produced. `cache`, when given, is an mlx-lm prompt cache holding what precedes `ids`;
+    it is extended in place.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        ids: list[int],
+        *,
+        max_tokens: int = 256,
+        sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        cache: list | None = None,
+        warnings: Sequence[str] = (),
+    ):
+        self.lm, self.ids, self.max_tokens = lm, ids, max_tokens
+        self.sampling = sampling or Sampling()
+        self.ignore_eos, self.cache = ignore_eos, cache
+        self.warnings = list(warnings)
+        self.tokens: list[int] = []
+        self.result: Generation | None = None
+        self._text = Detokenized(lm.tokenizer, stop)
+        self._pieces = self._run()
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def _run(self) -> Iterator[str]:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, generation_stream, wired_limit
+
+        if self.sampling.seed is not None:
+            mx.random.seed(self.sampling.seed)
+        eos = set() if self.ignore_eos else set(self.lm.tokenizer.eos_token_ids)
+        mx.reset_peak_memory()
+        steps = generate_step(
+            mx.array(self.ids),
+            self.lm.model,
+            max_tokens=self.max_tokens,
+            sampler=self.sampling.sampler(),
+            logits_processors=self.sampling.logits_processors(),
+            prompt_cache=self.cache,
+        )
+        finish = "length"
+        start = time.perf_counter()
+        first = last = None
+        with wired_limit(self.lm.model, [generation_stream]):
+            try:
+                for token, _ in steps:
+                    last = time.perf_counter()
+                    first = first or last
+                    self.tokens.append(token)
+                    if token in eos:
+                        finish = "stop"
+                        break
+                    piece = self._text.add(token)
+                    if piece:
+                        yield piece
+                    if self._text.stopped:
+                        finish = "stop"
+                        break
+            finally:
+                steps.close()
+        piece = self._text.finish()
+        if piece:
+            yield piece
+        self.result = Generation(
+            text=self.text,
+            tokens=self.tokens,
+            finish_reason=finish,
+            prompt_tokens=len(self.ids),
+            prompt_seconds=(first or start) - start,
+            generation_seconds=time.perf_counter() - first if first else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            warnings=self.warnings,
+        )
+
+
+def stream(
+    model: str | Path | LoadedModel,
+    prompt: str | Sequence[int],
+    *,
+    adapter: str | Path | None = None,
+    system: str | None = None,
+    chat_template: bool = True,
+    max_tokens: int = 256,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    truncate: bool = False,
+    ignore_eos: bool = False,
+) -> Stream:
+    """Start generating: iterate the result for text pieces, then read its `.result`.
+
+    `model` is an MLX checkpoint folder or a `load_model()` result (load once, generate often).
+    A `prompt` string goes through the model's chat template unless `chat_template=False`;
+    a list of token ids is used as is.
+    """
+    lm = as_loaded(model, adapter)
+    ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)
+    ids, max_tokens, warnings = fit_context(ids, max_tokens, lm.context, truncate)
+    return Stream(
+        lm,
+        ids,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=stop,
+        ignore_eos=ignore_eos,
+        warnings=warnings,
+    )
+
+
+def generate(model: str | Path | LoadedModel, prompt: str | Sequence[int], **options) -> Generation:
+    """The whole answer at once; takes the options of `stream`."""
+    s = stream(model, prompt, **options)
+    for _ in s:
+        pass
+    return s.result

@@ -1,0 +1,237 @@
+"""`convert model.gguf OUT`: a llama.cpp GGUF file → an MLX checkpoint that mlx-lm loads.
+
+F32/F16/BF16 tensors load as they are; Q4_0/Q4_1/Q8_0 blocks become MLX's own 4/8-bit affine
+quantization (group 32) without changing a weight; other GGML types (K-quants…) are
+dequantized through the gguf package. Q/K rows are put back into Hugging Face's order where the
+family spec says llama.cpp permuted them. Streaming: one tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .checkpoint.atomic import atomic_directory, check_output
+from .checkpoint.gguf import AFFINE_TYPES, FLOAT_TYPES, ggml_to_mlx_affine, open_gguf
+from .checkpoint.shards import ShardWriter, parse_size
+from .convert import DTYPES, ConvertResult, _build, file_sha256
+from .errors import MlxLocalError
+from .export.gguf import gguf_name, name_map, permute_heads, permute_qk
+from .export.gguf_tokenizer import write_tokenizer_files
+from .models import model_classes
+from .progress import progress
+from .resources import family_specs
+
+Q = gguf.GGMLQuantizationType
+_FLOAT_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+
+
+@dataclass
+class _Layout:
+    """What ShardWriter needs to plan shards before any tensor is read."""
+
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.size
+
+
+def convert_gguf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    force: bool = False,
+) -> ConvertResult:
+    """Convert the GGUF file `src` into an MLX checkpoint directory `out`."""
+    src, out = Path(src), Path(out)
+    check_output(out, force)
+    reader = open_gguf(src)
+    fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: t for t in reader.tensors}
+    model_type, spec = _family(fields, src)
+    config = _config(fields, tensors, model_type, spec["gguf_arch"])
+    warnings: list[str] = []
+    target = dtype or _float_dtype(tensors)
+    if target not in DTYPES:
+        raise MlxLocalError(f"unknown dtype {target!r}: use one of {', '.join(DTYPES)}")
+    model = _build(*model_classes(config), config)
+    names = name_map(spec, config)
+    plan: dict[str, tuple] = {}
+    layout: dict[str, _Layout] = {}
+    quant: dict[str, dict] = {}
+    for key, value in sorted(tree_flatten(model.parameters())):
+        name = gguf_name(names, key)
+        if name not in tensors:
+            raise MlxLocalError(f"{src}: tensor {name} ({key}) is missing; is the file complete?")
+        t = tensors.pop(name)
+        heads = permute_heads(spec, config, name)
+        shape = tuple(value.shape)
+        module = key.rpartition(".")[0]
+        if t.tensor_type in AFFINE_TYPES and len(shape) == 2:
+            bits = AFFINE_TYPES[t.tensor_type][0]
+            quant[module] = {"group_size": 32, "bits": bits}
+            groups = (shape[0], shape[1] // 32)
+            layout[key] = _Layout((shape[0], shape[1] * bits // 32), mx.uint32)
+            layout[f"{module}.scales"] = _Layout(groups, DTYPES[target])
+            layout[f"{module}.biases"] = _Layout(groups, DTYPES[target])
+        else:
+            if t.tensor_type not in FLOAT_TYPES:
+                _check_dequantizable(t, src)
+                warnings.append(
+                    f"{t.tensor_type.name} tensors were dequantized to {target} "
+                    "(MLX has no native form of them)"
+                )
+            layout[key] = _Layout(shape, DTYPES[target])
+        plan[key] = (t, heads, shape)
+    if "rope_freqs.weight" in tensors:
+        raise MlxLocalError(
+            f"{src}: carries rope_freqs (Llama 3 rope scaling), whose parameters GGUF does not "
+            "record; importing it is not supported"
+        )
+    if tensors:
+        raise MlxLocalError(
+            f"{src}: unexpected tensors {sorted(tensors)[:3]}; is the architecture right?"
+        )
+    if quant:
+        counts = [q["bits"] for q in quant.values()]
+        bits = max(set(counts), key=counts.count)
+        config["quantization"] = {"group_size": 32, "bits": bits, "mode": "affine"}
+        config["quantization"].update({m: q for m, q in quant.items() if q["bits"] != bits})
+    warnings = sorted(set(warnings))
+
+    with atomic_directory(out, force) as tmp:
+        writer = ShardWriter(tmp, layout, parse_size(shard_size))
+        try:
+            for key, (t, heads, shape) in progress(list(plan.items()), "converting", unit="tensor"):
+                for name, array in _tensor(key, t, heads, shape, DTYPES[target]):
+                    writer.write(name, array)
+        except BaseException:
+            writer.abort()
+            raise
+        n_params = sum(math.prod(s) for _, _, s in plan.values())
+        shards = writer.close({"total_parameters": n_params})
+        config["dtype"] = target
+        config["mlxlocal"] = {"source": str(src), "files": {src.name: file_sha256(src)}}
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+        write_tokenizer_files(fields, tmp)
+        total = writer.total_bytes
+    return ConvertResult(out, model_type, target, n_params, shards, total, [], warnings)
+
+
+def _value(field):
+    """A GGUF metadata field as a Python value (lists for arrays)."""
+    if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [field.contents(i) for i in range(len(field.data))]
+    return field.contents()
+
+
+def _family(fields: dict, src: Path) -> tuple[str, dict]:
+    kind = fields.get("general.type", "model")
+    if kind != "model":
+        raise MlxLocalError(f"{src} is a GGUF {kind}, not a model; convert the base model instead")
+    arch = fields.get("general.architecture")
+    specs = {t: s for t, s in family_specs().items() if s and s.get("gguf_export")}
+    matches = sorted(specs, key=lambda t: t != arch)
+    for model_type in matches:
+        if specs[model_type]["gguf_arch"] == arch:
+            return model_type, specs[model_type]
+    known = sorted({s["gguf_arch"] for s in specs.values()})
+    raise MlxLocalError(
+        f"{src}: GGUF architecture {arch!r} is not supported (supported: {', '.join(known)})"
+    )
+
+
+def _config(fields: dict, tensors: dict, model_type: str, arch: str) -> dict:
+    def get(key: str, default=None):
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise MlxLocalError(f"the GGUF lacks {arch}.{key}; is the file complete?")
+        return value
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    head_dim = fields.get(f"{arch}.attention.key_length") or hidden // heads
+    config = {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "hidden_act": "silu",
+    }
+    if model_type == "llama" and "blk.0.attn_q.bias" in tensors:
+        config["attention_bias"] = True
+    if fields.get(f"{arch}.rope.scaling.type") == "linear":
+        config["rope_scaling"] = {
+            "rope_type": "linear",
+            "type": "linear",
+            "factor": fields[f"{arch}.rope.scaling.factor"],
+        }
+    for key in ("bos", "eos", "padding"):
+        value = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(value, int):
+            config[f"{'pad' if key == 'padding' else key}_token_id"] = value
+    return config
+
+
+def _float_dtype(tensors: dict) -> str:
+    """The dtype of the largest float tensors (float16 when all 2-D weights are quantized)."""
+    sizes: dict[str, int] = {}
+    for t in tensors.values():
+        if len(t.shape) == 2:
+            name = _FLOAT_DTYPES.get(t.tensor_type, "float16")
+            sizes[name] = sizes.get(name, 0) + int(t.n_elements)
+    return max(sizes, key=sizes.get) if sizes else "float16"
+
+
+def _check_dequantizable(t, src: Path) -> None:
+    block = np.zeros(gguf.GGML_QUANT_SIZES[t.tensor_type][1], np.uint8)
+    try:
+        gguf.quants.dequantize(block, t.tensor_type)
+    except NotImplementedError as e:
+        raise MlxLocalError(
+            f"{src}: tensor {t.name} has GGML type {t.tensor_type.name}, which cannot be read "
+            "yet; convert from another quantization of the model"
+        ) from e
+
+
+def _tensor(key: str, t, heads: int | None, shape: tuple, dtype: mx.Dtype):
+    """(name, array) pairs MLX stores for one GGUF tensor, Q/K rows back in HF order."""
+    raw = np.asarray(t.data)
+    if t.tensor_type in AFFINE_TYPES and len(shape) == 2:
+        blocks = raw.reshape(shape[0], -1)
+        if heads:
+            blocks = permute_qk(blocks, heads, inverse=True)
+        words, scales, biases, _ = ggml_to_mlx_affine(blocks, t.tensor_type)
+        module = key.rpartition(".")[0]
+        yield key, mx.array(words)
+        yield f"{module}.scales", mx.array(scales).astype(dtype)
+        yield f"{module}.biases", mx.array(biases).astype(dtype)
+        return
+    if t.tensor_type in FLOAT_TYPES:
+        values = mx.array(raw.view(FLOAT_TYPES[t.tensor_type]).reshape(shape))
+        if t.tensor_type == Q.BF16:
+            values = values.view(mx.bfloat16)
+    else:
+        values = mx.array(gguf.quants.dequantize(raw, t.tensor_type).reshape(shape))
+    if heads:
+        values = mx.array(permute_qk(np.asarray(values.astype(mx.float32)), heads, inverse=True))
+    yield key, values.astype(dtype)

@@ -1,0 +1,1 @@
+"""Fine-tuning: recipes run into adapters (LoRA, DoRA, QLoRA) or fully fine-tuned weights."""

@@ -1,0 +1,121 @@
+"""Batches for training: packed rows or length buckets, deterministic per (seed, epoch).
+
+Packing puts many short examples in one row (first-fit) and numbers them in `segments`, so the
+engine can keep them from attending to each other. Without packing, examples of similar length
+share a batch, so little of it is padding. Either way an epoch's plan is a pure function of
+(lengths, seed, epoch): resuming at batch k rebuilds the plan and skips k batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so few shapes are compiled
+BUCKET_WINDOW = 64  # batches per window of examples sorted by length (more = less padding)
+
+
+@dataclass
+class Batch:
+    tokens: mx.array  # (B, L) int32, padded with 0
+    weights: mx.array  # (B, L) float32, 1 where tokens[b, t] is a target
+    segments: mx.array  # (B, L) int32, 1..k numbering the examples in a row; 0 = padding
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` packed into rows of `capacity`, each into the first row with room.
+
+    A max-tree over every row's free space finds that row in O(log n); rows not yet opened are
+    empty leaves, so the leftmost leaf with room is either an open row or the next new one.
+    """
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [capacity] * (2 * size)
+    rows: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than a row's {capacity}")
+        node = 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= n else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(i)
+        free[node] -= n
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, max_length: int, packing: bool, seed: int, epoch: int
+) -> list[list[list[int]]]:
+    """Each batch's rows, each row's example indices, for one epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    if packing:
+        rows = [
+            [int(order[j]) for j in row] for row in first_fit(lengths[order].tolist(), max_length)
+        ]
+        # Rows of similar fill together keep the last, emptier rows from padding full batches.
+        rows.sort(key=lambda row: -int(lengths[row].sum()))
+    else:
+        if lengths.size and lengths.max() > max_length:
+            raise ValueError(f"an example has {lengths.max()} tokens, more than max_length")
+        window = batch_size * BUCKET_WINDOW
+        rows = []
+        for w in range(0, len(order), window):
+            chunk = order[w : w + window]
+            rows += [[int(i)] for i in chunk[np.argsort(lengths[chunk], kind="stable")]]
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def num_batches(
+    examples, batch_size: int, max_length: int, packing: bool, seed: int, epoch: int
+) -> int:
+    lengths = [len(e.tokens) for e in examples]
+    return len(plan_batches(lengths, batch_size, max_length, packing, seed, epoch))
+
+
+def iterate_batches(
+    examples,
+    batch_size: int,
+    max_length: int,
+    packing: bool,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+) -> Iterator[Batch]:
+    """One epoch of batches; `start` skips the first `start` (an exact resume)."""
+    lengths = [len(e.tokens) for e in examples]
+    plan = plan_batches(lengths, batch_size, max_length, packing, seed, epoch)
+    for rows in plan[start:]:
+        yield collate([[examples[i] for i in row] for row in rows], max_length)
+
+
+def collate(rows, max_length: int) -> Batch:
+    """Rows of examples → padded arrays; the first token of every example is not a target."""
+    longest = max(sum(len(e.tokens) for e in row) for row in rows)
+    width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_length, longest))
+    tokens = np.zeros((len(rows), width), np.int32)
+    weights = np.zeros((len(rows), width), np.float32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        pos = 0
+        for k, example in enumerate(row, 1):
+            end = pos + len(example.tokens)
+            tokens[b, pos:end] = example.tokens
+            weights[b, pos:end] = example.weights
+            weights[b, pos] = 0
+            segments[b, pos:end] = k
+            pos = end
+    return Batch(mx.array(tokens), mx.array(weights), mx.array(segments))

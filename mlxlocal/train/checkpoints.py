@@ -1,0 +1,195 @@
+"""A training run's directory, its atomic checkpoints, and exact resume.
+
+    <run>/recipe.yaml     the resolved recipe (a resumed run must match it)
+    <run>/metrics.jsonl   one JSON line per optimizer step
+    <run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
+                          optimizer.safetensors, state.json (step, data position, RNG key, ...)
+    <run>/latest          the name of the newest complete checkpoint, replaced only after it is
+                          whole, so a kill at any moment leaves the previous one in force
+    <run>/adapters/       the final adapters
+    <run>/summary.json    written last: the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import yaml
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from ..checkpoint.atomic import atomic_directory
+from ..errors import MlxLocalError
+from .lora import save_adapters
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where training stands: enough, with weights and optimizer state, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index within `epoch` of the next batch to train on
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    rng: list[int] = field(default_factory=list)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        pointer = self.path / "latest"
+        if not pointer.exists():
+            return None
+        ckpt = self.path / pointer.read_text().strip()
+        return ckpt if (ckpt / "state.json").exists() else None
+
+    def prepare(self, recipe_yaml: str, resume: bool | None) -> Path | None:
+        """Create or reopen the run directory; return the checkpoint to resume from, if any.
+
+        `resume` None resumes when a complete checkpoint exists; True insists on one.
+        """
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise MlxLocalError(f"output {p} is a file: choose a directory for the run")
+        if p.exists() and any(p.iterdir()) and not (p / "recipe.yaml").exists():
+            raise MlxLocalError(
+                f"output {p} exists and is not a training run: choose another output"
+            )
+        if (p / "summary.json").exists():
+            raise MlxLocalError(
+                f"output {p} holds a finished run (see {p / 'summary.json'}): choose another "
+                "output or delete it"
+            )
+        if (p / "recipe.yaml").exists():
+            _check_same_recipe(p / "recipe.yaml", recipe_yaml)
+        for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        ckpt = self.latest()
+        if resume and ckpt is None:
+            raise MlxLocalError(
+                f"--resume: {p} has no complete checkpoint; run without --resume to start over"
+            )
+        p.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(p / "recipe.yaml", recipe_yaml)
+        step = read_position(ckpt).step if ckpt else 0
+        self._truncate_metrics(step)
+        return ckpt
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        position: Position,
+        adapter_config: dict[str, Any],
+        keep: int,
+    ) -> Path:
+        """Write step-N/ atomically, then point `latest` at it, then drop all but `keep`."""
+        out = self.path / f"step-{position.step}"
+        with atomic_directory(out, force=True) as tmp:
+            save_adapters(model, tmp, adapter_config)
+            mx.save_safetensors(
+                str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state))
+            )
+            (tmp / "state.json").write_text(json.dumps(asdict(position), indent=2))
+        write_text_atomic(self.path / "latest", out.name)
+        steps = sorted(
+            (int(m.group(1)), d) for d in self.path.iterdir() if (m := STEP_DIR.match(d.name))
+        )
+        for _, old in steps[: max(len(steps) - keep, 0)]:
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Forget metrics of steps after the checkpoint we continue from (they will rerun)."""
+        if not self.metrics.exists():
+            return
+        lines = self.metrics.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
+        write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
+
+
+def read_position(ckpt: Path) -> Position:
+    return Position(**json.loads((ckpt / "state.json").read_text()))
+
+
+def restore_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Position:
+    """Load trained weights, optimizer state and RNG key from `ckpt`; return its position.
+
+    The optimizer must be initialised for the model's trainable parameters (`optimizer.init`),
+    so the saved state is poured into exactly the structure the update expects.
+    """
+    weights = mx.load(str(ckpt / "adapters.safetensors"))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(trainable):
+        raise MlxLocalError(
+            f"{ckpt}: its weights do not match this model's trainable parameters; "
+            "was it written by a different recipe?"
+        )
+    model.load_weights(list(weights.items()), strict=False)
+    saved = mx.load(str(ckpt / "optimizer.safetensors"))
+
+    def pick(path: str, current: mx.array) -> mx.array:
+        if path not in saved or saved[path].shape != current.shape:
+            raise MlxLocalError(f"{ckpt}: optimizer state {path} is missing or has another shape")
+        return saved[path]
+
+    optimizer.state = tree_map_with_path(pick, optimizer.state)
+    position = read_position(ckpt)
+    a, b = position.rng
+    mx.random.seed((a << 32) | b)
+    mx.eval(model.parameters(), optimizer.state)
+    return position
+
+
+def rng_key() -> list[int]:
+    return mx.random.state[0].tolist()
+
+
+def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
+    old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(recipe_yaml)
+    diff = _first_difference(old, new)
+    if diff is not None:
+        raise MlxLocalError(
+            f"output {saved.parent} holds a run of a different recipe ({diff or 'the recipe'} "
+            "differs): choose another output, or delete it to start over"
+        )
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small file atomically."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,453 @@
+"""Training data: JSONL/CSV rows → token ids with loss weights, ready for batching.
+
+Four formats: plain `text`, `prompt`/`completion`, chat `messages` (OpenAI style, `tools`
+allowed) and `instruction`/`input`/`output`. Conversations are rendered with the model's chat
+template; the loss covers every assistant turn, found by rendering each turn's prefix and
+diffing token ids, so it works for any template without knowing its markup.
+
+Additions to the contract of issue 5 (for the engine):
+- DataReport fields: file, format, examples, tokens, trained_tokens, truncated, dropped,
+  bad_lines (counts) and notes (file:line of each, for the summary); `summary()` is one line.
+- `num_batches(examples, batch_size, max_length, packing, seed, epoch)` counts an epoch's
+  batches without building them (to turn epochs into steps).
+- load_examples(..., split="valid") returns ([], report) when the recipe has no validation data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MlxLocalError
+from .batches import Batch, iterate_batches, num_batches
+
+__all__ = [
+    "Batch",
+    "DataReport",
+    "Example",
+    "builtin_dataset",
+    "describe_dataset",
+    "iterate_batches",
+    "load_examples",
+    "num_batches",
+]
+
+# The fields each format needs (our names; data.fields maps them to the file's names).
+REQUIRED = {
+    "chat": ("messages",),
+    "completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "text": ("text",),
+}
+NOTES_KEPT = 20
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    weights: list[int]  # 1 where tokens[i] is a token the loss should predict
+
+
+@dataclass
+class DataReport:
+    file: str
+    format: str = ""
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    bad_lines: int = 0
+    notes: list[str] = field(default_factory=list)  # "file:line: what happened", first few
+
+    def note(self, where: str, what: str) -> None:
+        if len(self.notes) < NOTES_KEPT:
+            self.notes.append(f"{where}: {what}")
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.examples:,} examples ({self.format})",
+            f"{self.tokens:,} tokens, {self.trained_tokens:,} trained",
+        ]
+        for name in ("truncated", "dropped", "bad_lines"):
+            if getattr(self, name):
+                parts.append(f"{getattr(self, name):,} {name.replace('_', ' ')}")
+        return f"{self.file}: " + ", ".join(parts)
+
+
+@dataclass
+class Row:
+    where: str  # "file:line"
+    values: dict[str, Any]
+
+
+# --- reading files ------------------------------------------------------------------------------
+
+
+def builtin_dataset(name: str) -> Path:
+    """A data file shipped with mlxlocal, named in a recipe as `builtin:NAME`."""
+    folder = Path(__file__).resolve().parent.parent / "datasets"
+    path = folder / name
+    if "/" in name or not path.is_file():
+        names = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))
+        raise MlxLocalError(f"builtin:{name}: no such built-in dataset (there are: {names})")
+    return path
+
+
+def _data_file(spec: str) -> Path:
+    if spec.startswith("builtin:"):
+        return builtin_dataset(spec.removeprefix("builtin:"))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise MlxLocalError(f"{spec}: no such data file; check data.train / data.valid")
+    return path
+
+
+def read_rows(spec: str, skip_bad: bool = False) -> tuple[list[Row], list[tuple[str, str]]]:
+    """The records of a .jsonl or .csv file, and the (file:line, problem) of lines skipped."""
+    path = _data_file(spec)
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise MlxLocalError(
+            f"{path}: unsupported data file; use .jsonl (one JSON object a line) or .csv"
+        )
+    rows: list[Row] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            records = (
+                _csv_records(f, path.name)
+                if path.suffix.lower() == ".csv"
+                else _jsonl_records(f, path.name)
+            )
+            for where, values, problem in records:
+                if problem is None:
+                    rows.append(Row(where, values))
+                elif skip_bad:
+                    skipped.append((where, problem))
+                else:
+                    raise bad_line(where, problem)
+    except UnicodeDecodeError as e:
+        raise MlxLocalError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from e
+    return rows, skipped
+
+
+def bad_line(where: str, problem: object) -> MlxLocalError:
+    return MlxLocalError(f"{where}: {problem}; fix the line or set data.bad_lines: skip")
+
+
+def _jsonl_records(f, name: str):
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{name}:{number}", None, f"not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        if isinstance(values, dict):
+            yield f"{name}:{number}", values, None
+        else:
+            yield f"{name}:{number}", None, f"expected a JSON object, got {type(values).__name__}"
+
+
+def _csv_records(f, name: str):
+    reader = csv.DictReader(f)
+    start = 2
+    try:
+        for values in reader:
+            where, start = f"{name}:{start}", reader.line_num + 1
+            if None in values:
+                yield where, None, "more cells than the header has columns"
+            else:
+                yield where, values, None
+    except csv.Error as e:
+        yield f"{name}:{reader.line_num}", None, f"broken CSV ({e})"
+
+
+def detect_format(row: Row, fields: dict[str, str]) -> str:
+    """The format whose fields the first row has."""
+    for fmt in ("chat", "completion", "instruction", "text"):
+        if all(fields.get(k, k) in row.values for k in REQUIRED[fmt]):
+            return fmt
+    keys = ", ".join(map(str, row.values)) or "none"
+    raise MlxLocalError(
+        f"{row.where}: cannot tell the data format from the fields ({keys}); expected messages "
+        "(chat), prompt+completion, instruction+output or text — or set data.format and "
+        "data.fields to map your names"
+    )
+
+
+# --- rows → conversations -----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One row in a common shape: either plain text or a conversation."""
+
+    text: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+
+
+def _sample(row: Row, fmt: str, data) -> Sample:
+    def get(name: str, required: bool = True) -> Any:
+        key = data.fields.get(name, name)
+        value = row.values.get(key)
+        if required and (value is None or value == ""):
+            raise _BadRow(f"no {key!r} field" if key not in row.values else f"empty {key!r}")
+        return value
+
+    if fmt == "text":
+        text = get("text")
+        if not isinstance(text, str):
+            raise _BadRow(f"{data.fields.get('text', 'text')!r} must be a string")
+        return Sample(text=text)
+    system = get("system", required=False) or data.system_prompt
+    if fmt == "chat":
+        messages = _messages(
+            get("messages", required=False), data.fields.get("messages", "messages")
+        )
+        tools = get("tools", required=False)
+        if isinstance(tools, str):
+            tools = _json_cell(tools, "tools")
+        if system and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        return Sample(messages=messages, tools=tools or None)
+    if fmt == "completion":
+        user, answer = get("prompt"), get("completion")
+    else:
+        extra = get("input", required=False)
+        user, answer = get("instruction"), get("output")
+        user = f"{user}\n\n{extra}" if extra else user
+    messages = [
+        {"role": "user", "content": str(user)},
+        {"role": "assistant", "content": str(answer)},
+    ]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return Sample(messages=messages)
+
+
+class _BadRow(Exception):
+    """A row that cannot become an example: raised as MlxLocalError or skipped, per recipe."""
+
+
+def _json_cell(value: str, name: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _BadRow(f"{name!r} is not valid JSON ({e.msg})") from e
+
+
+def _messages(value: Any, key: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):  # a CSV cell holds the list as JSON
+        value = _json_cell(value, key)
+    if value is None:
+        raise _BadRow(f"no {key!r} field")
+    if not isinstance(value, list):
+        raise _BadRow(f"{key!r} must be a list of messages")
+    if not value:
+        raise _BadRow("empty conversation")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _BadRow(f"message {i + 1} has no 'role'")
+        if m.get("content") is None and not m.get("tool_calls"):
+            raise _BadRow(f"message {i + 1} ({m['role']}) has no 'content'")
+    if not any(m["role"] == "assistant" for m in value):
+        raise _BadRow("no assistant message to learn from")
+    return value
+
+
+# --- conversations → tokens and weights ---------------------------------------------------------
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(
+        getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None)
+    )
+
+
+def _chat_ids(tokenizer, renderings: list[tuple[list, bool]], tools) -> list[list[int]]:
+    """Token ids of (messages, add_generation_prompt) renderings, tokenized in one batch.
+
+    The same ids as apply_chat_template(tokenize=True), which renders and then tokenizes
+    without adding special tokens; batching lets the fast tokenizer use every core.
+    """
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    texts = [
+        tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=g, tokenize=False)
+        if m or g
+        else ""
+        for m, g in renderings
+    ]
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+    return [list(ids) for ids in hf(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Example:
+    """Tokens of a conversation with weight 1 on every assistant turn (its answer and end).
+
+    Turn i spans from where the conversation before it, plus the generation prompt (the
+    assistant header), stops matching the full rendering, to where the conversation through
+    it does; matching token ids, not text, keeps this right whatever the template's markup.
+    """
+    turns = (
+        [] if train_on_prompt else [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    )
+    renderings = [(messages, False)]
+    for i in turns:
+        renderings += [(messages[:i], False), (messages[:i], True), (messages[: i + 1], False)]
+    try:
+        tokens, *prefixes = _chat_ids(tokenizer, renderings, tools)
+    except Exception as e:  # jinja's TemplateError and whatever a template raises
+        raise _BadRow(f"the chat template rejects this conversation ({e})") from e
+    weights = [1 if train_on_prompt else 0] * len(tokens)
+    for k in range(len(turns)):
+        before, prompted, through = prefixes[3 * k : 3 * k + 3]
+        start = _answer_start(before, prompted, tokens)
+        end = _common_prefix(through, tokens)
+        weights[start:end] = [1] * (end - start)
+    return Example(tokens, weights)
+
+
+def _answer_start(before: list[int], prompted: list[int], full: list[int]) -> int:
+    """Where the answer begins in `full`, given the ids before it without and with the header."""
+    header = prompted[_common_prefix(before, prompted) :]
+    # A template may close the conversation after the last message (e.g. with an EOS) before
+    # the generation prompt; the full rendering has the header right where the prefix ends.
+    at = _common_prefix(before, full)
+    if full[at : at + len(header)] == header:
+        return at + len(header)
+    return _common_prefix(prompted, full)
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer.encode(text))
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _render(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool) -> Example:
+    if sample.text is not None:
+        tokens = _text_ids(tokenizer, sample.text)
+        return Example(tokens, [1] * len(tokens))
+    if chat:
+        return render_chat(tokenizer, sample.messages, sample.tools, train_on_prompt)
+    # No chat template: prompt + completion verbatim (a system prompt first, on its own).
+    *head, answer = [m["content"] for m in sample.messages]
+    if len(head) == 2:
+        head = [f"{head[0]}\n\n{head[1]}"]
+    prompt = list(tokenizer.encode(head[0]))
+    tokens = _text_ids(tokenizer, head[0] + answer)
+    start = _common_prefix(prompt, tokens)
+    return Example(tokens, [1 if train_on_prompt or i >= start else 0 for i in range(len(tokens))])
+
+
+# --- the whole file -----------------------------------------------------------------------------
+
+
+def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example], DataReport]:
+    """Examples of one split of a recipe's data section, and what happened on the way."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split must be 'train' or 'valid', not {split!r}")
+    spec = data.valid if split == "valid" and data.valid is not None else data.train
+    report = DataReport(file=spec)
+    if split == "valid" and data.valid is None and data.valid_fraction is None:
+        return [], report
+    rows, skipped = read_rows(spec, data.bad_lines == "skip")
+    for where, problem in skipped:
+        report.bad_lines += 1
+        report.note(where, problem)
+    if data.valid_fraction is not None:
+        rows = _held_out(rows, data.valid_fraction, spec, keep=split == "valid")
+    if not rows:
+        raise MlxLocalError(f"{spec}: no examples; check the file")
+    report.format = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    chat = has_chat_template(tokenizer)
+    if report.format in ("chat", "instruction") and not chat:
+        raise MlxLocalError(
+            f"{spec}: {report.format} data needs the model's chat template, and its tokenizer "
+            "has none; use a model with a chat template, or text / prompt-completion data"
+        )
+    examples = []
+    for row in rows:
+        try:
+            example = _render(
+                _sample(row, report.format, data), tokenizer, chat, data.train_on_prompt
+            )
+        except _BadRow as e:
+            if data.bad_lines != "skip":
+                raise bad_line(row.where, e) from e
+            report.bad_lines += 1
+            report.note(row.where, str(e))
+            continue
+        example = _fit(example, data, report, row.where)
+        if example is not None:
+            examples.append(example)
+            report.tokens += len(example.tokens)
+            report.trained_tokens += sum(example.weights[1:])
+    report.examples = len(examples)
+    if not examples:
+        raise MlxLocalError(
+            f"{spec}: every example was dropped; see data.max_length and data.too_long"
+        )
+    return examples, report
+
+
+def _fit(example: Example, data, report: DataReport, where: str) -> Example | None:
+    """Apply data.max_length: truncate or drop, and drop what leaves nothing to learn."""
+    n, limit = len(example.tokens), data.max_length
+    if n > limit and data.too_long == "drop":
+        report.dropped += 1
+        report.note(where, f"dropped: {n} tokens > max_length {limit}")
+        return None
+    if not any(example.weights[1:limit]):
+        report.dropped += 1
+        report.note(where, f"dropped: nothing to learn within max_length {limit}")
+        return None
+    if n > limit:
+        report.truncated += 1
+        report.note(where, f"truncated from {n} to {limit} tokens")
+        return Example(example.tokens[:limit], example.weights[:limit])
+    return example
+
+
+def _held_out(rows: list[Row], fraction: float, spec: str, keep: bool) -> list[Row]:
+    """A fixed random fraction of the rows (the same whatever the training seed)."""
+    if len(rows) < 2:
+        raise MlxLocalError(f"{spec}: too few examples to hold out data.valid_fraction")
+    count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    chosen = set(np.random.default_rng(0).permutation(len(rows))[:count].tolist())
+    return [row for i, row in enumerate(rows) if (i in chosen) == keep]
+
+
+def describe_dataset(data, spec: str) -> str:
+    """Read and check every row of a data file without a tokenizer (for `recipes validate`)."""
+    rows, skipped = read_rows(spec, data.bad_lines == "skip")
+    if not rows:
+        raise MlxLocalError(f"{spec}: no examples; check the file")
+    fmt = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    bad = 0
+    for row in rows:
+        try:
+            _sample(row, fmt, data)
+        except _BadRow as e:
+            if data.bad_lines != "skip":
+                raise bad_line(row.where, e) from e
+            bad += 1
+    skip = bad + len(skipped)
+    return f"{spec}: {len(rows) - bad:,} examples ({fmt})" + (
+        f", {skip} bad lines skipped" if skip else ""
+    )

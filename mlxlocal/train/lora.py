@@ -1,0 +1,265 @@
+"""LoRA and DoRA adapters on Linear and QuantizedLinear layers of any bit width.
+
+The module tree matches mlx-lm's tuner (`<path>.linear` is the frozen base, `lora_a` is (in, r),
+`lora_b` is (r, out), DoRA's magnitude `m` is (out,)), so the adapters we save open with
+`mlx_lm.load(..., adapter_path=...)`. Unlike mlx-lm's DoRA, a quantized base's input width and
+dense weight come from the layer's own bits, group size and mode, so 3-, 5- and 6-bit bases work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import MlxLocalError
+from ..resources import family_spec
+
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+def dense_weight(linear: nn.Module) -> mx.array:
+    """The (out, in) float weight of a Linear, dequantized for a QuantizedLinear."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(
+            linear.weight,
+            linear.scales,
+            linear.get("biases"),
+            group_size=linear.group_size,
+            bits=linear.bits,
+            mode=linear.mode,
+        )
+    return linear.weight
+
+
+def input_dims(linear: nn.Module) -> int:
+    if isinstance(linear, nn.QuantizedLinear):
+        return linear.weight.shape[1] * 32 // linear.bits
+    return linear.weight.shape[1]
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) for rsLoRA (stable updates at high rank)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale · dropout(x) A B, with the base frozen and B starting at zero."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        base.freeze()
+        self.linear = base
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+        in_dims, out_dims = input_dims(base), base.weight.shape[0]
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return self.linear(x) + (self.scale * z).astype(x.dtype)
+
+    def delta(self) -> mx.array:
+        """The (out, in) weight update scale · Bᵀ Aᵀ."""
+        return (self.scale * self.lora_b.T) @ self.lora_a.T
+
+    def fused_weight(self) -> mx.array:
+        w = dense_weight(self.linear)
+        return (w.astype(mx.float32) + self.delta()).astype(w.dtype)
+
+
+class DoRALinear(LoRALinear):
+    """DoRA: y = m / ‖W + ΔW‖ · (x Wᵀ + scale · x A B) + bias, row norms held constant.
+
+    The norm is not differentiated (as in the DoRA paper), so the dense weight it needs is
+    transient and nothing but the quantized base is kept for the backward pass.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__(base, rank, scale, dropout)
+        self.m = mx.linalg.norm(dense_weight(base).astype(mx.float32), axis=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        base = self.linear
+        if isinstance(base, nn.QuantizedLinear):
+            y = mx.quantized_matmul(
+                x,
+                base.weight,
+                base.scales,
+                base.get("biases"),
+                transpose=True,
+                group_size=base.group_size,
+                bits=base.bits,
+                mode=base.mode,
+            )
+        else:
+            y = x @ base.weight.T
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        y = y + (self.scale * z).astype(x.dtype)
+        adapted = dense_weight(base).astype(mx.float32) + self.delta()
+        norm = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
+        y = (self.m / norm).astype(x.dtype) * y
+        return y + base.bias if "bias" in base else y
+
+    def fused_weight(self) -> mx.array:
+        w = dense_weight(self.linear)
+        adapted = w.astype(mx.float32) + self.delta()
+        norm = mx.linalg.norm(adapted, axis=1, keepdims=True)
+        return (self.m[:, None] / norm * adapted).astype(w.dtype)
+
+
+def resolve_layers(spec: str | int | list[int], n_layers: int) -> list[int]:
+    """Block indices from the recipe's `method.layers`: "all", last N, or a list."""
+    if spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, int):
+        if not 1 <= spec <= n_layers:
+            raise MlxLocalError(
+                f"method.layers: {spec} but the model has {n_layers} layers; "
+                f"use 1..{n_layers} or 'all'"
+            )
+        return list(range(n_layers - spec, n_layers))
+    bad = [i for i in spec if not 0 <= i < n_layers]
+    if bad or not spec:
+        raise MlxLocalError(
+            f"method.layers: {bad or spec} not in 0..{n_layers - 1} (the model's layer indices)"
+        )
+    return sorted(set(spec))
+
+
+def default_modules(model_type: str) -> list[str] | None:
+    """The family's usual LoRA targets (convert/<type>.yaml), or None for every linear layer."""
+    spec = family_spec(model_type) or {}
+    return spec.get("lora_targets")
+
+
+def adapter_keys(blocks: list[nn.Module], modules: list[str] | None) -> list[str]:
+    """Paths inside the blocks of the linear layers named in `modules` (by last name or path).
+
+    None means every linear layer, as mlx-lm's tuner does by default.
+    """
+    paths = sorted(
+        {p for block in blocks for p, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+    )
+    if modules is None:
+        return paths
+
+    def named(path: str, name: str) -> bool:
+        return path == name or path.rsplit(".", 1)[-1] == name
+
+    missing = [n for n in modules if not any(named(p, n) for p in paths)]
+    if missing:
+        raise MlxLocalError(
+            f"method.modules: no linear layer named {missing[0]!r} in the model's blocks; "
+            f"they are: {', '.join(paths)}"
+        )
+    return [p for p in paths if any(named(p, n) for n in modules)]
+
+
+def add_adapters(
+    model: nn.Module,
+    kind: str,
+    rank: int,
+    scale: float,
+    dropout: float,
+    keys: list[str],
+    layers: list[int],
+) -> None:
+    """Freeze the model and wrap `keys` (paths inside a block) of `layers` with LoRA or DoRA."""
+    cls = {"lora": LoRALinear, "dora": DoRALinear}[kind]
+    model.freeze()
+    for i in layers:
+        block = model.layers[i]
+        modules = dict(block.named_modules())
+        wrapped = [(k, cls(modules[k], rank, scale, dropout)) for k in keys if k in modules]
+        block.update_modules(tree_unflatten(wrapped))
+
+
+def adapter_config(
+    kind: str,
+    rank: int,
+    scale: float,
+    dropout: float,
+    keys: list[str],
+    layers: list[int],
+    n_layers: int,
+    alpha: float | None = None,
+    rslora: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json as mlx-lm's tuner writes it, plus our exact layer list.
+
+    mlx-lm only knows "the last N layers": N covers the lowest chosen layer, and the layers in
+    between get adapters whose B is zero, which leaves their output unchanged. `alpha` and
+    `rslora` (which mlx-lm ignores) keep PEFT's lora_alpha exact on export.
+    """
+    config: dict[str, Any] = {"fine_tune_type": kind}
+    if kind != "full":
+        config["num_layers"] = n_layers - min(layers)
+        config["lora_parameters"] = {
+            "rank": rank,
+            "scale": scale,
+            "dropout": dropout,
+            "keys": keys,
+            "alpha": alpha,
+            "rslora": rslora,
+        }
+    config["mlxlocal"] = {"layers": layers, **(extra or {})}
+    return config
+
+
+def save_adapters(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
+    """adapters.safetensors (the trainable parameters) + adapter_config.json into `out`."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(Path(out) / "adapters.safetensors"), weights)
+    (Path(out) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    file = Path(path) / "adapter_config.json"
+    if not file.exists() or not (Path(path) / "adapters.safetensors").exists():
+        raise MlxLocalError(
+            f"{path}: not an adapter folder (needs adapter_config.json and adapters.safetensors)"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MlxLocalError(f"{file}: not valid JSON ({e})") from e
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Add the adapters saved at `path` (ours or mlx-lm's) to `model`; return their config."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    kind = config.get("fine_tune_type", "lora")
+    n = len(model.layers)
+    if kind != "full":
+        params = config["lora_parameters"]
+        layers = config.get("mlxlocal", {}).get("layers") or resolve_layers(
+            min(config["num_layers"], n) if config["num_layers"] >= 0 else "all", n
+        )
+        keys = params.get("keys") or adapter_keys([model.layers[i] for i in layers], None)
+        add_adapters(
+            model, kind, params["rank"], params["scale"], params.get("dropout", 0.0), keys, layers
+        )
+    weights = mx.load(str(path / "adapters.safetensors"))
+    expected = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name not in expected or (kind != "full" and leaf not in ADAPTER_LEAVES):
+            raise MlxLocalError(f"{path}: {name} is not an adapter parameter of this model")
+        if w.shape != expected[name].shape:
+            raise MlxLocalError(
+                f"{path}: {name} has shape {tuple(w.shape)} but the model expects "
+                f"{tuple(expected[name].shape)}; were these adapters trained on this model?"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+    return config

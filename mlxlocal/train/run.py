@@ -1,0 +1,222 @@
+"""`mlxlocal run RECIPE`: a recipe in; a run directory with checkpoints and adapters out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..checkpoint.atomic import atomic_directory
+from ..convert import convert
+from ..errors import MlxLocalError
+from ..models import load, read_config
+from ..recipe import Recipe, dump_recipe
+from ..resources import family_spec
+from ..sources import resolve_source
+from .checkpoints import Position, RunDir, restore_checkpoint, rng_key, write_text_atomic
+from .data import iterate_batches, load_examples, num_batches
+from .lora import (
+    adapter_config,
+    adapter_keys,
+    add_adapters,
+    default_modules,
+    lora_scale,
+    resolve_layers,
+    save_adapters,
+)
+from .loss import check_output_head
+from .optim import build_optimizer
+from .trainer import BatchStream, train
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    adapters: Path
+    method: str
+    steps: int
+    total_steps: int
+    resumed_from: int | None
+    loss: float | None
+    val_loss: float | None
+    trained_tokens: int
+    tokens_per_s: float
+    peak_memory_gb: float
+    elapsed_s: float
+    trainable_parameters: int
+    parameters: int
+    data: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """What the CLI prints when the run ends."""
+        val = f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
+        return [
+            *self.data,
+            f"trained {self.method} for {self.total_steps} steps{resumed}: "
+            f"final loss {self.loss:.4f}{val}",
+            f"{self.trained_tokens:,} tokens, {self.tokens_per_s:,.0f} tokens/s, "
+            f"peak memory {self.peak_memory_gb:.2f} GB, {self.elapsed_s:.1f} s training",
+            f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
+            f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
+        ]
+
+
+def compute_dtype(name: str) -> str:
+    """`auto`: float32 on MLX's CPU back end (the fast dtype there), bfloat16 on Metal/CUDA."""
+    if name != "auto":
+        return name
+    gpu = mx.metal.is_available() or mx.cuda.is_available()
+    return "bfloat16" if gpu else "float32"
+
+
+def load_base(recipe: Recipe, run_dir: Path, echo: Callable[[str], None]) -> tuple[Any, Any, Path]:
+    """(model, tokenizer, MLX checkpoint path): HF checkpoints are converted into the run dir."""
+    dtype = compute_dtype(recipe.model.dtype)
+    src = resolve_source(recipe.model.path, recipe.model.revision)
+    config = read_config(src)
+    if "mlxlocal" in config or "quantization" in config:
+        path = src
+    else:
+        path = run_dir / "model"
+        if not (path / "config.json").exists():
+            echo(f"converting {recipe.model.path} to MLX ({dtype}) into {path}")
+            convert(src, path, dtype=dtype, revision=recipe.model.revision, force=True)
+    model, tokenizer = load(path, lazy=True)
+    model.set_dtype(DTYPES[dtype])
+    quantize = recipe.model.quantize
+    if quantize is not None:
+        if "quantization" in read_config(path):
+            raise MlxLocalError(
+                f"model.quantize: {recipe.model.path} is already quantized; remove model.quantize"
+            )
+        from mlx_lm.utils import quantize_model
+
+        keep = (family_spec(model.model_type) or {}).get("keep_high_precision", [])
+        quantize_model(
+            model,
+            read_config(path),
+            quantize.group_size,
+            quantize.bits,
+            quant_predicate=lambda p, _: not any(part in keep for part in p.split(".")),
+        )
+    mx.eval(model.parameters())
+    return model, tokenizer, path
+
+
+def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, Any]:
+    """Make the recipe's parameters trainable (adapters or weights); return adapter_config."""
+    m = recipe.method
+    n = len(model.layers)
+    layers = resolve_layers(m.layers, n)
+    q = recipe.model.quantize
+    extra = {"model": str(base), "quantize": q.model_dump() if q else None}
+    if m.type == "full":
+        if any(isinstance(x, nn.QuantizedLinear) for _, x in model.named_modules()):
+            raise MlxLocalError(
+                f"method.type full: {base} is quantized and quantized weights cannot be trained; "
+                "use a float model, or method.type lora (QLoRA)"
+            )
+        if m.layers == "all":
+            model.unfreeze()
+        else:
+            model.freeze()
+            for i in layers:
+                model.layers[i].unfreeze()
+        return adapter_config("full", 0, 0.0, 0.0, [], layers, n, extra=extra)
+    keys = adapter_keys([model.layers[i] for i in layers], m.modules or default_modules(
+        model.model_type
+    ))
+    scale = lora_scale(m.alpha, m.rank, m.rslora)
+    add_adapters(model, m.type, m.rank, scale, m.dropout, keys, layers)
+    return adapter_config(
+        m.type, m.rank, scale, m.dropout, keys, layers, n, m.alpha, m.rslora, extra
+    )
+
+
+def run_recipe(
+    recipe: Recipe, resume: bool | None = None, echo: Callable[[str], None] = lambda _: None
+) -> RunSummary:
+    """Train what `recipe` says into its output directory, resuming a killed run exactly.
+
+    `resume` None continues from the newest complete checkpoint when there is one; True
+    insists on one; False is not offered (delete the output directory to start over).
+    """
+    from mlx_lm.utils import get_total_parameters, maybe_set_recommended_wired_limit
+
+    t = recipe.training
+    run = RunDir(Path(recipe.output).expanduser())
+    ckpt = run.prepare(dump_recipe(recipe), resume)
+    maybe_set_recommended_wired_limit()
+    mx.random.seed(t.seed)
+    model, tokenizer, base = load_base(recipe, run.path, echo)
+    if t.loss_chunk_size is not None:
+        check_output_head(model)
+    config = prepare_method(model, recipe, base)
+
+    examples, report = load_examples(recipe.data, tokenizer, "train")
+    valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid")
+    d = recipe.data
+
+    def batches(examples, epoch, start=0):
+        return iterate_batches(
+            examples, t.batch_size, d.max_length, d.packing, t.seed, epoch, start
+        )
+
+    stream = BatchStream(lambda e, s: batches(examples, e, s), t.epochs)
+    total_steps = t.steps or _epoch_steps(examples, recipe)
+    optimizer = build_optimizer(t, total_steps)
+    optimizer.init(model.trainable_parameters())
+    if ckpt is not None:
+        position = restore_checkpoint(ckpt, model, optimizer)
+        echo(f"resuming {run.path} from {ckpt.name} (step {position.step} of {total_steps})")
+    else:
+        position = Position(rng=rng_key())
+    resumed_from = position.step or None
+    valid = (lambda: batches(valid_examples, 0)) if valid_examples else None
+    result = train(model, optimizer, recipe, stream, total_steps, run, position, config, valid)
+
+    with atomic_directory(run.path / "adapters", force=True) as tmp:
+        save_adapters(model, tmp, config)
+    summary = RunSummary(
+        output=run.path,
+        adapters=run.path / "adapters",
+        method=recipe.method.type,
+        steps=result.steps,
+        total_steps=total_steps,
+        resumed_from=resumed_from,
+        loss=result.loss,
+        val_loss=result.val_loss,
+        trained_tokens=result.trained_tokens,
+        tokens_per_s=result.tokens_per_s,
+        peak_memory_gb=result.peak_memory_gb,
+        elapsed_s=result.elapsed_s,
+        trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        parameters=get_total_parameters(model),
+        data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
+    )
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items()}
+    write_text_atomic(run.path / "summary.json", json.dumps(record, indent=2))
+    return summary
+
+
+def _epoch_steps(examples: list, recipe: Recipe) -> int:
+    t, d = recipe.training, recipe.data
+    count = sum(
+        num_batches(examples, t.batch_size, d.max_length, d.packing, t.seed, e)
+        for e in range(t.epochs)
+    )
+    if count < t.grad_accumulation:
+        raise MlxLocalError(
+            f"the training data gives {count} batches, fewer than one step needs "
+            f"(training.grad_accumulation = {t.grad_accumulation}): add examples"
+        )
+    return count // t.grad_accumulation

@@ -1,0 +1,270 @@
+"""The training loop, written out: k micro-batches → one optimizer step → one line of metrics.
+
+A step is an MLX graph: value_and_grad of the summed masked loss over the trainable parameters,
+gradients summed over the micro-batches and divided by the step's target tokens (so k
+accumulated batches give exactly the update of one k-times larger batch), global-norm clipping,
+the optimizer update with its schedule. It is compiled with the model, optimizer and RNG state
+as inputs and outputs, and evaluated once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from ..errors import MlxLocalError
+from ..progress import bar as progress_bar
+from .checkpoints import Position, RunDir, rng_key
+from .loss import loss_sums
+
+
+class Batch(Protocol):
+    tokens: mx.array  # (B, L) int32
+    weights: mx.array  # (B, L) float32, 1 where the token is a target
+    segments: mx.array  # (B, L) int32, 1..k per packed example, 0 for padding
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss: float | None
+    val_loss: float | None
+    trained_tokens: int
+    tokens_per_s: float
+    peak_memory_gb: float
+    elapsed_s: float
+
+
+class BatchStream:
+    """Batches epoch after epoch, addressed by (epoch, index) so a checkpoint can name the next.
+
+    `make(epoch, start)` yields epoch `epoch`'s batches from index `start`, the same ones every
+    time; `epochs` None streams forever (training by steps).
+    """
+
+    def __init__(self, make: Callable[[int, int], Iterable[Batch]], epochs: int | None = None):
+        self.make = make
+        self.epochs = epochs
+
+    def iterate(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """(epoch, index of the batch after this one, batch)."""
+        while self.epochs is None or epoch < self.epochs:
+            index = start
+            for batch in self.make(epoch, start):
+                index += 1
+                yield epoch, index, batch
+            if index == 0:
+                raise MlxLocalError("the training data gives no batches: add examples")
+            epoch, start = epoch + 1, 0
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    *,
+    grad_clip: float | None = None,
+    loss_chunk_size: int | None = None,
+    packed: bool = False,
+    compile: bool = True,
+) -> Callable[[Sequence[Batch]], tuple[mx.array, mx.array, mx.array, mx.array]]:
+    """A function that trains one optimizer step on its micro-batches.
+
+    It returns lazy (loss sum, target tokens, non-pad tokens, gradient norm); the caller
+    evaluates them together with the model and optimizer state. Initialise (or restore) the
+    optimizer state before calling this: the compiled graph captures it.
+    """
+
+    def batch_loss(tokens, weights, segments):
+        return loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
+
+    loss_and_grad = nn.value_and_grad(model, batch_loss)
+
+    def accumulate(tokens, weights, segments, acc):
+        (loss, n), grads = loss_and_grad(tokens, weights, segments)
+        if acc is not None:
+            grads = tree_map(mx.add, acc, grads)
+        return loss, n, grads
+
+    def update(grads, n):
+        grads = tree_map(lambda g: (g / mx.maximum(n, 1)).astype(g.dtype), grads)
+        norm = mx.array(0.0)
+        if grad_clip is not None:
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return norm
+
+    if compile:
+        state = [model.state, optimizer.state, mx.random.state]
+        accumulate = partial(mx.compile, inputs=state, outputs=state)(accumulate)
+        update = partial(mx.compile, inputs=state, outputs=state)(update)
+
+    def step(batches: Sequence[Batch]):
+        acc, loss, n, tokens = None, 0, 0, 0
+        for i, b in enumerate(batches):
+            part, count, acc = accumulate(b.tokens, b.weights, b.segments, acc)
+            loss, n, tokens = loss + part, n + count, tokens + (b.segments > 0).sum()
+            if i < len(batches) - 1:
+                mx.eval(acc, loss, n, tokens)  # one micro-batch's graph alive at a time
+        return loss, n, tokens, update(acc, n)
+
+    return step
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    max_batches: int | None = None,
+    loss_chunk_size: int | None = None,
+    packed: bool = False,
+) -> float:
+    """Mean loss per target token over (at most `max_batches` of) `batches`."""
+    model.eval()
+    total, n = mx.array(0.0), mx.array(0.0)
+    for i, b in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
+        total, n = total + loss, n + count
+        mx.eval(total, n)
+    model.train()
+    return total.item() / max(n.item(), 1.0)
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    mlx-lm's blocks are called through their class, so the class's `__call__` is wrapped for
+    the duration and restored afterwards.
+    """
+    originals = {cls: cls.__call__ for cls in {type(layer) for layer in model.layers}}
+
+    def checkpointed(call):
+        def wrapper(self, *args, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        return wrapper
+
+    for cls, call in originals.items():
+        cls.__call__ = checkpointed(call)
+    try:
+        yield
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    recipe: Any,
+    stream: BatchStream,
+    total_steps: int,
+    run: RunDir,
+    position: Position,
+    adapter_config: dict[str, Any],
+    valid: Callable[[], Iterable[Batch]] | None = None,
+) -> TrainResult:
+    """Train from `position` to `total_steps`, logging, evaluating and checkpointing."""
+    t = recipe.training
+    packed = recipe.data.packing
+    step_fn = make_step(
+        model,
+        optimizer,
+        grad_clip=t.grad_clip,
+        loss_chunk_size=t.loss_chunk_size,
+        packed=packed,
+        compile=t.compile,
+    )
+    state = [model.state, optimizer.state, mx.random.state]
+    batches = stream.iterate(position.epoch, position.batch)
+    loss = val_loss = None
+    start_step, start_tokens, train_time = position.step, position.trained_tokens, 0.0
+    bar = progress_bar("training", total_steps, "step")
+    bar.initial = bar.n = bar.last_print_n = position.step  # a resumed run's ETA counts on
+    model.train()
+    with gradient_checkpointing(model) if t.grad_checkpoint else nullcontext(), bar:
+        while position.step < total_steps:
+            tic = time.perf_counter()
+            micro = []
+            for _ in range(t.grad_accumulation):
+                epoch, index, batch = next(batches)
+                micro.append(batch)
+            loss_sum, n, tokens, norm = step_fn(micro)
+            mx.eval(state, loss_sum, n, tokens, norm)
+            seconds = time.perf_counter() - tic
+            train_time += seconds
+            loss = loss_sum.item() / max(n.item(), 1.0)
+            position = Position(
+                step=position.step + 1,
+                epoch=epoch,
+                batch=index,
+                trained_tokens=position.trained_tokens + int(tokens.item()),
+                elapsed_s=position.elapsed_s + seconds,
+                rng=rng_key(),
+            )
+            record = {
+                "step": position.step,
+                "epoch": epoch,
+                "loss": loss,
+                "learning_rate": optimizer.learning_rate.item(),
+                "tokens": int(tokens.item()),
+                "tokens_per_s": tokens.item() / seconds,
+                "trained_tokens": position.trained_tokens,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "elapsed_s": position.elapsed_s,
+            }
+            if t.grad_clip is not None:
+                record["grad_norm"] = norm.item()
+            if not math.isfinite(loss):
+                run.log(record)
+                kept = run.latest()
+                raise MlxLocalError(
+                    f"loss became {loss} at step {position.step}: training stopped"
+                    + (f"; the last good checkpoint {kept} is kept" if kept else "")
+                    + ". Lower training.learning_rate or set training.grad_clip"
+                )
+            last = position.step == total_steps
+            every = recipe.eval.every
+            if valid is not None and ((every and position.step % every == 0) or last):
+                val_loss = evaluate(
+                    model,
+                    valid(),
+                    max_batches=recipe.eval.batches,
+                    loss_chunk_size=t.loss_chunk_size,
+                    packed=packed,
+                )
+                record["val_loss"] = val_loss
+            run.log(record)
+            every = recipe.checkpoint.every
+            if every and (position.step % every == 0 or last):
+                run.save_checkpoint(
+                    model, optimizer, position, adapter_config, recipe.checkpoint.keep
+                )
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+    trained = position.trained_tokens - start_tokens
+    return TrainResult(
+        steps=position.step - start_step,
+        loss=loss,
+        val_loss=val_loss,
+        trained_tokens=position.trained_tokens,
+        tokens_per_s=trained / train_time if train_time else 0.0,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        elapsed_s=position.elapsed_s,
+    )

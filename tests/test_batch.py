@@ -1,0 +1,221 @@
+"""`batch`: per-record parity with `generate`, input order, bad lines, resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mlxlocal
+from mlxlocal.cli import cli
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.generate import generate
+
+WORDS = "the quick brown fox jumps over a lazy dog and your local model keeps data".split()
+
+
+def texts(n: int, seed: int = 0, longest: int = 60) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, k)) for k in rng.integers(1, longest, n)]
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_each_record_gets_what_generate_gives_it_alone(tiny_lm, tmp_path, batch_size):
+    prompts = texts(12)
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in prompts])
+    stop = ["ed"]  # some records end on a stop string, which leaves the batch early
+    result = mlxlocal.batch(
+        tiny_lm,
+        tmp_path / "in.jsonl",
+        tmp_path / "out.jsonl",
+        max_tokens=12,
+        stop=stop,
+        batch_size=batch_size,
+    )
+    out = read_jsonl(tmp_path / "out.jsonl")
+    expected = [generate(tiny_lm, t, max_tokens=12, stop=stop) for t in prompts]
+    assert [(r["output"], r["finish_reason"], r["generated_tokens"]) for r in out] == [
+        (g.text, g.finish_reason, g.generation_tokens) for g in expected
+    ]
+    assert {g.finish_reason for g in expected} == {"stop", "length"}
+    assert result.records == 12 and result.errors == []
+    assert result.generated_tokens == sum(g.generation_tokens for g in expected)
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_fields_ids_order_and_csv(tiny_lm, tmp_path):
+    lines = [
+        json.dumps({"id": "a7", "text": "the fox", "label": 3}),
+        "",
+        json.dumps({"text": "a lazy dog", "extra": [1, 2]}),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_tokens=4)
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert out[0]["id"] == "a7" and out[0]["label"] == 3 and out[0]["text"] == "the fox"
+    assert out[1]["id"] == 3 and out[1]["extra"] == [1, 2]  # no id: its line number
+    assert out[0]["output"] == generate(tiny_lm, "the fox", max_tokens=4).text
+
+    csv_text = 'review,stars\n"the fox,\nthe dog",5\nlocal model,1\n'
+    (tmp_path / "in.csv").write_text(csv_text)
+    mlxlocal.batch(
+        tiny_lm,
+        tmp_path / "in.csv",
+        tmp_path / "csv.jsonl",
+        max_tokens=4,
+        template="Review ({stars} stars): {review}",
+    )
+    out = read_jsonl(tmp_path / "csv.jsonl")
+    assert [r["id"] for r in out] == [2, 4]  # the line each record starts on
+    assert out[0]["review"] == "the fox,\nthe dog" and out[1]["stars"] == "1"
+    prompt = "Review (5 stars): the fox,\nthe dog"
+    assert out[0]["output"] == generate(tiny_lm, prompt, max_tokens=4).text
+
+
+def test_bad_lines_stop_with_their_line_number_or_are_skipped(tiny_lm, tmp_path):
+    lines = [json.dumps({"text": t}) for t in texts(5)]
+    lines[2] = '{"text": "broken'
+    lines[3] = "[1, 2]"
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MlxLocalError, match=r"in\.jsonl:3: not valid JSON"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_tokens=4)
+    assert not (tmp_path / "out.jsonl").exists()
+    assert len(read_jsonl(tmp_path / "out.jsonl.partial")) == 2  # kept for a re-run
+
+    result = mlxlocal.batch(
+        tiny_lm, tmp_path / "in.jsonl", tmp_path / "skip.jsonl", max_tokens=4, on_error="skip"
+    )
+    out = read_jsonl(tmp_path / "skip.jsonl")
+    assert len(out) == 5 and [r["id"] for r in out] == [1, 2, 3, 4, 5]
+    assert "not valid JSON" in out[2]["error"] and "JSON object" in out[3]["error"]
+    assert "output" not in out[2] and out[4]["output"]
+    assert len(result.errors) == 2 and result.errors[0].startswith(f"{tmp_path / 'in.jsonl'}:3:")
+
+
+@pytest.mark.parametrize(
+    "template, records, message",
+    [
+        (
+            "Classify: {txt}",
+            [{"text": "a"}],
+            r"in\.jsonl:1: the template uses \{txt\}.*fields: text",
+        ),
+        ("Classify: {}", [{"text": "a"}], "not a field name"),
+        ("Classify: {text", [{"text": "a"}], "template"),
+        (None, [{"body": "a"}], r"in\.jsonl:1: no field 'text' \(fields: body\)"),
+        (None, [{"text": "a", "output": "x"}], "already has a field 'output'"),
+        (None, [{"text": "word " * 300}], "--truncate"),
+    ],
+)
+def test_bad_records_and_templates(tiny_lm, tmp_path, template, records, message):
+    write_jsonl(tmp_path / "in.jsonl", records)
+    with pytest.raises(MlxLocalError, match=message):
+        mlxlocal.batch(
+            tiny_lm,
+            tmp_path / "in.jsonl",
+            tmp_path / "out.jsonl",
+            template=template,
+            max_tokens=4,
+        )
+
+
+def test_resume_drops_a_torn_line_and_refuses_other_settings(tiny_lm, tmp_path):
+    good = [{"text": t} for t in texts(8, seed=1)]
+    write_jsonl(tmp_path / "ref.jsonl", good)
+    mlxlocal.batch(tiny_lm, tmp_path / "ref.jsonl", tmp_path / "ref-out.jsonl", max_tokens=6)
+    reference = read_jsonl(tmp_path / "ref-out.jsonl")
+
+    broken = [json.dumps(r) for r in good]
+    broken[5] = "{oops"
+    (tmp_path / "in.jsonl").write_text("\n".join(broken) + "\n")
+    out, partial = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    with pytest.raises(MlxLocalError, match=":6:"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=6)
+    with open(partial, "ab") as f:  # what a kill in the middle of a write leaves
+        f.write(b'{"id": 6, "text": "the qu')
+    write_jsonl(tmp_path / "in.jsonl", good)
+
+    with pytest.raises(MlxLocalError, match="max_tokens changed"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=7)
+    notes = []
+    result = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=6, note=notes.append)
+    assert result.resumed == 5 and "5 of 8" in notes[0]
+    assert read_jsonl(out) == [{**r, "id": i + 1} for i, r in enumerate(reference)]
+    with pytest.raises(MlxLocalError, match="--force"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=6)
+
+
+def test_a_killed_run_continues_with_exactly_one_output_per_input(tiny_lm, tmp_path):
+    n = 300
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts(n))])
+    out, partial = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    command = [
+        sys.executable, "-m", "mlxlocal.cli", "batch", str(tiny_lm.path),
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-tokens", "12",
+    ]  # fmt: skip
+
+    def start_and_stop(sig, lines_before: int):
+        proc = subprocess.Popen([*command, "--batch-size", "1"], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while _complete_lines(partial) < lines_before:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        done = _complete_lines(partial)
+        assert not out.exists() and lines_before <= done < n, done
+        return proc.returncode, err.decode(), done
+
+    code, err, first = start_and_stop(signal.SIGINT, 3)  # Ctrl-C
+    assert code == 130 and "re-run the same command to continue" in err
+    code, err, second = start_and_stop(signal.SIGKILL, first + 3)  # kill -9
+    assert code == -signal.SIGKILL
+    finish = subprocess.run([*command, "--batch-size", "32"], capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert f"resuming: {second} of {n}" in finish.stderr
+
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [f"r{i}" for i in range(n)]
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "ref.jsonl", max_tokens=12)
+    assert got == read_jsonl(tmp_path / "ref.jsonl")
+
+
+def _complete_lines(path) -> int:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    lines = data.split(b"\n")[:-1]
+    for line in lines:
+        json.loads(line)  # never a corrupt complete line
+    return len(lines)
+
+
+def test_cli_batch(tiny_lm, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"q": t} for t in texts(4)])
+    args = ["batch", str(tiny_lm.path), "--input", str(tmp_path / "in.jsonl")]
+    args += ["--output", str(tmp_path / "out.jsonl"), "--template", "Q: {q}", "--max-tokens", "5"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "4 records" in result.stdout and "records/s" in result.stdout
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 4
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "--force" in again.stderr
+    assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # nothing left over

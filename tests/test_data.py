@@ -1,0 +1,323 @@
+"""Training data: formats, loss weights token by token, bad lines, truncation, batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.recipe import DataSection
+from mlxlocal.tiny import CHAT_TEMPLATE, write_tokenizer
+from mlxlocal.train.batches import first_fit, plan_batches
+from mlxlocal.train.data import Example, iterate_batches, load_examples, num_batches
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Add 2 and 3"},
+    {"role": "assistant", "content": "5"},
+]
+
+
+def _tokenizer(folder: Path, template: str | None = CHAT_TEMPLATE, hf: bool = False):
+    from mlx_lm.tokenizer_utils import load
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer.json").exists():
+        write_tokenizer(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(folder) if hf else load(folder)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return _tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _write(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _data(train: str, **kw) -> DataSection:
+    return DataSection(train=train, **kw)
+
+
+def _expected_chat(tok, messages):
+    """The tiny template's tokens built piece by piece: role marker, newline, content, end."""
+    tokens, weights = [], []
+    for m in messages:
+        ids = [tok.convert_tokens_to_ids(f"<|{m['role']}|>")] + tok.encode("\n")
+        tokens += ids
+        weights += [0] * len(ids)
+        ids = tok.encode(m["content"]) + [tok.convert_tokens_to_ids("<|end|>")] + tok.encode("\n")
+        tokens += ids
+        weights += [int(m["role"] == "assistant")] * len(ids)
+    return tokens, weights
+
+
+@pytest.mark.parametrize("hf", [False, True], ids=["mlx-lm wrapper", "transformers"])
+def test_chat_loss_on_every_assistant_turn_token_by_token(tmp_path, hf):
+    tok = _tokenizer(tmp_path / "tok", hf=hf)
+    train = _write(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    (example,), report = load_examples(_data(train), tok)
+    tokens, weights = _expected_chat(tok, CONVERSATION)
+    assert example.tokens == tokens
+    assert example.weights == weights
+    trained = tok.decode([t for t, w in zip(example.tokens, example.weights, strict=True) if w])
+    assert trained == "Hello!<|end|>\n5<|end|>\n"
+    assert report.format == "chat" and report.trained_tokens == sum(weights)
+
+
+def test_train_on_prompt_weights_everything(tmp_path, tok):
+    train = _write(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    (example,), _ = load_examples(_data(train, train_on_prompt=True), tok)
+    assert example.weights == [1] * len(example.tokens)
+
+
+def test_template_that_only_closes_the_whole_conversation(tmp_path):
+    # "</s>" follows the last message only: a prefix render ends in it, the full one does not
+    # there, so the first answer's weights must stop before it.
+    tok = _tokenizer(tmp_path / "tok", CHAT_TEMPLATE.replace("{% endfor %}", "{% endfor %}</s>"))
+    train = _write(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    (example,), _ = load_examples(_data(train), tok)
+    trained = tok.decode([t for t, w in zip(example.tokens, example.weights, strict=True) if w])
+    assert trained == "Hello!<|end|>\n5<|end|>\n</s>"
+
+
+def test_tools_reach_the_chat_template_and_are_not_trained(tmp_path):
+    template = "{% if tools %}<|system|>\nTools: {{ tools | tojson }}<|end|>\n{% endif %}"
+    tok = _tokenizer(tmp_path / "tok", template + CHAT_TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    row = {"messages": CONVERSATION[1:3], "tools": tools}
+    (example,), _ = load_examples(_data(_write(tmp_path / "t.jsonl", [row])), tok)
+    assert '"name": "add"' in tok.decode(example.tokens)
+    assert tok.decode([t for t, w in zip(example.tokens, example.weights, strict=True) if w]) == (
+        "Hello!<|end|>\n"
+    )
+
+
+def _trained_text(tok, example):
+    return tok.decode([t for t, w in zip(example.tokens, example.weights, strict=True) if w])
+
+
+def test_formats_are_detected_and_rendered(tmp_path, tok):
+    rows = {
+        "text": {"text": "The quick brown fox."},
+        "completion": {"prompt": "Capital of France?", "completion": "Paris"},
+        "instruction": {"instruction": "Translate", "input": "chat", "output": "cat"},
+    }
+    for fmt, row in rows.items():
+        (example,), report = load_examples(_data(_write(tmp_path / f"{fmt}.jsonl", [row])), tok)
+        assert report.format == fmt
+        if fmt == "text":
+            assert example.tokens == tok.encode(row["text"]) + [tok.eos_token_id]
+            assert example.weights == [1] * len(example.tokens)
+    (example,), _ = load_examples(_data(str(tmp_path / "completion.jsonl")), tok)
+    user = [{"role": "user", "content": "Capital of France?"}]
+    assert (
+        example.tokens == _expected_chat(tok, [*user, {"role": "assistant", "content": "Paris"}])[0]
+    )
+    assert _trained_text(tok, example) == "Paris<|end|>\n"
+    (example,), _ = load_examples(_data(str(tmp_path / "instruction.jsonl")), tok)
+    assert "<|user|>\nTranslate\n\nchat<|end|>" in tok.decode(example.tokens)
+    assert _trained_text(tok, example) == "cat<|end|>\n"
+
+
+def test_field_remapping_and_system_prompt(tmp_path, tok):
+    train = _write(tmp_path / "qa.jsonl", [{"question": "Two plus two?", "answer": "four"}])
+    data = _data(
+        train, fields={"prompt": "question", "completion": "answer"}, system_prompt="Be brief."
+    )
+    (example,), report = load_examples(data, tok)
+    assert report.format == "completion"
+    text = tok.decode(example.tokens)
+    assert text.startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nTwo plus two?<|end|>")
+    assert _trained_text(tok, example) == "four<|end|>\n"
+
+
+def test_completion_without_a_chat_template_is_verbatim(tmp_path):
+    tok = _tokenizer(tmp_path / "tok", template=None)
+    train = _write(tmp_path / "c.jsonl", [{"prompt": "The quick brown", "completion": " fox"}])
+    (example,), _ = load_examples(_data(train), tok)
+    assert example.tokens == tok.encode("The quick brown fox") + [tok.eos_token_id]
+    assert _trained_text(tok, example) == " fox</s>"
+    chat = _write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(MlxLocalError, match="needs the model's chat template"):
+        load_examples(_data(chat), tok)
+
+
+def test_csv_with_a_multiline_cell_and_line_numbers(tmp_path, tok):
+    path = tmp_path / "data.csv"
+    path.write_text('prompt,completion\n"two\nlines",yes\nthird,\nfourth,ok\n')
+    with pytest.raises(MlxLocalError, match=r"^data.csv:4: empty 'completion'"):
+        load_examples(_data(str(path)), tok)
+    examples, report = load_examples(_data(str(path), bad_lines="skip"), tok)
+    assert len(examples) == 2 and report.bad_lines == 1
+    assert report.notes == ["data.csv:4: empty 'completion'"]
+    assert "<|user|>\ntwo\nlines<|end|>" in tok.decode(examples[0].tokens)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [', r"t.jsonl:2: not valid JSON"),
+        ('["a list"]', r"t.jsonl:2: expected a JSON object"),
+        ('{"messages": []}', r"t.jsonl:2: empty conversation"),
+        ('{"prompt": "only a prompt"}', r"t.jsonl:2: no 'messages' field"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', r"t.jsonl:2: no assistant"),
+        ('{"messages": [{"content": "hi"}]}', r"t.jsonl:2: message 1 has no 'role'"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, tok, line, message):
+    train = _write(tmp_path / "t.jsonl", [{"messages": CONVERSATION}, line, ""])
+    with pytest.raises(MlxLocalError, match=message):
+        load_examples(_data(train), tok)
+    examples, report = load_examples(_data(train, bad_lines="skip"), tok)
+    assert len(examples) == 1 and report.bad_lines == 1 and report.notes[0].startswith("t.jsonl:2")
+
+
+def test_undetectable_format_and_missing_file(tmp_path, tok):
+    with pytest.raises(
+        MlxLocalError, match=r"u.jsonl:1: cannot tell the data format .*data.fields"
+    ):
+        load_examples(_data(_write(tmp_path / "u.jsonl", [{"question": "?"}])), tok)
+    with pytest.raises(MlxLocalError, match="no such data file"):
+        load_examples(_data(str(tmp_path / "missing.jsonl")), tok)
+    with pytest.raises(MlxLocalError, match="no such built-in dataset"):
+        load_examples(_data("builtin:nope.jsonl"), tok)
+
+
+def test_too_long_examples_are_truncated_or_dropped_and_counted(tmp_path, tok):
+    long_answer = " ".join(["fox"] * 60)
+    rows = [
+        {"messages": CONVERSATION},
+        {"messages": [CONVERSATION[1], {"role": "assistant", "content": long_answer}]},
+        {"messages": [{"role": "user", "content": long_answer}, CONVERSATION[2]]},
+    ]
+    train = _write(tmp_path / "t.jsonl", rows)
+    lengths = [len(e.tokens) for e in load_examples(_data(train), tok)[0]]
+    assert lengths[0] < 48 < lengths[1]
+    examples, report = load_examples(_data(train, max_length=48), tok)
+    # Row 2 is cut to 48 tokens; row 3's answer lies beyond 48 tokens, so nothing is left.
+    assert [len(e.tokens) for e in examples] == [len(examples[0].tokens), 48]
+    assert (report.truncated, report.dropped, report.examples) == (1, 1, 2)
+    assert report.notes == [
+        f"t.jsonl:2: truncated from {lengths[1]} to 48 tokens",
+        "t.jsonl:3: dropped: nothing to learn within max_length 48",
+    ]
+    examples, report = load_examples(_data(train, max_length=48, too_long="drop"), tok)
+    assert (report.truncated, report.dropped, report.examples) == (0, 2, 1)
+    assert "2 dropped" in report.summary()
+
+
+def test_valid_fraction_holds_out_a_fixed_disjoint_part(tmp_path, tok):
+    rows = [{"text": f"example number {i}"} for i in range(40)]
+    data = _data(_write(tmp_path / "t.jsonl", rows), valid_fraction=0.25)
+    train, _ = load_examples(data, tok, "train")
+    valid, report = load_examples(data, tok, "valid")
+    assert (len(train), len(valid)) == (30, 10)
+    seen = {tuple(e.tokens) for e in train} | {tuple(e.tokens) for e in valid}
+    assert len(seen) == 40
+    assert [e.tokens for e in load_examples(data, tok, "valid")[0]] == [e.tokens for e in valid]
+    assert load_examples(_data(data.train), tok, "valid")[0] == []
+
+
+def test_the_shipped_tiny_chat_set_loads(tok):
+    examples, report = load_examples(_data("builtin:tiny-chat.jsonl", max_length=128), tok)
+    assert report.examples == 72 and report.truncated == report.dropped == 0
+    assert all(any(e.weights) for e in examples)
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def _examples(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        weights = rng.integers(0, 2, n).tolist()
+        out.append(Example(rng.integers(1, 500, n).tolist(), weights))
+    return out
+
+
+def _naive_first_fit(lengths, capacity):
+    rows, free = [], []
+    for i, n in enumerate(lengths):
+        row = next((r for r, f in enumerate(free) if f >= n), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= n
+    return rows
+
+
+def test_first_fit_matches_the_plain_definition():
+    lengths = np.random.default_rng(3).integers(1, 200, 500).tolist()
+    assert first_fit(lengths, 256) == _naive_first_fit(lengths, 256)
+    with pytest.raises(ValueError):
+        first_fit([300], 256)
+
+
+def _padding(batches):
+    real = sum(int((np.array(b.segments) > 0).sum()) for b in batches)
+    total = sum(b.tokens.size for b in batches)
+    return 1 - real / total
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_hold_every_example_once_with_little_padding(packing):
+    lengths = np.random.default_rng(1).integers(10, 1001, 400).tolist()
+    examples = _examples(lengths)
+    batches = list(iterate_batches(examples, 4, 1024, packing, seed=0, epoch=0))
+    assert len(batches) == num_batches(examples, 4, 1024, packing, 0, 0)
+    assert _padding(batches) < 0.03
+    found = []
+    for b in batches:
+        tokens, weights, segments = (np.array(a) for a in (b.tokens, b.weights, b.segments))
+        assert tokens.dtype == np.int32 and weights.dtype == np.float32
+        assert tokens.shape[1] <= 1024 and tokens.shape[0] <= 4
+        for row in range(tokens.shape[0]):
+            count = segments[row].max()
+            assert packing or count == 1
+            for k in range(1, count + 1):
+                (at,) = np.nonzero(segments[row] == k)
+                assert at[-1] - at[0] + 1 == len(at)  # contiguous
+                found.append((tuple(tokens[row, at]), tuple(weights[row, at])))
+            assert (tokens[row][segments[row] == 0] == 0).all()
+            assert (weights[row][segments[row] == 0] == 0).all()
+    expected = [(tuple(e.tokens), (0.0, *map(float, e.weights[1:]))) for e in examples]
+    assert sorted(found) == sorted(expected)
+
+
+def test_bucketing_beats_random_batching_on_padding():
+    lengths = np.random.default_rng(2).integers(10, 1001, 400).tolist()
+    examples = _examples(lengths)
+    bucketed = _padding(list(iterate_batches(examples, 8, 1024, False, 0, 0)))
+    rng = np.random.default_rng(0).permutation(400)
+    random_batches = [max(lengths[i] for i in rng[j : j + 8]) * 8 for j in range(0, 400, 8)]
+    random_padding = 1 - sum(lengths) / sum(random_batches)
+    assert bucketed < 0.05 < random_padding
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_order_is_deterministic_per_seed_and_epoch_and_resumable(packing):
+    examples = _examples(np.random.default_rng(4).integers(5, 120, 200).tolist())
+
+    def run(seed, epoch, start=0):
+        batches = iterate_batches(examples, 4, 128, packing, seed, epoch, start)
+        return [np.array(b.tokens).tolist() for b in batches]
+
+    first = run(0, 0)
+    assert run(0, 0) == first
+    assert run(0, 1) != first and run(1, 0) != first
+    assert run(0, 0, start=5) == first[5:]
+    assert plan_batches([3, 4], 2, 8, True, 0, 0) == plan_batches([3, 4], 2, 8, True, 0, 0)

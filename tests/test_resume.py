@@ -1,0 +1,132 @@
+"""Exact resume: a run killed with SIGKILL and started again goes on as if never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import write_recipe
+
+# Runs the real CLI in a child that SIGKILLs itself at a chosen moment of step KILL_AT.
+KILLER = """
+import os, signal, sys
+from mlxlocal.train import checkpoints
+
+kill_at, moment = int(os.environ["KILL_AT"]), os.environ["KILL_MOMENT"]
+write_adapters, log = checkpoints.save_adapters, checkpoints.RunDir.log
+
+def mid_checkpoint(model, out, config):  # step-N/ is half-written when this kill lands
+    write_adapters(model, out, config)
+    if f"step-{kill_at}." in out.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def after_step(self, record):
+    log(self, record)
+    if record["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if moment == "mid-checkpoint":
+    checkpoints.save_adapters = mid_checkpoint
+else:
+    checkpoints.RunDir.log = after_step
+from mlxlocal.cli import main
+sys.argv = ["mlxlocal", *sys.argv[1:]]
+main()
+"""
+
+
+def mlxlocal(*args, env=None) -> subprocess.CompletedProcess:
+    code = "import sys; from mlxlocal.cli import main; sys.argv[0] = 'mlxlocal'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
+    )
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def recipe(mlx_checkpoints, tmp_path_factory):
+    """Dropout (RNG), accumulation across epochs, warmup + cosine: all must resume exactly."""
+    folder = tmp_path_factory.mktemp("resume")
+    return write_recipe(
+        folder,
+        mlx_checkpoints("llama"),
+        method={"type": "lora", "rank": 4, "dropout": 0.1},
+        training__steps=10,
+        training__grad_accumulation=2,
+        training__schedule="cosine",
+        training__warmup_steps=2,
+        training__grad_clip=1.0,
+        checkpoint__every=3,
+        checkpoint__keep=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe):
+    run = recipe.parent / "uninterrupted"
+    done = mlxlocal("run", str(recipe), f"output={run}")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+@pytest.mark.parametrize(("moment", "kill_at", "resumes_at"), [
+    ("mid-checkpoint", 6, 3),  # killed while writing step-6/: step-3 stays the latest
+    ("after-step", 8, 6),  # killed between checkpoints
+])  # fmt: skip
+def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, kill_at, resumes_at):
+    run = tmp_path / "run"
+    env = {**os.environ, "KILL_AT": str(kill_at), "KILL_MOMENT": moment}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "run", str(recipe), f"output={run}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run / "latest").read_text() == f"step-{resumes_at}"
+    assert not (run / f"step-{kill_at}").exists() or moment == "after-step"
+    for ckpt in run.glob("step-*"):  # every checkpoint is whole
+        assert {p.name for p in ckpt.iterdir()} == {
+            "adapters.safetensors",
+            "adapter_config.json",
+            "optimizer.safetensors",
+            "state.json",
+        }
+    assert metrics(run)[-1]["step"] == kill_at
+
+    resumed = mlxlocal("run", str(recipe), f"output={run}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {resumes_at}" in resumed.stdout
+    assert not list(run.glob(".*tmp*"))  # the half-written checkpoint was swept away
+
+    expected, got = metrics(uninterrupted), metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 11))
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), f"step {b['step']}"
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)
+        assert b["trained_tokens"] == a["trained_tokens"]
+    for name, value in mx.load(str(uninterrupted / "adapters" / "adapters.safetensors")).items():
+        theirs = mx.load(str(run / "adapters" / "adapters.safetensors"))[name]
+        np.testing.assert_allclose(np.array(theirs), np.array(value), atol=1e-6)
+
+
+def test_resume_without_a_checkpoint_or_with_another_recipe_is_refused(recipe, tmp_path):
+    run = tmp_path / "run"
+    refused = mlxlocal("run", str(recipe), f"output={run}", "--resume")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"error: --resume: {run} has no complete checkpoint; run without --resume to start over"
+    ]
+    (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace("0.002", "0.1"))
+    other = mlxlocal("run", str(recipe), f"output={run}")
+    assert other.returncode == 1
+    assert "different recipe (training.learning_rate differs)" in other.stderr
