@@ -56,7 +56,7 @@ def main() -> None:
         report["results"][name] = SUITES[name].run(args.size, args.reps, work)
         rows += SUITES[name].table(report["results"][name])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-{args.size}"
+    stem = f"{report['date']}-{args.size}-{'-'.join(names)}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     m = report["machine"]
     header = (

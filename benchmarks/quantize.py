@@ -2,8 +2,11 @@
 time, peak RSS, real bits per weight), and what 4 bits cost (mean KL, top-1, perplexity) for
 uniform, the mixed preset and --target-bpw at the same size.
 
-The checkpoints are random-weight stand-ins (nothing is downloaded): the quality figures show how
-the choices rank on one model, not what a trained model would lose.
+Nothing is downloaded. The speed/memory checkpoint is the convert suite's random-weight one; the
+quality figures come from a small Llama-shaped model trained here for a few hundred steps on the
+package's texts (random weights give degenerate, extremely peaked distributions). It has learned
+those texts by heart, so the figures show how the choices rank on learned weights, not what a
+real model would lose.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 from .common import alternate, measure, median
 from .convert import SIZES
 
-# The quality comparison runs the model once per layer and bit width (--target-bpw): keep it on
-# a model small enough for two CPU cores.
-QUALITY_SIZE = "tiny"
+# hidden, layers, training steps of the quality model (the --target-bpw runs measure every layer
+# at every width, so it stays small enough for two CPU cores).
+QUALITY_MODEL = (128, 4, 300)
 
 
 def _source(size: str, work: Path) -> Path:
@@ -96,8 +99,59 @@ def run(size: str, reps: int, work: Path) -> dict:
         result["mlxlocal"]["peak_rss_mb"] / result["mlx_lm"]["peak_rss_mb"], 3
     )
     result["ratio_wall"] = round(result["mlxlocal"]["wall_s"] / result["mlx_lm"]["wall_s"], 3)
-    result["quality"] = _quality(_source(QUALITY_SIZE, work), work)
+    result["quality"] = _quality(_quality_model(work), work)
     return result
+
+
+def _quality_model(work: Path) -> Path:
+    path = work / "quality-model"
+    if not (path / "config.json").exists():
+        code = (
+            "import sys; from benchmarks.quantize import train_quality_model as t; t(sys.argv[1])"
+        )
+        measure([sys.executable, "-c", code, str(path)])
+    return path
+
+
+def train_quality_model(out: str) -> None:
+    """Train the tiny Llama on the built-in texts (next-token loss, AdamW) and save it as an
+    MLX float16 checkpoint at `out`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlxlocal.calibration_text import CALIBRATION, EVALUATION
+    from mlxlocal.convert import convert
+    from mlxlocal.models import load
+    from mlxlocal.tiny import CORPUS, build_tiny_checkpoint
+
+    hidden, layers, steps = QUALITY_MODEL
+    out = Path(out)
+    hf = out.with_name(out.name + "-hf")
+    build_tiny_checkpoint(hf, hidden=hidden, layers=layers)
+    convert(hf, out, dtype="float32", force=True)
+    model, tokenizer = load(out)
+    ids = np.array(tokenizer.encode(CORPUS + CALIBRATION + EVALUATION))
+    rng = np.random.default_rng(0)
+    optimizer = optim.AdamW(learning_rate=1e-3)
+
+    def loss_fn(model, x, y):
+        return nn.losses.cross_entropy(model(x), y).mean()
+
+    step = nn.value_and_grad(model, loss_fn)
+    for _ in range(steps):
+        starts = rng.integers(0, len(ids) - 65, 8)
+        batch = mx.array(np.stack([ids[s : s + 65] for s in starts]))
+        loss, grads = step(model, batch[:, :-1], batch[:, 1:])
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "float16"}, indent=2))
+    print(f"trained {steps} steps, final loss {loss.item():.3f}")
 
 
 def _quality(src: Path, work: Path) -> dict:
@@ -113,7 +167,7 @@ def _quality(src: Path, work: Path) -> dict:
             src, work / f"quality-target-{base}", ["--target-bpw", target]
         )
     return {
-        "source": f"{QUALITY_SIZE} ({src.name})",
+        "source": "hidden {}, {} layers, trained {} steps".format(*QUALITY_MODEL),
         "variants": {
             name: {
                 "bits_per_weight": r["bits_per_weight"],

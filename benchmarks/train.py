@@ -152,7 +152,9 @@ def _mlx_lm(folder: Path, model: Path, data: Path, batch: int, max_length: int, 
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / "driver.py").write_text(MLX_LM_DRIVER)
     report = folder / "report.json"
-    run = measure([sys.executable, str(folder / "driver.py"), str(folder / "config.yaml"), str(report)])
+    run = measure(
+        [sys.executable, str(folder / "driver.py"), str(folder / "config.yaml"), str(report)]
+    )
     info = json.loads(report.read_text())
     return {
         "train_s": info["iteration"] / info["iterations_per_second"],

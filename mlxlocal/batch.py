@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def batch(
             tmp.write_text(json.dumps(settings, indent=2))
 
     def prepare(record: Record) -> tuple[list[int], int, list[str]]:
+        """(prompt ids, max_tokens, warnings) for a record, or an MlxLocalError saying why not."""
         if record.error:
             raise MlxLocalError(record.error)
         clash = [k for k in ADDED_FIELDS if k in record.fields]
@@ -222,72 +224,78 @@ def batch(
                 f"the record already has a field {clash[0]!r}, which the output would "
                 "overwrite; rename that field"
             )
-        text = build_prompt(record.fields)
-        ids = encode_prompt(lm.tokenizer, text, system, chat_template)
+        ids = encode_prompt(lm.tokenizer, build_prompt(record.fields), system, chat_template)
         return fit_context(ids, max_tokens, lm.context, truncate)
 
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    eos = [] if ignore_eos else [[t] for t in lm.tokenizer.eos_token_ids]
     gen = BatchGenerator(
         lm.model,
         max_tokens=max_tokens,
-        stop_tokens=eos,
+        stop_tokens=[] if ignore_eos else [[t] for t in lm.tokenizer.eos_token_ids],
         sampler=sampling.sampler(),
         logits_processors=sampling.logits_processors(),
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )
     mx.reset_peak_memory()
-    window = 2 * batch_size  # records read but not yet written: bounds memory
-    items: deque[_Item] = deque()
-    active: dict[int, _Item] = {}
     result = BatchResult(output, total, resumed, [], 0, 0, 0.0, 0.0)
-    failure = None
-    exhausted = False
     start = time.perf_counter()
     progress = bar("batch", total=total, unit="rec")
     progress.update(resumed)
+
+    def read_chunk(n: int) -> tuple[list[tuple[list[int], int, _Item]], bool, str | None]:
+        """Up to `n` more records: (ids, max_tokens, item) for those to generate for, whether
+        the input is exhausted, and what stopped the run (with on_error="stop")."""
+        fresh, read = [], 0
+        for record in islice(records, n):
+            read += 1
+            item = _Item(record, lm.tokenizer, stop)
+            try:
+                ids, record_max, warnings = prepare(record)
+            except MlxLocalError as e:
+                message = f"{input}:{record.line}: {e}"
+                if on_error == "stop":
+                    return fresh, False, message
+                note(f"skipped {message}")
+                result.errors.append(message)
+                item.finish(error=str(e))
+                progress.update(1)
+            else:
+                result.warnings += [f"{input}:{record.line}: {w}" for w in warnings]
+                result.prompt_tokens += len(ids)
+                fresh.append((ids, record_max, item))
+            items.append(item)
+        return fresh, read < n, None
+
+    # Records are read a chunk at a time and each chunk goes in sorted by prompt length, so the
+    # sequences batched together have similar lengths (less padding, shorter attention). The
+    # next chunk goes in when the generator is about to run short; at most two chunks are in
+    # memory, and their records are written in input order as soon as they are done.
+    chunk = 8 * batch_size
+    items: deque[_Item] = deque()  # read, not yet written, in input order
+    active: dict[int, _Item] = {}  # in the generator, by its uid
+    failure, exhausted = None, False
     try:
         with open(partial, "ab") as out:
-            while True:
-                while not exhausted and failure is None and len(items) < window:
-                    record = next(records, None)
-                    if record is None:
-                        exhausted = True
-                        break
-                    item = _Item(record)
-                    try:
-                        ids, record_max, warnings = prepare(record)
-                    except MlxLocalError as e:
-                        message = f"{input}:{record.line}: {e}"
-                        if on_error == "stop":
-                            failure = message
-                            break
-                        note(f"skipped {message}")
-                        result.errors.append(message)
-                        item.finish(error=str(e))
-                    else:
-                        result.warnings += [f"{input}:{record.line}: {w}" for w in warnings]
-                        result.prompt_tokens += len(ids)
-                        item.text = Detokenized(lm.tokenizer, stop)
-                        active[gen.insert([ids], [record_max])[0]] = item
-                    items.append(item)
-                if active:
-                    for response in gen.next_generated():
-                        item = active[response.uid]
-                        if item.step(response.token, response.finish_reason):
-                            del active[response.uid]
-                            if response.finish_reason is None:  # a stop string, not the generator
-                                gen.remove([response.uid])
-                            result.generated_tokens += len(item.tokens)
-                written = _write_done(items, out)
-                if written:
-                    elapsed = time.perf_counter() - start
-                    progress.update(written)
-                    progress.set_postfix_str(f"{result.generated_tokens / elapsed:.1f} tok/s")
-                if not active and not items and (exhausted or failure):
-                    break
+            while active or not (exhausted or failure):
+                if not (exhausted or failure) and len(active) <= batch_size:
+                    fresh, exhausted, failure = read_chunk(chunk)
+                    fresh.sort(key=lambda f: len(f[0]))
+                    if fresh:
+                        uids = gen.insert([f[0] for f in fresh], [f[1] for f in fresh])
+                        active.update((uid, f[2]) for uid, f in zip(uids, fresh, strict=True))
+                for response in gen.next_generated() if active else []:
+                    item = active[response.uid]
+                    if item.step(response.token, response.finish_reason):
+                        del active[response.uid]
+                        if response.finish_reason is None:  # a stop string, not the generator
+                            gen.remove([response.uid])
+                        result.generated_tokens += len(item.tokens)
+                        progress.update(1)
+                tps = result.generated_tokens / (time.perf_counter() - start)
+                progress.set_postfix_str(f"{tps:.1f} tok/s")
+                _write_done(items, out)
     finally:
         gen.close()
         progress.close()
@@ -306,10 +314,10 @@ def batch(
 class _Item:
     """One record on its way through the model."""
 
-    def __init__(self, record: Record):
+    def __init__(self, record: Record, tokenizer, stop: Sequence[str]):
         self.record = record
         self.tokens: list[int] = []
-        self.text: Detokenized | None = None
+        self.text = Detokenized(tokenizer, stop)
         self.result: dict[str, Any] | None = None
 
     def step(self, token: int, finish_reason: str | None) -> bool:
@@ -331,8 +339,8 @@ class _Item:
         self.result = {"id": self.record.id, **(self.record.fields or {}), **added}
 
 
-def _write_done(items: deque[_Item], out) -> int:
-    """Append the finished records at the head of the queue, durably; how many were written."""
+def _write_done(items: deque[_Item], out) -> None:
+    """Append the finished records at the head of the queue, durably."""
     lines = []
     while items and items[0].result is not None:
         lines.append(json.dumps(items.popleft().result, ensure_ascii=False) + "\n")
@@ -340,7 +348,6 @@ def _write_done(items: deque[_Item], out) -> int:
         out.write("".join(lines).encode())
         out.flush()
         os.fsync(out.fileno())
-    return len(lines)
 
 
 def _resume(

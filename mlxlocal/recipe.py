@@ -12,6 +12,10 @@ Additions to the contract of issue 5 (for the engine):
   recipe are absolute (or "builtin:NAME"); a relative model path that exists next to the recipe
   is made absolute too; paths given as overrides resolve against the current directory.
 - `dump_recipe(recipe) -> str` is the resolved recipe as YAML, for the run directory.
+
+Task evaluation (issue 6): `eval.task` (perplexity|classify|generate), `eval.data` (default:
+data.valid), `eval.labels`, `eval.limit`: the base model is scored before training and the
+trained one after (mlxlocal.evaluate).
 """
 
 from __future__ import annotations
@@ -124,6 +128,10 @@ class TrainingSection(Section):
 class EvalSection(Section):
     every: PositiveInt | None = None
     batches: PositiveInt | None = None
+    task: Literal["perplexity", "classify", "generate"] | None = None
+    data: str | None = None
+    labels: list[str] | None = Field(None, min_length=2)
+    limit: PositiveInt | None = None
 
 
 class CheckpointSection(Section):
@@ -173,6 +181,10 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
         return "data.valid_fraction", "set data.valid or data.valid_fraction, not both"
     if r.eval.every and r.data.valid is None and r.data.valid_fraction is None:
         return "eval.every", "needs validation data: set data.valid or data.valid_fraction"
+    if r.eval.task and r.eval.data is None and r.data.valid is None:
+        return "eval.data", "eval.task needs held-out data: set eval.data or data.valid"
+    if r.eval.task is None and (r.eval.data or r.eval.labels or r.eval.limit):
+        return "eval.task", "set it (perplexity, classify or generate) to use eval.data"
     if m.type == "full" and r.model.quantize is not None:
         return (
             "model.quantize",
@@ -400,6 +412,8 @@ def _resolve_paths(recipe: Recipe, folder: Path, overridden: list[Path_]) -> Non
     d.train = _resolve(d.train, base("data", "train"))
     if d.valid is not None:
         d.valid = _resolve(d.valid, base("data", "valid"))
+    if recipe.eval.data is not None:
+        recipe.eval.data = _resolve(recipe.eval.data, base("eval", "data"))
     local = base("model", "path") / Path(recipe.model.path).expanduser()
     if not recipe.model.path.startswith("builtin:") and local.exists():
         recipe.model.path = str(local.resolve())

@@ -21,14 +21,6 @@ def test_every_verb_has_help():
         assert result.exit_code == 0 and "Usage:" in result.output, verb
 
 
-def test_quickstart(tmp_path):
-    result = CliRunner().invoke(cli, ["quickstart", "--workdir", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "rope_theta=50000.0" in result.output
-    assert (tmp_path / "tiny-mlx" / "model.safetensors").exists()
-    assert "architecture     llama" in result.output
-
-
 def test_verify_passes_and_catches_a_bad_conversion(checkpoints, tmp_path):
     from mlxlocal.verify import verify_conversion
 

@@ -223,3 +223,34 @@ def test_cli_user_errors(tiny_mlx, tmp_path, args, needle):
     assert out.exit_code == 1
     assert out.stderr.startswith("error:") and needle in out.stderr
     assert "Traceback" not in out.output
+
+
+def test_adapter_is_applied(tiny_mlx, tiny_lm, tmp_path):
+    import mlx.core as mx
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    keys = ["self_attn.q_proj", "self_attn.v_proj"]
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": keys},
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    weights = {}
+    for i in range(2):
+        for key, out_dim in zip(keys, (64, 32), strict=True):
+            name = f"model.layers.{i}.{key}"
+            weights[f"{name}.lora_a"] = mx.array(rng.normal(0, 0.3, (64, 4)).astype(np.float32))
+            weights[f"{name}.lora_b"] = mx.array(
+                rng.normal(0, 0.3, (4, out_dim)).astype(np.float32)
+            )
+    mx.save_safetensors(str(adapter / "adapters.safetensors"), weights)
+
+    tuned = generate(load_model(tiny_mlx, adapter), PROMPT, max_tokens=12, ignore_eos=True)
+    assert tuned.tokens != generate(tiny_lm, PROMPT, max_tokens=12, ignore_eos=True).tokens
+    args = ["generate", str(tiny_mlx), "-p", PROMPT, "--max-tokens", "12", "--ignore-eos"]
+    out = CliRunner().invoke(cli, [*args, "--adapter", str(adapter)])
+    assert out.exit_code == 0, out.output
+    assert out.stdout == tuned.text + "\n"

@@ -116,11 +116,17 @@ def test_layers_and_modules_are_resolved_with_clear_errors():
         adapter_keys(blocks, ["q_prj"])
 
 
+def quantize_blocks(model, bits: int) -> None:
+    nn.quantize(
+        model, 32, bits, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "layers" in p
+    )
+
+
 def adapted_model(path, kind: str, layers: list[int], bits: int | None = None):
     """The model at `path`, optionally quantized, with trained-looking adapters on `layers`."""
     model, _ = load(path)
     if bits is not None:
-        nn.quantize(model, 32, bits, class_predicate=lambda p, m: "layers" in p and isinstance(m, nn.Linear))
+        quantize_blocks(model, bits)
     mx.random.seed(0)
     keys = adapter_keys([model.layers[i] for i in layers], ["q_proj", "v_proj", "down_proj"])
     add_adapters(model, kind, rank=4, scale=2.0, dropout=0.0, keys=keys, layers=layers)
@@ -176,7 +182,7 @@ def test_dora_over_odd_bit_bases_round_trips(mlx_checkpoints, tmp_path, bits):
     model, keys = adapted_model(path, "dora", [0, 1], bits)
     save_adapters(model, tmp_path, adapter_config("dora", 4, 2.0, 0.0, keys, [0, 1], 2))
     fresh, _ = load(path)
-    nn.quantize(fresh, 32, bits, class_predicate=lambda p, m: "layers" in p and isinstance(m, nn.Linear))
+    quantize_blocks(fresh, bits)
     load_adapters(fresh, tmp_path)
     ids = mx.array([probe_ids()])
     np.testing.assert_allclose(np.array(fresh(ids)), np.array(model(ids)), atol=1e-5)

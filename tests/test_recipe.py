@@ -47,7 +47,14 @@ BUILTINS = {
     "gemma2-2b-qlora",
     "phi3.5-mini-qlora",
     "tiny-lora",
+    # Task recipes (issue 6): `<family>-<size>-<method>-<task>`.
+    "tiny-lora-sentiment",
+    "qwen2.5-0.5b-lora-sentiment",
+    "qwen2.5-0.5b-lora-classify",
+    "qwen2.5-1.5b-lora-translate",
+    "qwen2.5-1.5b-qlora-chatbot",
 }
+TASKS = ("sentiment", "classify", "translate", "chatbot")
 
 
 @pytest.fixture
@@ -206,11 +213,13 @@ def test_every_builtin_recipe_validates():
         # The schema and every combination check, for all; the model itself only for the
         # tiny one (the others are Hub models, not downloaded in tests).
         r = load_recipe(info.path)
-        assert re.fullmatch(r"[a-z0-9.]+-[0-9.]+b|tiny|[a-z0-9.]+-mini", name.rsplit("-", 1)[0])
+        job = name.removesuffix("-" + name.rsplit("-", 1)[1]) if name.endswith(TASKS) else name
+        assert (r.eval.task is not None) == (job != name), name
+        assert re.fullmatch(r"[a-z0-9.]+-[0-9.]+b|tiny|[a-z0-9.]+-mini", job.rsplit("-", 1)[0])
         assert info.purpose and re.match(r"~\d+(\.\d+)? GB peak", info.memory), name
-        assert name.endswith("qlora") == (r.model.quantize is not None)
+        assert job.endswith("qlora") == (r.model.quantize is not None)
         assert (
-            r.model.path == "builtin:tiny" if name == "tiny-lora" else REPO_ID.match(r.model.path)
+            r.model.path == "builtin:tiny" if job == "tiny-lora" else REPO_ID.match(r.model.path)
         )
         assert load_recipe(name) == r
     report = validate_recipe("tiny-lora")

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from helpers import write_recipe
 
+from mlxlocal.recipe import dump_recipe, load_recipe
+
 # Runs the real CLI in a child that SIGKILLs itself at a chosen moment of step KILL_AT.
 KILLER = """
 import os, signal, sys
@@ -110,7 +112,7 @@ def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, k
 
     expected, got = metrics(uninterrupted), metrics(run)
     assert [m["step"] for m in got] == list(range(1, 11))
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), f"step {b['step']}"
         assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)
         assert b["trained_tokens"] == a["trained_tokens"]
@@ -126,7 +128,9 @@ def test_resume_without_a_checkpoint_or_with_another_recipe_is_refused(recipe, t
     assert refused.stderr.strip().splitlines() == [
         f"error: --resume: {run} has no complete checkpoint; run without --resume to start over"
     ]
-    (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace("0.002", "0.1"))
+    run.mkdir()  # a run of the same recipe but another learning rate
+    other_rate = load_recipe(recipe, [f"output={run}", "training.learning_rate=0.1"])
+    (run / "recipe.yaml").write_text(dump_recipe(other_rate))
     other = mlxlocal("run", str(recipe), f"output={run}")
     assert other.returncode == 1
     assert "different recipe (training.learning_rate differs)" in other.stderr

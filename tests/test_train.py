@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from mlxlocal.train.batches import collate
 from mlxlocal.train.data import Example
 from mlxlocal.train.lora import adapter_keys, add_adapters
 from mlxlocal.train.optim import build_schedule
-from mlxlocal.train.run import run_recipe
+from mlxlocal.train.run import load_base, run_recipe
 from mlxlocal.train.trainer import gradient_checkpointing, make_step
 
 
@@ -153,6 +154,7 @@ def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(mlx_checkpoints
         path,
         data__valid_fraction=0.1,
         training__steps=12,
+        training__learning_rate=1e-2,
         training__grad_clip=1.0,
         training__schedule="cosine",
         training__warmup_steps=2,
@@ -220,6 +222,18 @@ def test_qlora_trains_adapters_over_a_quantized_base(mlx_checkpoints, tmp_path, 
     assert config["mlxlocal"]["quantize"] == {"bits": bits, "group_size": 32}
 
 
+def test_qlora_quantizes_the_blocks_and_keeps_the_family_high_precision_layers(
+    mlx_checkpoints, tmp_path
+):
+    quantize = {"bits": 3, "group_size": 32}
+    recipe = write_recipe(tmp_path, mlx_checkpoints("llama"), model__quantize=quantize)
+    model, _, _ = load_base(load_recipe(recipe), tmp_path, lambda _: None)
+    q_proj = model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (3, 32)
+    assert type(model.lm_head) is nn.Linear  # convert/llama.yaml: keep_high_precision
+    assert type(model.model.embed_tokens) is nn.Embedding
+
+
 def test_dora_and_full_fine_tuning_learn(mlx_checkpoints, tmp_path):
     path = mlx_checkpoints("llama")
     for method in ("dora", "full"):
@@ -252,12 +266,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mlx_checkpo
     run = tmp_path / "run"
     assert not (run / "adapters").exists() and not (run / "summary.json").exists()
     latest = (run / "latest").read_text()
-    assert all(np.isfinite(np.array(v)).all() for v in mx.load(str(run / latest / "adapters.safetensors")).values())
+    assert all(
+        np.isfinite(np.array(v)).all()
+        for v in mx.load(str(run / latest / "adapters.safetensors")).values()
+    )
 
 
-def test_epochs_become_steps_and_grad_accumulation_counts_micro_batches(
-    mlx_checkpoints, tmp_path
-):
+def test_epochs_become_steps_and_grad_accumulation_counts_micro_batches(mlx_checkpoints, tmp_path):
     recipe = write_recipe(
         tmp_path,
         mlx_checkpoints("llama"),
@@ -280,4 +295,3 @@ def test_full_fine_tuning_refuses_a_quantized_model(mlx_checkpoints, tmp_path):
     recipe = write_recipe(tmp_path, quantized, method={"type": "full"})
     with pytest.raises(MlxLocalError, match="quantized"):
         run_recipe(load_recipe(recipe))
-

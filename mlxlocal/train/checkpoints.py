@@ -1,13 +1,13 @@
 """A training run's directory, its atomic checkpoints, and exact resume.
 
-    <run>/recipe.yaml     the resolved recipe (a resumed run must match it)
-    <run>/metrics.jsonl   one JSON line per optimizer step
-    <run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
-                          optimizer.safetensors, state.json (step, data position, RNG key, ...)
-    <run>/latest          the name of the newest complete checkpoint, replaced only after it is
-                          whole, so a kill at any moment leaves the previous one in force
-    <run>/adapters/       the final adapters
-    <run>/summary.json    written last: the run finished
+<run>/recipe.yaml     the resolved recipe (a resumed run must match it)
+<run>/metrics.jsonl   one JSON line per optimizer step
+<run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
+                      optimizer.safetensors, state.json (step, data position, RNG key, ...)
+<run>/latest          the name of the newest complete checkpoint, replaced only after it is
+                      whole, so a kill at any moment leaves the previous one in force
+<run>/adapters/       the final adapters
+<run>/summary.json    written last: the run finished
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Position:
     trained_tokens: int = 0
     elapsed_s: float = 0.0
     rng: list[int] = field(default_factory=list)
+    loss: float | None = None  # of the last step
 
 
 class RunDir:

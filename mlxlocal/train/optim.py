@@ -38,7 +38,9 @@ def build_schedule(
     elif schedule == "linear":
         main = optim.linear_schedule(learning_rate, min_learning_rate, decay_steps)
     else:
-        raise MlxLocalError(f"training.schedule: unknown {schedule!r}; use constant, cosine, linear")
+        raise MlxLocalError(
+            f"training.schedule: unknown {schedule!r}; use constant, cosine, linear"
+        )
     if warmup_steps <= 1:
         return main
     warmup = optim.linear_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps - 1)

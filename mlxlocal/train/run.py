@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from ..checkpoint.atomic import atomic_directory
 from ..convert import convert
 from ..errors import MlxLocalError
+from ..evaluate import evaluate_recipe, side_by_side
 from ..models import load, read_config
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
@@ -54,6 +55,7 @@ class RunSummary:
     trainable_parameters: int
     parameters: int
     data: list[str] = field(default_factory=list)
+    evaluation: list[str] = field(default_factory=list)  # the task score before and after
 
     def lines(self) -> list[str]:
         """What the CLI prints when the run ends."""
@@ -67,6 +69,7 @@ class RunSummary:
             f"peak memory {self.peak_memory_gb:.2f} GB, {self.elapsed_s:.1f} s training",
             f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
             f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
+            *self.evaluation,
         ]
 
 
@@ -132,9 +135,9 @@ def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, An
             for i in layers:
                 model.layers[i].unfreeze()
         return adapter_config("full", 0, 0.0, 0.0, [], layers, n, extra=extra)
-    keys = adapter_keys([model.layers[i] for i in layers], m.modules or default_modules(
-        model.model_type
-    ))
+    keys = adapter_keys(
+        [model.layers[i] for i in layers], m.modules or default_modules(model.model_type)
+    )
     scale = lora_scale(m.alpha, m.rank, m.rslora)
     add_adapters(model, m.type, m.rank, scale, m.dropout, keys, layers)
     return adapter_config(
@@ -158,6 +161,7 @@ def run_recipe(
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
     model, tokenizer, base = load_base(recipe, run.path, echo)
+    before = evaluate_recipe(recipe, model, tokenizer, base, "before training", echo)
     if t.loss_chunk_size is not None:
         check_output_head(model)
     config = prepare_method(model, recipe, base)
@@ -165,14 +169,14 @@ def run_recipe(
     examples, report = load_examples(recipe.data, tokenizer, "train")
     valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid")
     d = recipe.data
+    # Packed rows no longer than the longest example: no batch outgrows the unpacked worst case.
+    capacity = min(d.max_length, max(len(e.tokens) for e in examples + valid_examples))
 
     def batches(examples, epoch, start=0):
-        return iterate_batches(
-            examples, t.batch_size, d.max_length, d.packing, t.seed, epoch, start
-        )
+        return iterate_batches(examples, t.batch_size, capacity, d.packing, t.seed, epoch, start)
 
     stream = BatchStream(lambda e, s: batches(examples, e, s), t.epochs)
-    total_steps = t.steps or _epoch_steps(examples, recipe)
+    total_steps = t.steps or _epoch_steps(examples, recipe, capacity)
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
     if ckpt is not None:
@@ -186,6 +190,10 @@ def run_recipe(
 
     with atomic_directory(run.path / "adapters", force=True) as tmp:
         save_adapters(model, tmp, config)
+    after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo)
+    if after is not None:
+        record = {"before": before.to_json(), "after": after.to_json()}
+        write_text_atomic(run.path / "evaluation.json", json.dumps(record, indent=2))
     summary = RunSummary(
         output=run.path,
         adapters=run.path / "adapters",
@@ -202,16 +210,17 @@ def run_recipe(
         trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         parameters=get_total_parameters(model),
         data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
+        evaluation=side_by_side(before, after) if after is not None else [],
     )
     record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items()}
     write_text_atomic(run.path / "summary.json", json.dumps(record, indent=2))
     return summary
 
 
-def _epoch_steps(examples: list, recipe: Recipe) -> int:
+def _epoch_steps(examples: list, recipe: Recipe, capacity: int) -> int:
     t, d = recipe.training, recipe.data
     count = sum(
-        num_batches(examples, t.batch_size, d.max_length, d.packing, t.seed, e)
+        num_batches(examples, t.batch_size, capacity, d.packing, t.seed, e)
         for e in range(t.epochs)
     )
     if count < t.grad_accumulation:

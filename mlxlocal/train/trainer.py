@@ -193,7 +193,7 @@ def train(
     )
     state = [model.state, optimizer.state, mx.random.state]
     batches = stream.iterate(position.epoch, position.batch)
-    loss = val_loss = None
+    loss, val_loss = position.loss, None
     start_step, start_tokens, train_time = position.step, position.trained_tokens, 0.0
     bar = progress_bar("training", total_steps, "step")
     bar.initial = bar.n = bar.last_print_n = position.step  # a resumed run's ETA counts on
@@ -217,6 +217,7 @@ def train(
                 trained_tokens=position.trained_tokens + int(tokens.item()),
                 elapsed_s=position.elapsed_s + seconds,
                 rng=rng_key(),
+                loss=loss,
             )
             record = {
                 "step": position.step,

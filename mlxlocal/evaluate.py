@@ -1,0 +1,392 @@
+"""`eval`: a task score for a model (and adapter) on a data file, to see fine-tuning pay off.
+
+Three tasks:
+- `perplexity`: exp of the mean NLL of the tokens training would learn (the same masks).
+- `classify`: every label is scored as the answer to the prompt, rendered exactly as training
+  renders it, by the summed log-likelihood of its tokens (the answer and the end of the turn);
+  the best-scoring label is the prediction. Nothing is parsed from free text, so a small model
+  is judged on what it prefers, not on how it phrases it.
+- `generate`: greedy answers compared with the references: exact match, chrF and BLEU
+  (sacrebleu, the reference implementation of both).
+
+Rows are read by the training data pipeline (jsonl/csv; prompt/completion, chat or
+instruction); the last assistant answer of a row is its label or reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import MlxLocalError
+from .generate import LoadedModel, as_loaded, generate
+from .progress import bar as progress_bar
+from .recipe import DataSection
+from .train.batches import collate
+from .train.data import (
+    Example,
+    Sample,
+    _BadRow,
+    _render,
+    _sample,
+    detect_format,
+    has_chat_template,
+    load_examples,
+    read_rows,
+)
+
+TASKS = ("perplexity", "classify", "generate")
+HEADLINE = {"perplexity": "perplexity", "classify": "accuracy", "generate": "chrf"}
+
+
+@dataclass
+class EvalResult:
+    task: str
+    data: str
+    metrics: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)  # per-example predictions
+    labels: list[str] | None = None
+
+    @property
+    def headline(self) -> tuple[str, float]:
+        """(name, value) of the task's main figure, for before/after comparisons."""
+        name = HEADLINE[self.task]
+        return name, self.metrics[name]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "data": self.data,
+            "labels": self.labels,
+            "metrics": self.metrics,
+            "examples": self.examples,
+        }
+
+    def table(self) -> str:
+        """The result as the terminal shows it."""
+        m = self.metrics
+        lines = [f"{self.task} on {self.data} ({m['examples']} examples)"]
+        if self.task == "perplexity":
+            lines.append(f"perplexity {m['perplexity']:.3f}  (mean NLL {m['nll']:.4f} nats")
+            lines[-1] += f" over {m['tokens']:,} tokens)"
+        elif self.task == "generate":
+            lines.append(
+                f"exact match {m['exact_match']:.1%}   chrF {m['chrf']:.1f}   BLEU {m['bleu']:.1f}"
+            )
+        else:
+            lines.append(f"accuracy {m['accuracy']:.1%}   macro-F1 {m['macro_f1']:.3f}")
+            lines += _format_grid(
+                ["label", "precision", "recall", "f1", "support"],
+                [
+                    [c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}"]
+                    + [str(v["support"])]
+                    for c, v in m["per_class"].items()
+                ],
+            )
+            labels = list(m["per_class"])
+            lines.append("confusion (rows: true label, columns: predicted)")
+            lines += _format_grid(
+                ["", *labels],
+                [[g, *map(str, row)] for g, row in zip(labels, m["confusion"], strict=True)],
+            )
+        return "\n".join(lines)
+
+
+def _format_grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), *map(line, rows)]
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: str | Path | DataSection,
+    task: str,
+    adapter: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int = 64,
+) -> EvalResult:
+    """Score `model` (a folder or a `load_model()` result) on `data` for `task`.
+
+    `data` is a data file (or `builtin:NAME`), or a recipe data section whose `train` names the
+    file (so field mappings and the system prompt apply as in training).
+    """
+    if task not in TASKS:
+        raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise MlxLocalError("batch size and limit must be ≥ 1")
+    section = data if isinstance(data, DataSection) else DataSection(train=str(data))
+    section = section.model_copy(update={"valid": None, "valid_fraction": None, "packing": False})
+    lm = as_loaded(model, adapter)
+    training = lm.model.training
+    lm.model.eval()
+    try:
+        if task == "perplexity":
+            return _perplexity(lm, section, limit, batch_size)
+        samples = _answered_samples(section, task, limit)
+        if task == "classify":
+            return _classify(lm, section, samples, labels, batch_size)
+        return _generate(lm, section, samples, max_tokens)
+    finally:
+        lm.model.train(training)
+
+
+def answer_logprobs(
+    model: nn.Module, examples: Sequence[Example], batch_size: int, step: Callable = lambda: None
+) -> list[tuple[float, int]]:
+    """(Σ log p, token count) over each example's weighted tokens, teacher-forced."""
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))  # less padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        longest = max(len(examples[i].tokens) for i in chunk)
+        b = collate([[examples[i]] for i in chunk], longest)
+        w = b.weights[:, 1:]
+        logits = model(b.tokens[:, :-1]).astype(mx.float32)
+        logp = -nn.losses.cross_entropy(logits, b.tokens[:, 1:]) * w
+        sums, counts = logp.sum(axis=1), w.sum(axis=1)
+        mx.eval(sums, counts)
+        for i, s, n in zip(chunk, sums.tolist(), counts.tolist(), strict=True):
+            scores[i] = (s, int(n))
+        step(len(chunk))
+    return scores
+
+
+def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -> EvalResult:
+    examples, _ = load_examples(section, lm.tokenizer, "train")
+    examples = examples[:limit]
+    with progress_bar("perplexity", len(examples), "ex") as bar:
+        scores = answer_logprobs(lm.model, examples, batch_size, bar.update)
+    nll, tokens = -sum(s for s, _ in scores), sum(n for _, n in scores)
+    metrics = {
+        "examples": len(examples),
+        "tokens": tokens,
+        "nll": nll / tokens,
+        "perplexity": math.exp(nll / tokens),
+    }
+    per_example = [{"nll": -s / max(n, 1), "tokens": n} for s, n in scores]
+    return EvalResult("perplexity", section.train, metrics, per_example)
+
+
+def _answered_samples(section: DataSection, task: str, limit: int | None) -> list[Sample]:
+    """Rows as conversations whose last message is the assistant's answer (label/reference)."""
+    rows, _ = read_rows(section.train)
+    if not rows:
+        raise MlxLocalError(f"{section.train}: no examples; check the file")
+    rows = rows[:limit]
+    fmt = section.format if section.format != "auto" else detect_format(rows[0], section.fields)
+    what = "label" if task == "classify" else "reference answer"
+    if fmt == "text":
+        raise MlxLocalError(
+            f"{section.train}: {task} needs a {what} for every row: use prompt/completion, chat "
+            "or instruction/output data (the answer is the last assistant message)"
+        )
+    samples = []
+    for row in rows:
+        try:
+            sample = _sample(row, fmt, section)
+        except _BadRow as e:
+            raise MlxLocalError(f"{row.where}: {e}; {task} needs a {what} in every row") from e
+        last = sample.messages[-1]
+        if last["role"] != "assistant" or not str(last.get("content") or "").strip():
+            raise MlxLocalError(f"{row.where}: no {what} (the last message must be the answer)")
+        samples.append(sample)
+    return samples
+
+
+def _with_answer(sample: Sample, answer: str) -> Sample:
+    return Sample(messages=[*sample.messages[:-1], {"role": "assistant", "content": answer}])
+
+
+def _classify(
+    lm: LoadedModel, section: DataSection, samples: list[Sample], labels, batch_size: int
+) -> EvalResult:
+    gold = [str(s.messages[-1]["content"]).strip() for s in samples]
+    labels = _check_labels(lm.tokenizer, section.train, gold, labels)
+    chat = has_chat_template(lm.tokenizer)
+    candidates = [
+        _render(_with_answer(s, label), lm.tokenizer, chat, False)
+        for s in samples
+        for label in labels
+    ]
+    with progress_bar("classify", len(candidates), "candidate") as bar:
+        scores = answer_logprobs(lm.model, candidates, batch_size, bar.update)
+    k = len(labels)
+    examples, predicted = [], []
+    for i, truth in enumerate(gold):
+        logps = [s for s, _ in scores[i * k : (i + 1) * k]]
+        best = labels[max(range(k), key=logps.__getitem__)]
+        predicted.append(best)
+        examples.append(
+            {
+                "prompt": samples[i].messages[-2]["content"],
+                "label": truth,
+                "predicted": best,
+                "correct": best == truth,
+                "log_likelihoods": dict(zip(labels, logps, strict=True)),
+            }
+        )
+    metrics = {"examples": len(gold), **classification_metrics(gold, predicted, labels)}
+    return EvalResult("classify", section.train, metrics, examples, labels)
+
+
+def _check_labels(tokenizer, where: str, gold: list[str], labels) -> list[str]:
+    if labels:
+        labels = [str(label).strip() for label in labels]
+        for label in labels:
+            if not label or not tokenizer.encode(label, add_special_tokens=False):
+                raise MlxLocalError(
+                    f"label {label!r} becomes no tokens with this model's tokenizer; use a word"
+                )
+        unknown = sorted(set(gold) - set(labels))
+        if unknown:
+            raise MlxLocalError(
+                f"{where}: the data has label {unknown[0]!r}, which is not one of the labels "
+                f"given ({', '.join(labels)}); add it or fix the data"
+            )
+    else:
+        labels = sorted(set(gold))
+    if len(set(labels)) < 2:
+        raise MlxLocalError(
+            f"{where}: classify needs at least two labels (found {labels}); give them with "
+            "--labels a,b or eval.labels"
+        )
+    return list(dict.fromkeys(labels))
+
+
+def classification_metrics(
+    gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
+
+    confusion[i][j] counts examples of true label i predicted as j. A class never predicted
+    (or never present) has precision (recall) 0, as scikit-learn reports it.
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, predicted, strict=True):
+        confusion[index[g]][index[p]] += 1
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted_i = sum(row[i] for row in confusion)
+        support = sum(confusion[i])
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    correct = sum(confusion[i][i] for i in range(len(labels)))
+    return {
+        "accuracy": correct / len(gold) if gold else 0.0,
+        "macro_f1": sum(v["f1"] for v in per_class.values()) / len(labels),
+        "per_class": per_class,
+        "confusion": confusion,
+    }
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The text a chat template puts after an answer (e.g. `<|end|>`), to stop generation at."""
+    if not has_chat_template(tokenizer):
+        return None
+    sample = Sample(
+        messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]
+    )
+    example = _render(sample, tokenizer, True, False)
+    ids = [t for t, w in zip(example.tokens, example.weights, strict=True) if w]
+    text = tokenizer.decode(ids).strip()
+    return text or None
+
+
+def prompt_ids(tokenizer, sample: Sample) -> list[int]:
+    """The tokens of a row's conversation up to its answer, as training renders them."""
+    context = sample.messages[:-1]
+    if has_chat_template(tokenizer):
+        return list(tokenizer.apply_chat_template(context, add_generation_prompt=True))
+    return list(tokenizer.encode("\n\n".join(m["content"] for m in context)))
+
+
+def _generate(
+    lm: LoadedModel, section: DataSection, samples: list[Sample], max_tokens: int
+) -> EvalResult:
+    import sacrebleu
+
+    stop = [s for s in [end_of_turn(lm.tokenizer)] if s]
+    references = [str(s.messages[-1]["content"]).strip() for s in samples]
+    answers, examples = [], []
+    for sample, ref in zip(
+        progress_bar("generate", len(samples), "ex", samples), references, strict=True
+    ):
+        ids = prompt_ids(lm.tokenizer, sample)
+        answer = generate(lm, ids, max_tokens=max_tokens, stop=stop).text.strip()
+        answers.append(answer)
+        examples.append(
+            {
+                "prompt": sample.messages[-2]["content"],
+                "reference": ref,
+                "answer": answer,
+                "exact_match": answer == ref,
+                "chrf": sacrebleu.sentence_chrf(answer, [ref]).score,
+            }
+        )
+    metrics = {
+        "examples": len(samples),
+        "exact_match": sum(e["exact_match"] for e in examples) / len(samples),
+        "chrf": sacrebleu.corpus_chrf(answers, [references]).score,
+        "bleu": sacrebleu.corpus_bleu(answers, [references]).score,
+    }
+    return EvalResult("generate", section.train, metrics, examples)
+
+
+def write_results(result: EvalResult | dict, out: str | Path) -> Path:
+    """Write a result (or a before/after record) as JSON, atomically."""
+    from .checkpoint.atomic import atomic_file
+
+    record = result.to_json() if isinstance(result, EvalResult) else result
+    out = Path(out)
+    with atomic_file(out, force=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    return out
+
+
+def evaluate_recipe(recipe, model, tokenizer, path: Path, when: str, echo) -> EvalResult | None:
+    """The recipe's task evaluation (its `eval` section) of an in-memory model, or None."""
+    e = recipe.eval
+    if e.task is None:
+        return None
+    from .models import context_length, read_config
+
+    data = recipe.data.model_copy(update={"train": e.data or recipe.data.valid})
+    echo(f"evaluating {e.task} {when} on {data.train}")
+    lm = LoadedModel(model, tokenizer, context_length(read_config(path)), path)
+    return evaluate(lm, data, e.task, labels=e.labels, limit=e.limit)
+
+
+METRICS_SHOWN = {
+    "perplexity": ["perplexity", "nll"],
+    "classify": ["accuracy", "macro_f1"],
+    "generate": ["exact_match", "chrf", "bleu"],
+}
+
+
+def side_by_side(before: EvalResult, after: EvalResult) -> list[str]:
+    """The task's metrics before and after training, as a small table."""
+    rows = []
+    for name in METRICS_SHOWN[before.task]:
+        fmt = "{:.1%}" if name in ("accuracy", "exact_match") else "{:.3f}"
+        rows.append([name, fmt.format(before.metrics[name]), fmt.format(after.metrics[name])])
+    head = f"{before.task} on {before.data} ({before.metrics['examples']} examples):"
+    return [head, *("  " + line for line in _format_grid(["", "before", "after"], rows))]
