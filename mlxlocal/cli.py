@@ -499,9 +499,7 @@ def run(recipe, overrides, resume) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--adapter", type=click.Path(), help="Adapters folder (from `mlxlocal run`).")
 @click.option("--data", required=True, help="Data file (.jsonl/.csv) or builtin:NAME.")
-@click.option(
-    "--task", required=True, type=click.Choice(["perplexity", "classify", "generate"])
-)
+@click.option("--task", required=True, type=click.Choice(["perplexity", "classify", "generate"]))
 @click.option("--labels", help="classify: the labels, comma-separated (default: those in DATA).")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))

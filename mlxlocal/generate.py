@@ -65,6 +65,7 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
+    """Load once, generate often: the result goes to generate, stream, batch and ChatSession."""
     from .models import load
 
     path = Path(path)
@@ -78,6 +79,7 @@ def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedMod
 
 
 def as_loaded(model: str | Path | LoadedModel, adapter: str | Path | None = None) -> LoadedModel:
+    """Every entry point takes a folder or a loaded model; this makes it a loaded model."""
     if isinstance(model, LoadedModel):
         if adapter is not None:
             raise MlxLocalError("pass the adapter to load_model(), not to an already loaded model")

@@ -10,6 +10,7 @@ The report lands in OUT/quantization_report.json before OUT is renamed into plac
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,17 +227,25 @@ def _quantize_lazily(weights: dict[str, mx.array], layers: list[Layer]) -> dict[
         parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
         for leaf, part in zip(("weight", "scales", "biases"), parts, strict=False):
             weights[f"{layer.path}.{leaf}"] = part
-        biases = parts[2] if len(parts) == 3 else None
-        restored = mx.dequantize(
-            parts[0], parts[1], biases, spec.group_size, spec.bits, spec.mode, dtype=mx.float32
-        )
-        w = w.astype(mx.float32)
-        errors[layer.path] = mx.sqrt(mx.sum(mx.square(restored - w)) / mx.sum(mx.square(w)))
+        errors[layer.path] = _relative_error(w, parts, spec)
     # The writer goes in dict order: keep a layer's arrays adjacent so each is held briefly.
     ordered = dict(sorted(weights.items()))
     weights.clear()
     weights.update(ordered)
     return errors
+
+
+def _relative_error(w: mx.array, parts: list[mx.array], spec: Spec) -> mx.array:
+    """||W - Ŵ|| / ||W|| on evenly spaced rows, at most ~2^18 weights: exact for small layers,
+    within ~1 % for large ones, at a fraction of the cost of a full pass."""
+    rows = math.prod(w.shape[:-1])
+    step = max(1, rows * w.shape[-1] >> 18)
+    w, *parts = (a.reshape(rows, a.shape[-1])[::step] for a in (w, *parts))
+    biases = parts[2] if len(parts) == 3 else None
+    # Dequantize in the weight's own dtype: asking MLX for float32 is ~5x slower on the CPU.
+    restored = mx.dequantize(parts[0], parts[1], biases, spec.group_size, spec.bits, spec.mode)
+    restored, w = restored.astype(mx.float32), w.astype(mx.float32)
+    return mx.sqrt(mx.sum(mx.square(restored - w)) / mx.sum(mx.square(w)))
 
 
 def _layer_row(layer: Layer, errors: dict[str, float], damage: dict[str, float]) -> dict:
