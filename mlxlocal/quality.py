@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .calibration_text import CALIBRATION, EVALUATION
 from .errors import MlxLocalError
@@ -94,6 +94,11 @@ def for_measuring(model):
     (measured: 4-bit quantized ones ~30x); elsewhere as it is. Scales cast exactly."""
     if mx.default_device().type == mx.DeviceType.cpu:
         model.set_dtype(mx.float32)
+        # Cast tensor by tensor, returning each source buffer to the OS, so the model is never
+        # held in both dtypes (MLX would otherwise keep the freed buffers in its cache).
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)
+            mx.clear_cache()
     return model
 
 

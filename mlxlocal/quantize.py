@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.shards import parse_size
@@ -121,8 +122,13 @@ def quantize(
         size_before = sum(w.nbytes for w in source.weights.values())
         reference, damage = None, {}
         if windows is not None:
+            # The model takes the tensors; it may cast them to float32 for measuring, and the
+            # output is then written from those (the round trip is exact), never holding both.
+            dtypes = {k: w.dtype for k, w in source.weights.items()}
             source.model.load_weights(list(source.weights.items()))
-            for_measuring(source.model)
+            source.weights = {}
+            params = dict(tree_flatten(for_measuring(source.model).parameters()))
+            source.weights = {k: params[k].astype(dtype) for k, dtype in dtypes.items()}
         if evaluate:
             reference = logits(source.model, windows[1])
         if target_bpw is not None:

@@ -57,6 +57,15 @@ def test_uniform_bits_per_weight_is_real_and_near_the_request(checkpoints, tmp_p
     assert report["bits_per_weight"] == pytest.approx(compute_bits_per_weight(model), abs=1e-3)
     assert json.loads((tmp_path / "q" / "quantization_report.json").read_text()) == report
     assert report["eval"] is None
+    # Each layer's reported error is ||W - Ŵ|| / ||W|| of what was written.
+    source = load_file(str(checkpoints("llama") / "model.safetensors"))
+    written = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    for row in report["layers"]:
+        p = row["path"]
+        w = source[f"{p}.weight"].astype(np.float16).astype(np.float64)
+        parts = [written[f"{p}.{leaf}"] for leaf in ("weight", "scales", "biases")]
+        restored = np.array(mx.dequantize(*parts, 64, 4).astype(mx.float32), dtype=np.float64)
+        assert row["error"] == pytest.approx(np.linalg.norm(w - restored) / np.linalg.norm(w), 1e-4)
 
 
 @pytest.mark.parametrize(
