@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,14 @@ _FOLDERS = {"recipes": "recipes", "families": "convert"}
 
 
 def builtin_dir(name: str) -> Path:
-    """Folder of built-in `recipes` or `families`, installed or in a source checkout."""
-    try:
-        return Path(str(importlib.resources.files(f"mlxlocal.{name}")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / _FOLDERS[name]
+    """Folder of built-in `recipes` or `families`, installed or in a source checkout.
+
+    Installed, they sit inside the package (pyproject's package-dir mapping); in a checkout
+    (including editable installs) they are the top-level folders.
+    """
+    here = Path(__file__).resolve().parent
+    installed = here / name
+    return installed if installed.is_dir() else here.parent / _FOLDERS[name]
 
 
 def family_spec(model_type: str) -> dict[str, Any] | None:

@@ -170,7 +170,13 @@ def test_a_killed_run_continues_with_exactly_one_output_per_input(tiny_lm, tmp_p
     ]  # fmt: skip
 
     def start_and_stop(sig, lines_before: int):
-        proc = subprocess.Popen([*command, "--batch-size", "1"], stderr=subprocess.PIPE)
+        # A job started in the background by a non-interactive shell (as CI may be) inherits
+        # SIGINT ignored; restore it so the child behaves like a terminal Ctrl-C.
+        proc = subprocess.Popen(
+            [*command, "--batch-size", "1"],
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + 120
         while _complete_lines(partial) < lines_before:
             assert proc.poll() is None, proc.stderr.read().decode()
