@@ -153,8 +153,6 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     """
     from mlx_lm import load as mlx_load
 
-    from .train.lora import load_adapters
-
     path = Path(path)
     read_config(path)
     if not any(path.glob("model*.safetensors")):
@@ -166,6 +164,21 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
     if adapter:
-        load_adapters(model, adapter)
+        _load_any_adapter(model, path, Path(adapter))
         model.eval()
     return model, tokenizer
+
+
+def _load_any_adapter(model, model_path: Path, adapter: Path) -> None:
+    """Our/mlx-lm adapters directly; a PEFT directory through the PEFT importer first."""
+    import tempfile
+
+    from .export.adapters import is_peft_dir
+    from .export.peft import import_peft
+    from .train.lora import load_adapters
+
+    if not is_peft_dir(adapter):
+        load_adapters(model, adapter)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        load_adapters(model, import_peft(adapter, Path(tmp) / "adapter", model_path))

@@ -108,6 +108,12 @@ def test_peft_written_adapter_imports_with_peft_logits(config, base, tmp_path):
     reference = peft_logits(hf, src, ids)
     assert np.abs(reference - mlx_logits(mlx_dir, ids)).max() > 0.05
     assert np.abs(mlx_logits(mlx_dir, ids, out) - reference).max() <= TOL
+    # `--adapter` takes the PEFT directory itself (imported on the fly).
+    from mlxlocal.models import load
+
+    model, _ = load(mlx_dir, adapter=src)
+    direct = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    assert np.abs(direct - reference).max() <= TOL
 
 
 def _tensors(path, name):

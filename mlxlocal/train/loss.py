@@ -81,7 +81,8 @@ def loss_sums(
     total = mx.array(0.0)
     for i in range(0, inputs.shape[1], chunk_size):
         part = slice(i, i + chunk_size)
-        total = total + chunk_loss(params, hidden[:, part], targets[:, part], w[:, part])
+        h = mx.depends(hidden[:, part], total) if i else hidden[:, part]
+        total = total + chunk_loss(params, h, targets[:, part], w[:, part])
     return total, w.sum()
 
 
