@@ -220,8 +220,7 @@ def run_recipe(
 def _epoch_steps(examples: list, recipe: Recipe, capacity: int) -> int:
     t, d = recipe.training, recipe.data
     count = sum(
-        num_batches(examples, t.batch_size, capacity, d.packing, t.seed, e)
-        for e in range(t.epochs)
+        num_batches(examples, t.batch_size, capacity, d.packing, t.seed, e) for e in range(t.epochs)
     )
     if count < t.grad_accumulation:
         raise MlxLocalError(
