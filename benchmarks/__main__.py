@@ -12,10 +12,16 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import convert, data, generate, quantize
+from . import convert, data, generate, quantize, train
 from .common import machine
 
-SUITES = {"convert": convert, "generate": generate, "quantize": quantize, "data": data}
+SUITES = {
+    "convert": convert,
+    "generate": generate,
+    "quantize": quantize,
+    "data": data,
+    "train": train,
+}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from .common import alternate, measure
 
 # hidden, layers, vocab of the model; examples in the data; batch size; max length.
 SIZES = {
-    "tiny": (256, 4, 8192, 64, 4, 1024),  # ~7M parameters
+    "tiny": (256, 4, 8192, 48, 4, 1024),  # ~7M parameters
     "small": (512, 8, 32000, 48, 4, 1024),  # ~52M parameters
     "medium": (1024, 12, 32000, 32, 4, 1024),  # ~170M parameters
 }

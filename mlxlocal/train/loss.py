@@ -1,9 +1,9 @@
 """Masked next-token cross-entropy, optionally in chunks over the sequence.
 
 For 128k–256k vocabularies the (batch, length, vocab) logits dominate training memory. The chunked
-loss runs the model body once for hidden states, then applies the output head and cross-entropy
-one slice of positions at a time under `mx.checkpoint`, so only one slice of logits exists at a
-time, in the forward pass and again when the backward pass recomputes it.
+loss runs the model body once for hidden states, then the output head and cross-entropy one slice
+of positions at a time, with each slice's gradients taken on the spot, so the whole logits never
+exist at once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MlxLocalError
 from .masks import packed_caches
@@ -69,21 +70,51 @@ def loss_sums(
         logits = model(inputs, cache=cache)
         return _weighted_ce(logits, targets, w), w.sum()
 
-    module, head = output_head(model)
-
-    def chunk_loss(params, h, t, cw):
-        module.update(params)
-        return _weighted_ce(head(h), mx.stop_gradient(t), cw)
-
-    chunk_loss = mx.checkpoint(chunk_loss)
     hidden = model.model(inputs, cache)
-    params = module.trainable_parameters()
-    total = mx.array(0.0)
-    for i in range(0, inputs.shape[1], chunk_size):
-        part = slice(i, i + chunk_size)
-        h = mx.depends(hidden[:, part], total) if i else hidden[:, part]
-        total = total + chunk_loss(params, h, targets[:, part], w[:, part])
-    return total, w.sum()
+    return chunked_cross_entropy(model, hidden, targets, w, chunk_size), w.sum()
+
+
+def chunked_cross_entropy(
+    model: nn.Module, hidden: mx.array, targets: mx.array, w: mx.array, chunk_size: int
+) -> mx.array:
+    """Σ w·ce of the model's head over `hidden`, one slice of positions at a time.
+
+    Each slice's gradients (for the hidden states, and for the head's weights when they train)
+    are computed in the forward pass, and every slice waits for the one before: only one
+    slice's logits ever exist, and the backward pass just scales the stored gradients. Left to
+    itself, MLX's scheduler would run the slices side by side and hold all their logits.
+    """
+    module, head = output_head(model)
+    names = [k for k, _ in tree_flatten(module.trainable_parameters())]
+
+    def slice_loss(h, params, t, cw):
+        module.update(tree_unflatten(list(zip(names, params, strict=True))))
+        return _weighted_ce(head(h), t, cw)
+
+    slice_grads = mx.value_and_grad(slice_loss, argnums=(0, 1))
+
+    @mx.custom_function
+    def fused(hidden, targets, w, *params):
+        total, dh, dparams = mx.array(0.0), [], [mx.zeros_like(p) for p in params]
+        for i in range(0, hidden.shape[1], chunk_size):
+            part = slice(i, i + chunk_size)
+            h = mx.depends(hidden[:, part], [total, dh[-1], *dparams]) if dh else hidden[:, part]
+            loss, (dh_part, dp) = slice_grads(h, list(params), targets[:, part], w[:, part])
+            total = total + loss
+            dh.append(dh_part)
+            dparams = [a + b for a, b in zip(dparams, dp, strict=True)]
+        return (total, mx.concatenate(dh, axis=1), *dparams)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        scale = cotangents[0]
+        _, dh, *dparams = outputs
+        hidden, targets, w, *_ = primals
+        zeros = mx.zeros_like(targets), mx.zeros_like(w)
+        return (scale * dh, *zeros, *(scale * d for d in dparams))
+
+    params = [p for _, p in tree_flatten(module.trainable_parameters())]
+    return fused(hidden, targets, w, *params)[0]
 
 
 def _weighted_ce(logits: mx.array, targets: mx.array, w: mx.array) -> mx.array:

@@ -251,6 +251,7 @@ def train(
                     packed=packed,
                 )
                 record["val_loss"] = val_loss
+                mx.clear_cache()  # validation's buffers are not the training step's shapes
             run.log(record)
             every = recipe.checkpoint.every
             if every and (position.step % every == 0 or last):
