@@ -3,18 +3,10 @@
 Errors name the key, its line in the file and, for a typo, the key meant, because a recipe is
 edited by hand and a run that fails an hour in on a misspelt key wastes the hour.
 
-Additions to the contract of issue 5 (for the engine):
-- `model.revision` (str|null): Hub branch/tag/commit, passed to sources.resolve_source.
-- `data.bad_lines` ("error"|"skip"): skip unreadable lines (counted in the DataReport) instead
-  of stopping.
-- `data.fields` may also remap `tools` (the chat tools list handed to the chat template).
-- load_recipe also accepts a built-in recipe's name ("tiny-lora"); data paths in the returned
-  recipe are absolute (or "builtin:NAME"); a relative model path that exists next to the recipe
-  is made absolute too; paths given as overrides resolve against the current directory.
-- `dump_recipe(recipe) -> str` is the resolved recipe as YAML, for the run directory.
-
-Task evaluation (issue 6): `eval.task` (perplexity|classify|generate), `eval.data` (default:
-data.valid), `eval.labels`, `eval.limit`: the base model is scored before training and the
+Paths: `load_recipe` also takes a built-in recipe's name ("tiny-lora"); data paths come back
+absolute (or "builtin:NAME"), a relative model path that exists next to the recipe is made
+absolute, and paths given as command-line overrides resolve against the current directory.
+`eval.task` (perplexity|classify|generate) scores the base model before training and the
 trained one after (mlxlocal.evaluate).
 """
 

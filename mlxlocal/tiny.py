@@ -74,16 +74,19 @@ def build_tiny_checkpoint(
     shard_bytes: int | None = None,
     seed: int = 0,
     rope_theta: float = 50000.0,
+    head_dim: int = 16,
 ) -> Path:
     """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`.
 
     `vocab` pads the embedding beyond the trained tokenizer (for realistic sizes);
-    `shard_bytes` splits the weights into shards with an index, as the Hub does.
+    `shard_bytes` splits the weights into shards with an index, as the Hub does. Tests keep
+    the small default `head_dim`; benchmarks pass 64, as in Llama 3.2 1B and Qwen2.5.
     """
     out = Path(out)
     vocab = max(vocab or 0, write_tokenizer(out))
     vocab = -(-vocab // 64) * 64
-    heads, kv_heads, inter = max(hidden // 16, 1), max(hidden // 32, 1), hidden * 2
+    heads = max(hidden // head_dim, 1)
+    kv_heads, inter = max(heads // 2, 1), hidden * 2
     head_dim = hidden // heads
     rng = np.random.default_rng(seed)
 

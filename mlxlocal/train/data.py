@@ -4,13 +4,6 @@ Four formats: plain `text`, `prompt`/`completion`, chat `messages` (OpenAI style
 allowed) and `instruction`/`input`/`output`. Conversations are rendered with the model's chat
 template; the loss covers every assistant turn, found by rendering each turn's prefix and
 diffing token ids, so it works for any template without knowing its markup.
-
-Additions to the contract of issue 5 (for the engine):
-- DataReport fields: file, format, examples, tokens, trained_tokens, truncated, dropped,
-  bad_lines (counts) and notes (file:line of each, for the summary); `summary()` is one line.
-- `num_batches(examples, batch_size, max_length, packing, seed, epoch)` counts an epoch's
-  batches without building them (to turn epochs into steps).
-- load_examples(..., split="valid") returns ([], report) when the recipe has no validation data.
 """
 
 from __future__ import annotations
