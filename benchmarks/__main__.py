@@ -12,12 +12,13 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import convert, data, generate, quantize, train
+from . import batch, convert, data, generate, quantize, train
 from .common import machine
 
 SUITES = {
     "convert": convert,
     "generate": generate,
+    "batch": batch,
     "quantize": quantize,
     "data": data,
     "train": train,
