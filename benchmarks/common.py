@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 
 @dataclass
@@ -46,13 +47,30 @@ def median(runs: list[Run], field: str) -> float:
     return statistics.median(getattr(r, field) for r in runs)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; macOS: sysctl), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.decode().strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import mlx.core as mx
 
     from mlxlocal.blas import active_blas
 
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "system": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
