@@ -53,9 +53,11 @@ def test_packed_examples_do_not_see_each_other(mlx_checkpoints, arch):
     assert abs(leaky - mean_loss(model, packed, True)) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_loss_and_gradients_equal_the_full_loss(mlx_checkpoints, arch):
+@pytest.mark.parametrize("arch, bits", [(a, None) for a in ARCHS] + [("llama", 4), ("gemma2", 8)])
+def test_chunked_loss_and_gradients_equal_the_full_loss(mlx_checkpoints, arch, bits):
     model, _ = load(mlx_checkpoints(arch))
+    if bits:  # QLoRA: the head's gradient for the hidden states goes through quantized_matmul
+        nn.quantize(model, group_size=32, bits=bits)
     check_output_head(model)
     mx.random.seed(0)
     keys = adapter_keys(list(model.layers), default_modules(model.model_type))
