@@ -31,15 +31,15 @@ from .progress import bar as progress_bar
 from .recipe import DataSection
 from .train.batches import collate
 from .train.data import (
+    BadRow,
     Example,
     Sample,
-    _BadRow,
-    _render,
-    _sample,
     detect_format,
     has_chat_template,
     load_examples,
+    parse_row,
     read_rows,
+    tokenize_sample,
 )
 
 TASKS = ("perplexity", "classify", "generate")
@@ -198,8 +198,8 @@ def _answered_samples(section: DataSection, task: str, limit: int | None) -> lis
     samples = []
     for row in rows:
         try:
-            sample = _sample(row, fmt, section)
-        except _BadRow as e:
+            sample = parse_row(row, fmt, section)
+        except BadRow as e:
             raise MlxLocalError(f"{row.where}: {e}; {task} needs a {what} in every row") from e
         last = sample.messages[-1]
         if last["role"] != "assistant" or not str(last.get("content") or "").strip():
@@ -219,7 +219,7 @@ def _classify(
     labels = _check_labels(lm.tokenizer, section.train, gold, labels)
     chat = has_chat_template(lm.tokenizer)
     candidates = [
-        _render(_with_answer(s, label), lm.tokenizer, chat, False)
+        tokenize_sample(_with_answer(s, label), lm.tokenizer, chat, False)
         for s in samples
         for label in labels
     ]
@@ -305,7 +305,7 @@ def end_of_turn(tokenizer) -> str | None:
     sample = Sample(
         messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]
     )
-    example = _render(sample, tokenizer, True, False)
+    example = tokenize_sample(sample, tokenizer, True, False)
     ids = [t for t, w in zip(example.tokens, example.weights, strict=True) if w]
     text = tokenizer.decode(ids).strip()
     return text or None

@@ -67,7 +67,7 @@ def run_quickstart(
     from .evaluate import end_of_turn, prompt_ids
     from .generate import generate, load_model
     from .recipe import load_recipe
-    from .train.data import _sample, read_rows
+    from .train.data import parse_row, read_rows
     from .train.run import run_recipe
 
     root = Path(workdir or tempfile.mkdtemp(prefix="mlxlocal-quickstart-"))
@@ -98,7 +98,7 @@ def run_quickstart(
     stop = [end_of_turn(lm.tokenizer) or "\n"]
     rows, _ = read_rows(recipe.eval.data)
     for row in rows[:examples]:
-        sample = _sample(row, "completion", recipe.data)
+        sample = parse_row(row, "completion", recipe.data)
         answer = generate(lm, prompt_ids(lm.tokenizer, sample), max_tokens=8, stop=stop)
         echo(f"   {sample.messages[0]['content']!r} → {answer.text.strip()!r}")
 

@@ -187,18 +187,20 @@ class Sample:
     tools: list[Any] | None = None
 
 
-def _sample(row: Row, fmt: str, data) -> Sample:
+def parse_row(row: Row, fmt: str, data) -> Sample:
+    """One row in format `fmt` → a Sample, through `data.fields`; BadRow says what is missing."""
+
     def get(name: str, required: bool = True) -> Any:
         key = data.fields.get(name, name)
         value = row.values.get(key)
         if required and (value is None or value == ""):
-            raise _BadRow(f"no {key!r} field" if key not in row.values else f"empty {key!r}")
+            raise BadRow(f"no {key!r} field" if key not in row.values else f"empty {key!r}")
         return value
 
     if fmt == "text":
         text = get("text")
         if not isinstance(text, str):
-            raise _BadRow(f"{data.fields.get('text', 'text')!r} must be a string")
+            raise BadRow(f"{data.fields.get('text', 'text')!r} must be a string")
         return Sample(text=text)
     system = get("system", required=False) or data.system_prompt
     if fmt == "chat":
@@ -226,7 +228,7 @@ def _sample(row: Row, fmt: str, data) -> Sample:
     return Sample(messages=messages)
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A row that cannot become an example: raised as MlxLocalError or skipped, per recipe."""
 
 
@@ -234,25 +236,25 @@ def _json_cell(value: str, name: str) -> Any:
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise _BadRow(f"{name!r} is not valid JSON ({e.msg})") from e
+        raise BadRow(f"{name!r} is not valid JSON ({e.msg})") from e
 
 
 def _messages(value: Any, key: str) -> list[dict[str, Any]]:
     if isinstance(value, str):  # a CSV cell holds the list as JSON
         value = _json_cell(value, key)
     if value is None:
-        raise _BadRow(f"no {key!r} field")
+        raise BadRow(f"no {key!r} field")
     if not isinstance(value, list):
-        raise _BadRow(f"{key!r} must be a list of messages")
+        raise BadRow(f"{key!r} must be a list of messages")
     if not value:
-        raise _BadRow("empty conversation")
+        raise BadRow("empty conversation")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _BadRow(f"message {i + 1} has no 'role'")
+            raise BadRow(f"message {i + 1} has no 'role'")
         if m.get("content") is None and not m.get("tool_calls"):
-            raise _BadRow(f"message {i + 1} ({m['role']}) has no 'content'")
+            raise BadRow(f"message {i + 1} ({m['role']}) has no 'content'")
     if not any(m["role"] == "assistant" for m in value):
-        raise _BadRow("no assistant message to learn from")
+        raise BadRow("no assistant message to learn from")
     return value
 
 
@@ -305,7 +307,7 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     try:
         tokens, *prefixes = _chat_ids(tokenizer, renderings, tools)
     except Exception as e:  # jinja's TemplateError and whatever a template raises
-        raise _BadRow(f"the chat template rejects this conversation ({e})") from e
+        raise BadRow(f"the chat template rejects this conversation ({e})") from e
     weights = [1 if train_on_prompt else 0] * len(tokens)
     for k in range(len(turns)):
         before, prompted, through = prefixes[3 * k : 3 * k + 3]
@@ -332,7 +334,8 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _render(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool) -> Example:
+def tokenize_sample(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool) -> Example:
+    """Token ids and loss weights; shared with evaluation, so both see the same rendering."""
     if sample.text is not None:
         tokens = _text_ids(tokenizer, sample.text)
         return Example(tokens, [1] * len(tokens))
@@ -377,10 +380,10 @@ def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example],
     examples = []
     for row in rows:
         try:
-            example = _render(
-                _sample(row, report.format, data), tokenizer, chat, data.train_on_prompt
+            example = tokenize_sample(
+                parse_row(row, report.format, data), tokenizer, chat, data.train_on_prompt
             )
-        except _BadRow as e:
+        except BadRow as e:
             if data.bad_lines != "skip":
                 raise bad_line(row.where, e) from e
             report.bad_lines += 1
@@ -435,8 +438,8 @@ def describe_dataset(data, spec: str) -> str:
     bad = 0
     for row in rows:
         try:
-            _sample(row, fmt, data)
-        except _BadRow as e:
+            parse_row(row, fmt, data)
+        except BadRow as e:
             if data.bad_lines != "skip":
                 raise bad_line(row.where, e) from e
             bad += 1
