@@ -61,7 +61,7 @@ def run(size: str, reps: int, work: Path) -> dict:
     from mlxlocal.train.data import iterate_batches, load_examples
 
     folder = work / "data-tokenizer"
-    write_tokenizer(folder)
+    write_tokenizer(folder, context=8192)  # no tokenizer warning: max_length truncates
     tokenizer = load(folder)
     conversations = _conversations(SIZES[size])
     train = work / f"chat-{size}.jsonl"

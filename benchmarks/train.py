@@ -55,13 +55,14 @@ lora.train_model(args, model, train, valid, Record())
 
 
 def _model(work: Path, hidden: int, layers: int, vocab: int) -> Path:
-    out = work / f"train-mlx-{hidden}-{layers}-{vocab}-hd64"
+    out = work / f"train-mlx-{hidden}-{layers}-{vocab}-hd64-ctx2048"
     if not (out / "config.json").exists():
         # In a child: the parent must not hold a model, or forked children inherit its RSS.
         code = (
             "import sys; from pathlib import Path; from mlxlocal.tiny import build_tiny_checkpoint"
             " as b; from mlxlocal.convert import convert; "
-            f"b(Path(sys.argv[1]), hidden={hidden}, layers={layers}, vocab={vocab}, head_dim=64); "
+            f"b(Path(sys.argv[1]), hidden={hidden}, layers={layers}, vocab={vocab}, "
+            "head_dim=64, context=2048); "
             "convert(sys.argv[1], sys.argv[2], dtype='float32', force=True)"
         )
         measure([sys.executable, "-c", code, str(work / f"{out.name}-hf"), str(out)])

@@ -34,7 +34,9 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def write_tokenizer(out: Path, vocab_size: int = 512, corpus: str = CORPUS) -> int:
+def write_tokenizer(
+    out: Path, vocab_size: int = 512, corpus: str = CORPUS, context: int = 512
+) -> int:
     """Train a byte-level BPE tokenizer on `corpus`, write HF tokenizer files; return its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -58,7 +60,7 @@ def write_tokenizer(out: Path, vocab_size: int = 512, corpus: str = CORPUS) -> i
         "unk_token": None,
         "add_bos_token": False,
         "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 512,
+        "model_max_length": context,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tok.get_vocab_size()
@@ -75,6 +77,7 @@ def build_tiny_checkpoint(
     seed: int = 0,
     rope_theta: float = 50000.0,
     head_dim: int = 16,
+    context: int = 512,
 ) -> Path:
     """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`.
 
@@ -83,7 +86,7 @@ def build_tiny_checkpoint(
     the small default `head_dim`; benchmarks pass 64, as in Llama 3.2 1B and Qwen2.5.
     """
     out = Path(out)
-    vocab = max(vocab or 0, write_tokenizer(out))
+    vocab = max(vocab or 0, write_tokenizer(out, context=context))
     vocab = -(-vocab // 64) * 64
     heads = max(hidden // head_dim, 1)
     kv_heads, inter = max(heads // 2, 1), hidden * 2
@@ -120,7 +123,7 @@ def build_tiny_checkpoint(
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": 512,
+        "max_position_embeddings": context,
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
         "tie_word_embeddings": False,
