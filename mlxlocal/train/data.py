@@ -301,16 +301,21 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     turns = (
         [] if train_on_prompt else [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     )
-    renderings = [(messages, False)]
+    # (messages kept, generation prompt) of each rendering; a last assistant turn's "through" is
+    # the whole conversation, so each distinct rendering is tokenized once.
+    keys = [(len(messages), False)]
     for i in turns:
-        renderings += [(messages[:i], False), (messages[:i], True), (messages[: i + 1], False)]
+        keys += [(i, False), (i, True), (i + 1, False)]
+    unique = list(dict.fromkeys(keys))
     try:
-        tokens, *prefixes = _chat_ids(tokenizer, renderings, tools)
+        ids = _chat_ids(tokenizer, [(messages[:n], g) for n, g in unique], tools)
     except Exception as e:  # jinja's TemplateError and whatever a template raises
         raise BadRow(f"the chat template rejects this conversation ({e})") from e
+    rendered = dict(zip(unique, ids, strict=True))
+    tokens = rendered[keys[0]]
     weights = [1 if train_on_prompt else 0] * len(tokens)
-    for k in range(len(turns)):
-        before, prompted, through = prefixes[3 * k : 3 * k + 3]
+    for i in turns:
+        before, prompted, through = (rendered[k] for k in ((i, False), (i, True), (i + 1, False)))
         start = _answer_start(before, prompted, tokens)
         end = _common_prefix(through, tokens)
         weights[start:end] = [1] * (end - start)
