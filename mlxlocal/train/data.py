@@ -303,7 +303,8 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     )
     # (messages kept, generation prompt) of each rendering; a last assistant turn's "through" is
     # the whole conversation, so each distinct rendering is tokenized once.
-    keys = [(len(messages), False)]
+    full = (len(messages), False)
+    keys = [full]
     for i in turns:
         keys += [(i, False), (i, True), (i + 1, False)]
     unique = list(dict.fromkeys(keys))
@@ -312,7 +313,7 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     except Exception as e:  # jinja's TemplateError and whatever a template raises
         raise BadRow(f"the chat template rejects this conversation ({e})") from e
     rendered = dict(zip(unique, ids, strict=True))
-    tokens = rendered[keys[0]]
+    tokens = rendered[full]
     weights = [1 if train_on_prompt else 0] * len(tokens)
     for i in turns:
         before, prompted, through = (rendered[k] for k in ((i, False), (i, True), (i + 1, False)))
