@@ -120,10 +120,10 @@ def _ours(folder: Path, recipe: Path) -> dict:
     run = measure([sys.executable, "-m", "mlxlocal.cli", "run", str(recipe)])
     summary = json.loads((folder / "run" / "summary.json").read_text())
     return {
-        "train_s": summary["elapsed_s"],
+        "train_s": summary["training"]["elapsed_s"],
         "steps": summary["total_steps"],
-        "tokens": summary["trained_tokens"],
-        "peak_gb": summary["peak_memory_gb"],
+        "tokens": summary["training"]["trained_tokens"],
+        "peak_gb": summary["training"]["peak_memory_gb"],
         "rss_mb": run.peak_rss_mb,
     }
 

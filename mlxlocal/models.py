@@ -12,6 +12,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from .adapters.layers import load_adapters
 from .errors import MlxLocalError
 
 # mlx-lm modules that are building blocks, not architectures.
@@ -148,8 +149,9 @@ def context_length(config: dict[str, Any]) -> int | None:
 def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False):
     """(model, tokenizer) from an MLX checkpoint directory, through mlx-lm.
 
-    Adapters go through mlxlocal's loader (it reads mlx-lm's format too, and unlike mlx-lm's
-    takes DoRA over 3-, 5- and 6-bit bases); `lazy` leaves weights unread until first used.
+    Adapters go through mlxlocal's loader (ours, mlx-lm's or a PEFT folder, applied in memory;
+    unlike mlx-lm's it takes DoRA over 3-, 5- and 6-bit bases); `lazy` leaves weights unread
+    until first used.
     """
     from mlx_lm import load as mlx_load
 
@@ -164,21 +166,6 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
     if adapter:
-        _load_any_adapter(model, path, Path(adapter))
+        load_adapters(model, adapter)
         model.eval()
     return model, tokenizer
-
-
-def _load_any_adapter(model, model_path: Path, adapter: Path) -> None:
-    """Our/mlx-lm adapters directly; a PEFT directory through the PEFT importer first."""
-    import tempfile
-
-    from .export.adapters import is_peft_dir
-    from .export.peft import import_peft
-    from .train.lora import load_adapters
-
-    if not is_peft_dir(adapter):
-        load_adapters(model, adapter)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        load_adapters(model, import_peft(adapter, Path(tmp) / "adapter", model_path))

@@ -9,7 +9,6 @@ what the fine-tuning taught it.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +90,6 @@ def run_quickstart(
     summary = run_recipe(recipe, echo=lambda line: echo("   " + line))
     for line in summary.lines():
         echo("   " + line)
-    scores = json.loads((summary.output / "evaluation.json").read_text())
 
     echo("5. a few held-out reviews, answered by the fine-tuned model (greedy):")
     lm = load_model(base, summary.adapters)
@@ -107,8 +105,8 @@ def run_quickstart(
         quantized=base,
         run=summary.output,
         adapters=summary.adapters,
-        accuracy_before=scores["before"]["metrics"]["accuracy"],
-        accuracy_after=scores["after"]["metrics"]["accuracy"],
+        accuracy_before=summary.before.metrics["accuracy"],
+        accuracy_after=summary.after.metrics["accuracy"],
         size_before=_weights_size(mlx_dir),
         size_after=_weights_size(base),
     )

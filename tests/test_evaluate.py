@@ -154,7 +154,7 @@ def test_a_run_evaluates_before_and_after_training(mlx_checkpoints, tmp_path):
     after = [e["log_likelihoods"] for e in record["after"]["examples"]]
     assert len(before) == len(after) == 6 and before != after  # the adapters changed the scores
     summary_json = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert any("accuracy" in line for line in summary_json["evaluation"])
+    assert summary_json["evaluation"]["after"]["accuracy"] == summary.after.metrics["accuracy"]
 
 
 def test_recipe_eval_section_is_checked(tmp_path, mlx_checkpoints):

@@ -12,16 +12,11 @@ from click.testing import CliRunner
 from helpers import probe_ids
 from mlx_lm import load as mlx_load
 
+from mlxlocal.adapters.files import adapter_config
+from mlxlocal.adapters.layers import LoRALinear, adapter_keys, add_adapters, save_adapters
 from mlxlocal.cli import cli
 from mlxlocal.models import load
 from mlxlocal.train.fuse import fuse
-from mlxlocal.train.lora import (
-    LoRALinear,
-    adapter_config,
-    adapter_keys,
-    add_adapters,
-    save_adapters,
-)
 
 
 def trained_looking_adapters(model_path, out, kind: str):
@@ -36,7 +31,7 @@ def trained_looking_adapters(model_path, out, kind: str):
             if kind == "dora":
                 m.m = m.m * 1.1
     out.mkdir()
-    save_adapters(model, out, adapter_config(kind, 4, 2.0, 0.0, keys, [0, 1], 2))
+    save_adapters(model, out, adapter_config(kind, [0, 1], 2, rank=4, scale=2.0, keys=keys))
     return model
 
 

@@ -12,19 +12,19 @@ from helpers import probe_ids
 from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
-from mlxlocal.models import load
-from mlxlocal.train.lora import (
+from mlxlocal.adapters.files import adapter_config
+from mlxlocal.adapters.formula import lora_scale
+from mlxlocal.adapters.layers import (
     DoRALinear,
     LoRALinear,
-    adapter_config,
     adapter_keys,
     add_adapters,
     dense_weight,
     load_adapters,
-    lora_scale,
     resolve_layers,
     save_adapters,
 )
+from mlxlocal.models import load
 
 BITS = [2, 3, 4, 5, 6, 8]
 
@@ -158,7 +158,7 @@ def test_saved_adapters_load_in_mlx_lm_and_ours(mlx_checkpoints, tmp_path, kind,
     model, keys = adapted_model(path, kind, layers)
     out = tmp_path / "adapters"
     out.mkdir()
-    save_adapters(model, out, adapter_config(kind, 4, 2.0, 0.0, keys, layers, 4))
+    save_adapters(model, out, adapter_config(kind, layers, 4, rank=4, scale=2.0, keys=keys))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == kind and config["num_layers"] == 3
     assert config["lora_parameters"]["keys"] == keys
@@ -180,7 +180,7 @@ def test_dora_over_odd_bit_bases_round_trips(mlx_checkpoints, tmp_path, bits):
     """mlx-lm's DoRA computes a 3/5/6-bit layer's input width as in·(32 // bits): ours does not."""
     path = mlx_checkpoints("llama")
     model, keys = adapted_model(path, "dora", [0, 1], bits)
-    save_adapters(model, tmp_path, adapter_config("dora", 4, 2.0, 0.0, keys, [0, 1], 2))
+    save_adapters(model, tmp_path, adapter_config("dora", [0, 1], 2, rank=4, scale=2.0, keys=keys))
     fresh, _ = load(path)
     quantize_blocks(fresh, bits)
     load_adapters(fresh, tmp_path)
@@ -190,7 +190,7 @@ def test_dora_over_odd_bit_bases_round_trips(mlx_checkpoints, tmp_path, bits):
 
 def test_adapters_for_another_model_are_refused(mlx_checkpoints, tmp_path):
     model, keys = adapted_model(mlx_checkpoints("llama"), "lora", [0])
-    save_adapters(model, tmp_path, adapter_config("lora", 4, 2.0, 0.0, keys, [0], 2))
+    save_adapters(model, tmp_path, adapter_config("lora", [0], 2, rank=4, scale=2.0, keys=keys))
     other, _ = load(mlx_checkpoints("llama", hidden_size=128, intermediate_size=256))
     with pytest.raises(MlxLocalError, match="shape"):
         load_adapters(other, tmp_path)

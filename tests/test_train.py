@@ -15,11 +15,11 @@ from helpers import write_recipe
 from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
+from mlxlocal.adapters.layers import adapter_keys, add_adapters
 from mlxlocal.models import load
 from mlxlocal.recipe import load_recipe
 from mlxlocal.train.batches import collate
 from mlxlocal.train.data import Example
-from mlxlocal.train.lora import adapter_keys, add_adapters
 from mlxlocal.train.optim import build_schedule
 from mlxlocal.train.run import load_base, run_recipe
 from mlxlocal.train.trainer import gradient_checkpointing, make_step
@@ -171,7 +171,7 @@ def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(mlx_checkpoints
     )
     assert [m["step"] for m in metrics if "val_loss" in m] == [6, 12]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0  # a tiny learnable task
-    assert summary.loss == pytest.approx(metrics[-1]["loss"])
+    assert summary.training.loss == pytest.approx(metrics[-1]["loss"])
     assert sorted(p.name for p in run.glob("step-*")) == ["step-12", "step-8"]
     assert (run / "latest").read_text() == "step-12"
     assert (run / "summary.json").exists() and (run / "recipe.yaml").exists()

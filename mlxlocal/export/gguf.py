@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import gguf
 import mlx.core as mx
 import numpy as np
 
+from ..adapters.files import Adapter, check_fits, linear_shapes
+from ..adapters.peft import read_any
 from ..checkpoint.atomic import atomic_file, check_output
 from ..checkpoint.gguf import GROUP, mlx_q4_to_q4_1
 from ..checkpoint.safetensors import load_lazy
@@ -26,7 +29,6 @@ from ..errors import MlxLocalError
 from ..models import context_length, read_config
 from ..progress import progress
 from ..resources import family_spec, family_specs
-from .adapters import Adapter, check_fits, fuse, linear_shapes, load_adapter
 from .gguf_tokenizer import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -95,7 +97,7 @@ def export_gguf(
     weights: dict[str, mx.array] = {}
     for f in weight_files(model)[1]:
         weights.update(load_lazy(f))
-    fused = load_adapter(adapter) if adapter else None
+    fused = read_any(adapter) if adapter else None
     if fused:
         check_fits(fused, linear_shapes(model, config), model)
     notes: set[str] = set()  # filled while planning and while writing
@@ -131,7 +133,7 @@ def export_gguf_adapter(
     check_output(out, force)
     config = read_config(model)
     spec = gguf_spec(config)
-    lora = load_adapter(adapter)
+    lora = read_any(adapter)
     check_fits(lora, linear_shapes(model, config), model)
     if lora.kind != "lora":
         raise MlxLocalError(
@@ -256,26 +258,27 @@ def _plan_tensors(
             continue
         name = gguf_name(names, key)
         heads = permute_heads(spec, config, name)
-        leaves = adapter.modules.get(module) if adapter and leaf == "weight" else None
+        adapted = adapter is not None and leaf == "weight" and module in adapter.modules
+        adapt = partial(adapter.fused_weight, module) if adapted else None
         w = weights[key]
         if f"{module}.scales" in weights and leaf == "weight":
             layer = quant.get(module) if isinstance(quant.get(module), dict) else quant
             q = (w, weights[f"{module}.scales"], weights.get(f"{module}.biases"), layer)
-            plan.append(_plan_quantized(name, q, requested, heads, leaves, adapter, notes))
+            plan.append(_plan_quantized(name, q, requested, heads, adapt, notes))
             continue
         shape = tuple(w.shape)
         qtype = _target(shape, _FLOAT_TYPES.get(w.dtype, Q.F32), requested, notes)
-        value = fuse(w, leaves, adapter) if leaves else w
+        value = adapt(w) if adapt else w
         plan.append(_Planned(name, qtype, shape, _f32(value, heads)))
     plan += _rope_freqs(config)
     return plan
 
 
-def _plan_quantized(name, q, requested, heads, leaves, adapter, notes) -> _Planned:
+def _plan_quantized(name, q, requested, heads, adapt, notes) -> _Planned:
     words, scales, biases, layer = q
     bits, group, mode = layer["bits"], layer["group_size"], layer.get("mode", "affine")
     shape = (words.shape[0], words.shape[1] * 32 // bits)
-    repack = bits == 4 and group == GROUP and mode == "affine" and not leaves
+    repack = bits == 4 and group == GROUP and mode == "affine" and adapt is None
     if requested in ("auto", "q4_1") and repack:
 
         def produce() -> np.ndarray:
@@ -285,7 +288,7 @@ def _plan_quantized(name, q, requested, heads, leaves, adapter, notes) -> _Plann
         return _Planned(name, Q.Q4_1, shape, produce, raw=True)
 
     qtype = _target(shape, Q.Q8_0, requested, notes)
-    if not leaves:
+    if adapt is None:
         again = "re-quantized to" if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1) else "stored as"
         notes.add(
             f"the {bits}-bit (group {group}) MLX weights were dequantized and {again} "
@@ -299,7 +302,7 @@ def _plan_quantized(name, q, requested, heads, leaves, adapter, notes) -> _Plann
         bits=bits,
         mode=mode,
     )
-    value = fuse(dense, leaves, adapter) if leaves else dense
+    value = adapt(dense) if adapt else dense
     return _Planned(name, qtype, shape, _f32(value, heads))
 
 

@@ -26,9 +26,9 @@ import mlx.optimizers as optim
 import yaml
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..adapters.layers import save_adapters
 from ..checkpoint.atomic import atomic_directory
 from ..errors import MlxLocalError
-from .lora import save_adapters
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -1,6 +1,6 @@
 """`mlxlocal fuse MODEL ADAPTERS OUT`: merge trained adapters into the weights.
 
-Each adapted layer becomes W + scale · Bᵀ Aᵀ (for DoRA, rescaled to its learned row norms); a
+Each adapted layer becomes its fused weight (`mlxlocal.adapters.formula.fuse`); a
 quantized layer is quantized again with its own bits, group size and mode unless `dequantize`
 asks for a float model. The output is an MLX checkpoint written atomically.
 """
@@ -15,12 +15,13 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..adapters.files import read_adapter_config
+from ..adapters.layers import LoRALinear
 from ..checkpoint.atomic import atomic_directory, check_output
 from ..checkpoint.shards import ShardWriter, parse_size
 from ..convert import TOKENIZER_FILES
 from ..models import load, read_config
 from ..progress import progress
-from .lora import LoRALinear, read_adapter_config
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
 from ..errors import MlxLocalError
+from ..recipe import TrainingSection
 
 OPTIMIZERS = {
     "adamw": optim.AdamW,
@@ -47,7 +47,7 @@ def build_schedule(
     return optim.join_schedules([warmup, main], [warmup_steps])
 
 
-def build_optimizer(training: Any, total_steps: int) -> optim.Optimizer:
+def build_optimizer(training: TrainingSection, total_steps: int) -> optim.Optimizer:
     """An mlx.optimizers optimizer from `training` (optimizer, optimizer_args, the schedule)."""
     cls = OPTIMIZERS[training.optimizer]
     args = dict(training.optimizer_args or {})

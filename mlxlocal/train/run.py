@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,28 +13,29 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..adapters.files import adapter_config
+from ..adapters.formula import lora_scale
+from ..adapters.layers import (
+    adapter_keys,
+    add_adapters,
+    default_modules,
+    resolve_layers,
+    save_adapters,
+)
 from ..checkpoint.atomic import atomic_directory
 from ..convert import convert
 from ..errors import MlxLocalError
-from ..evaluate import evaluate_recipe, side_by_side
+from ..evaluate import EvalResult, evaluate_recipe, side_by_side
 from ..models import load, read_config
+from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
 from .checkpoints import Position, RunDir, restore_checkpoint, rng_key, write_text_atomic
 from .data import iterate_batches, load_examples, num_batches
-from .lora import (
-    adapter_config,
-    adapter_keys,
-    add_adapters,
-    default_modules,
-    lora_scale,
-    resolve_layers,
-    save_adapters,
-)
 from .loss import check_output_head
 from .optim import build_optimizer
-from .trainer import BatchStream, train
+from .trainer import BatchStream, TrainResult, train
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -43,34 +45,50 @@ class RunSummary:
     output: Path
     adapters: Path
     method: str
-    steps: int
     total_steps: int
     resumed_from: int | None
-    loss: float | None
-    val_loss: float | None
-    trained_tokens: int
-    tokens_per_s: float
-    peak_memory_gb: float
-    elapsed_s: float
+    training: TrainResult
     trainable_parameters: int
     parameters: int
-    data: list[str] = field(default_factory=list)
-    evaluation: list[str] = field(default_factory=list)  # the task score before and after
+    data: list[str] = field(default_factory=list)  # what was read from each data file
+    before: EvalResult | None = None  # the recipe's task evaluation, when it has one
+    after: EvalResult | None = None
 
     def lines(self) -> list[str]:
         """What the CLI prints when the run ends."""
-        val = f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        r = self.training
+        val = f", validation loss {r.val_loss:.4f}" if r.val_loss is not None else ""
         resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
         return [
             *self.data,
             f"trained {self.method} for {self.total_steps} steps{resumed}: "
-            f"final loss {self.loss:.4f}{val}",
-            f"{self.trained_tokens:,} tokens, {self.tokens_per_s:,.0f} tokens/s, "
-            f"peak memory {self.peak_memory_gb:.2f} GB, {self.elapsed_s:.1f} s training",
+            f"final loss {r.loss:.4f}{val}",
+            f"{r.trained_tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, "
+            f"peak memory {r.peak_memory_gb:.2f} GB, {r.elapsed_s:.1f} s training",
             f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
             f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
-            *self.evaluation,
+            *(side_by_side(self.before, self.after) if self.before and self.after else []),
         ]
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json: the numbers, with the task metrics before and after (the examples
+        scored are in evaluation.json)."""
+        scores = None
+        if self.before and self.after:
+            scores = {"task": self.before.task, "data": self.before.data}
+            scores |= {"before": self.before.metrics, "after": self.after.metrics}
+        return {
+            "output": str(self.output),
+            "adapters": str(self.adapters),
+            "method": self.method,
+            "total_steps": self.total_steps,
+            "resumed_from": self.resumed_from,
+            "training": asdict(self.training),
+            "trainable_parameters": self.trainable_parameters,
+            "parameters": self.parameters,
+            "data": self.data,
+            "evaluation": scores,
+        }
 
 
 def compute_dtype(name: str) -> str:
@@ -101,15 +119,18 @@ def load_base(recipe: Recipe, run_dir: Path, echo: Callable[[str], None]) -> tup
             raise MlxLocalError(
                 f"model.quantize: {recipe.model.path} is already quantized; remove model.quantize"
             )
-        from mlx_lm.utils import quantize_model
-
-        keep = (family_spec(model.model_type) or {}).get("keep_high_precision", [])
-        quantize_model(
+        # The plan `mlxlocal quantize` makes with a rule keeping the family's
+        # keep_high_precision layers in float (QLoRA's choice); unfitting widths get a group.
+        keep = (family_spec(model.model_type) or {}).get("keep_high_precision", DEFAULT_KEEP_HIGH)
+        layers = plan_layers(
             model,
-            read_config(path),
-            quantize.group_size,
-            quantize.bits,
-            quant_predicate=lambda p, _: not any(part in keep for part in p.split(".")),
+            check_spec(quantize.bits, quantize.group_size, "affine"),
+            weights=dict(tree_flatten(model.parameters())),
+            rules=[(rf"(^|\.)({'|'.join(map(re.escape, keep))})$", str(KEEP))],
+        )
+        specs = {layer.path: layer.spec for layer in layers}
+        nn.quantize(
+            model, class_predicate=lambda p, _: specs[p].config() if specs.get(p) else False
         )
     mx.eval(model.parameters())
     return model, tokenizer, path
@@ -134,14 +155,23 @@ def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, An
             model.freeze()
             for i in layers:
                 model.layers[i].unfreeze()
-        return adapter_config("full", 0, 0.0, 0.0, [], layers, n, extra=extra)
+        return adapter_config("full", layers, n, extra=extra)
     keys = adapter_keys(
         [model.layers[i] for i in layers], m.modules or default_modules(model.model_type)
     )
     scale = lora_scale(m.alpha, m.rank, m.rslora)
     add_adapters(model, m.type, m.rank, scale, m.dropout, keys, layers)
     return adapter_config(
-        m.type, m.rank, scale, m.dropout, keys, layers, n, m.alpha, m.rslora, extra
+        m.type,
+        layers,
+        n,
+        rank=m.rank,
+        scale=scale,
+        dropout=m.dropout,
+        keys=keys,
+        alpha=m.alpha,
+        rslora=m.rslora,
+        extra=extra,
     )
 
 
@@ -186,7 +216,20 @@ def run_recipe(
         position = Position(rng=rng_key())
     resumed_from = position.step or None
     valid = (lambda: batches(valid_examples, 0)) if valid_examples else None
-    result = train(model, optimizer, recipe, stream, total_steps, run, position, config, valid)
+    result = train(
+        model,
+        optimizer,
+        stream,
+        total_steps,
+        run,
+        position,
+        config,
+        training=t,
+        evaluation=recipe.eval,
+        checkpoints=recipe.checkpoint,
+        packed=d.packing,
+        valid=valid,
+    )
 
     with atomic_directory(run.path / "adapters", force=True) as tmp:
         save_adapters(model, tmp, config)
@@ -198,22 +241,16 @@ def run_recipe(
         output=run.path,
         adapters=run.path / "adapters",
         method=recipe.method.type,
-        steps=result.steps,
         total_steps=total_steps,
         resumed_from=resumed_from,
-        loss=result.loss,
-        val_loss=result.val_loss,
-        trained_tokens=result.trained_tokens,
-        tokens_per_s=result.tokens_per_s,
-        peak_memory_gb=result.peak_memory_gb,
-        elapsed_s=result.elapsed_s,
+        training=result,
         trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
         parameters=get_total_parameters(model),
         data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
-        evaluation=side_by_side(before, after) if after is not None else [],
+        before=before,
+        after=after,
     )
-    record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items()}
-    write_text_atomic(run.path / "summary.json", json.dumps(record, indent=2))
+    write_text_atomic(run.path / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

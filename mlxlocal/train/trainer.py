@@ -24,6 +24,7 @@ from mlx.utils import tree_map
 
 from ..errors import MlxLocalError
 from ..progress import bar as progress_bar
+from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
 from .loss import loss_sums
 
@@ -172,17 +173,23 @@ def gradient_checkpointing(model: nn.Module) -> Iterator[None]:
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    recipe: Any,
     stream: BatchStream,
     total_steps: int,
     run: RunDir,
     position: Position,
     adapter_config: dict[str, Any],
+    *,
+    training: TrainingSection,
+    evaluation: EvalSection,
+    checkpoints: CheckpointSection,
+    packed: bool,
     valid: Callable[[], Iterable[Batch]] | None = None,
 ) -> TrainResult:
-    """Train from `position` to `total_steps`, logging, evaluating and checkpointing."""
-    t = recipe.training
-    packed = recipe.data.packing
+    """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
+
+    `packed` says the batches hold several examples per row (their segments mask attention).
+    """
+    t = training
     step_fn = make_step(
         model,
         optimizer,
@@ -241,23 +248,21 @@ def train(
                     + ". Lower training.learning_rate or set training.grad_clip"
                 )
             last = position.step == total_steps
-            every = recipe.eval.every
+            every = evaluation.every
             if valid is not None and ((every and position.step % every == 0) or last):
                 val_loss = evaluate(
                     model,
                     valid(),
-                    max_batches=recipe.eval.batches,
+                    max_batches=evaluation.batches,
                     loss_chunk_size=t.loss_chunk_size,
                     packed=packed,
                 )
                 record["val_loss"] = val_loss
                 mx.clear_cache()  # validation's buffers are not the training step's shapes
             run.log(record)
-            every = recipe.checkpoint.every
+            every = checkpoints.every
             if every and (position.step % every == 0 or last):
-                run.save_checkpoint(
-                    model, optimizer, position, adapter_config, recipe.checkpoint.keep
-                )
+                run.save_checkpoint(model, optimizer, position, adapter_config, checkpoints.keep)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
     trained = position.trained_tokens - start_tokens

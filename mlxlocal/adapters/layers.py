@@ -1,4 +1,5 @@
-"""LoRA and DoRA adapters on Linear and QuantizedLinear layers of any bit width.
+"""LoRA and DoRA layers on Linear and QuantizedLinear layers of any bit width, and putting
+adapters into a model: for training (fresh) or from a folder (ours, mlx-lm's or PEFT's).
 
 The module tree matches mlx-lm's tuner (`<path>.linear` is the frozen base, `lora_a` is (in, r),
 `lora_b` is (r, out), DoRA's magnitude `m` is (out,)), so the adapters we save open with
@@ -19,8 +20,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MlxLocalError
 from ..resources import family_spec
+from .files import CONFIG, WEIGHTS, Adapter, read_adapter, read_adapter_config
+from .formula import fuse
+from .peft import check_targets, is_peft_dir, read_peft
 
-ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
@@ -44,11 +47,6 @@ def input_dims(linear: nn.Module) -> int:
     return linear.weight.shape[1]
 
 
-def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
-    """alpha / r, or alpha / sqrt(r) for rsLoRA (stable updates at high rank)."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
 class LoRALinear(nn.Module):
     """y = base(x) + scale · dropout(x) A B, with the base frozen and B starting at zero."""
 
@@ -67,13 +65,10 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return self.linear(x) + (self.scale * z).astype(x.dtype)
 
-    def delta(self) -> mx.array:
-        """The (out, in) weight update scale · Bᵀ Aᵀ."""
-        return (self.scale * self.lora_b.T) @ self.lora_a.T
-
     def fused_weight(self) -> mx.array:
+        """The adapted (out, in) weight in the base's dtype."""
         w = dense_weight(self.linear)
-        return (w.astype(mx.float32) + self.delta()).astype(w.dtype)
+        return fuse(w, self.lora_a, self.lora_b, self.scale, self.get("m")).astype(w.dtype)
 
 
 class DoRALinear(LoRALinear):
@@ -104,16 +99,13 @@ class DoRALinear(LoRALinear):
             y = x @ base.weight.T
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         y = y + (self.scale * z).astype(x.dtype)
-        adapted = dense_weight(base).astype(mx.float32) + self.delta()
+        adapted = fuse(dense_weight(base), self.lora_a, self.lora_b, self.scale)
         norm = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
         y = (self.m / norm).astype(x.dtype) * y
         return y + base.bias if "bias" in base else y
 
-    def fused_weight(self) -> mx.array:
-        w = dense_weight(self.linear)
-        adapted = w.astype(mx.float32) + self.delta()
-        norm = mx.linalg.norm(adapted, axis=1, keepdims=True)
-        return (self.m[:, None] / norm * adapted).astype(w.dtype)
+
+LAYER_CLASSES = {"lora": LoRALinear, "dora": DoRALinear}
 
 
 def resolve_layers(spec: str | int | list[int], n_layers: int) -> list[int]:
@@ -174,7 +166,7 @@ def add_adapters(
     layers: list[int],
 ) -> None:
     """Freeze the model and wrap `keys` (paths inside a block) of `layers` with LoRA or DoRA."""
-    cls = {"lora": LoRALinear, "dora": DoRALinear}[kind]
+    cls = LAYER_CLASSES[kind]
     model.freeze()
     for i in layers:
         block = model.layers[i]
@@ -183,83 +175,65 @@ def add_adapters(
         block.update_modules(tree_unflatten(wrapped))
 
 
-def adapter_config(
-    kind: str,
-    rank: int,
-    scale: float,
-    dropout: float,
-    keys: list[str],
-    layers: list[int],
-    n_layers: int,
-    alpha: float | None = None,
-    rslora: bool = False,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """adapter_config.json as mlx-lm's tuner writes it, plus our exact layer list.
-
-    mlx-lm only knows "the last N layers": N covers the lowest chosen layer, and the layers in
-    between get adapters whose B is zero, which leaves their output unchanged. `alpha` and
-    `rslora` (which mlx-lm ignores) keep PEFT's lora_alpha exact on export.
-    """
-    config: dict[str, Any] = {"fine_tune_type": kind}
-    if kind != "full":
-        config["num_layers"] = n_layers - min(layers)
-        config["lora_parameters"] = {
-            "rank": rank,
-            "scale": scale,
-            "dropout": dropout,
-            "keys": keys,
-            "alpha": alpha,
-            "rslora": rslora,
-        }
-    config["mlxlocal"] = {"layers": layers, **(extra or {})}
-    return config
-
-
 def save_adapters(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
-    """adapters.safetensors (the trainable parameters) + adapter_config.json into `out`."""
+    """The trainable parameters and `config` into the folder `out`, in mlx-lm's layout."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(Path(out) / "adapters.safetensors"), weights)
-    (Path(out) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(Path(out) / WEIGHTS), weights)
+    (Path(out) / CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    file = Path(path) / "adapter_config.json"
-    if not file.exists() or not (Path(path) / "adapters.safetensors").exists():
-        raise MlxLocalError(
-            f"{path}: not an adapter folder (needs adapter_config.json and adapters.safetensors)"
-        )
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise MlxLocalError(f"{file}: not valid JSON ({e})") from e
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Put the adapters saved at `path` into `model`, in memory: ours, mlx-lm's or PEFT's.
 
-
-def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Add the adapters saved at `path` (ours or mlx-lm's) to `model`; return their config."""
+    A full fine-tune's folder holds whole weights, which replace the model's.
+    """
     path = Path(path)
-    config = read_adapter_config(path)
-    kind = config.get("fine_tune_type", "lora")
-    n = len(model.layers)
-    if kind != "full":
-        params = config["lora_parameters"]
-        layers = config.get("mlxlocal", {}).get("layers") or resolve_layers(
-            min(config["num_layers"], n) if config["num_layers"] >= 0 else "all", n
-        )
-        keys = params.get("keys") or adapter_keys([model.layers[i] for i in layers], None)
-        add_adapters(
-            model, kind, params["rank"], params["scale"], params.get("dropout", 0.0), keys, layers
-        )
-    weights = mx.load(str(path / "adapters.safetensors"))
+    if is_peft_dir(path):
+        adapter = read_peft(path)
+        linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+        check_targets(adapter, linear, str(path), "this model")
+        apply_adapter(model, adapter)
+    elif read_adapter_config(path).get("fine_tune_type") == "full":
+        _load_full(model, path)
+    else:
+        apply_adapter(model, read_adapter(path))
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Freeze `model` and wrap each module `adapter` names with a layer holding its tensors."""
+    model.freeze()
+    modules = dict(model.named_modules())
+    wrapped = []
+    for name, leaves in adapter.modules.items():
+        base = modules.get(name)
+        if not isinstance(base, LINEAR_TYPES):
+            raise MlxLocalError(
+                f"the adapter targets {name}, which the model does not have as a linear layer; "
+                "is the adapter for another architecture?"
+            )
+        layer = LAYER_CLASSES[adapter.kind](base, adapter.rank, adapter.scale, adapter.dropout)
+        for leaf, value in leaves.items():
+            expected = getattr(layer, leaf).shape
+            if tuple(value.shape) != tuple(expected):
+                raise MlxLocalError(
+                    f"the adapter's {name}.{leaf} has shape {tuple(value.shape)} but the model "
+                    f"expects {tuple(expected)}; is the adapter for another model size?"
+                )
+            setattr(layer, leaf, value)
+        wrapped.append((name, layer))
+    model.update_modules(tree_unflatten(wrapped))
+
+
+def _load_full(model: nn.Module, path: Path) -> None:
+    """Whole trained weights over the model's, checked name by name and shape by shape."""
+    weights = mx.load(str(path / WEIGHTS))
     expected = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():
-        leaf = name.rsplit(".", 1)[-1]
-        if name not in expected or (kind != "full" and leaf not in ADAPTER_LEAVES):
-            raise MlxLocalError(f"{path}: {name} is not an adapter parameter of this model")
+        if name not in expected:
+            raise MlxLocalError(f"{path}: {name} is not a parameter of this model")
         if w.shape != expected[name].shape:
             raise MlxLocalError(
                 f"{path}: {name} has shape {tuple(w.shape)} but the model expects "
-                f"{tuple(expected[name].shape)}; were these adapters trained on this model?"
+                f"{tuple(expected[name].shape)}; were these weights trained on this model?"
             )
     model.load_weights(list(weights.items()), strict=False)
-    return config
