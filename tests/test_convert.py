@@ -59,7 +59,7 @@ def test_output_loads_with_mlx_lm_and_generates(checkpoints, tmp_path):
 
 def test_provenance_block(checkpoints, tmp_path):
     from mlxlocal import __version__
-    from mlxlocal.convert import file_sha256
+    from mlxlocal.checkpoint.files import file_sha256
 
     src = checkpoints("llama")
     convert(src, tmp_path / "out")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..checkpoint.safetensors import load_lazy
+from ..checkpoint.files import weight_files
+from ..checkpoint.safetensors import load_lazy, read_header
 from ..errors import MlxLocalError
 
 LEAVES = ("lora_a", "lora_b", "m")
@@ -137,9 +138,6 @@ def check_fits(adapter: Adapter, shapes: dict[str, tuple[int, int]], model: Path
 
 def linear_shapes(model: Path, config: dict) -> dict[str, tuple[int, int]]:
     """Module name → (out, in) of every linear layer in an MLX checkpoint, from headers only."""
-    from ..checkpoint.safetensors import read_header
-    from ..convert import weight_files
-
     header: dict[str, dict] = {}
     for f in weight_files(Path(model))[1]:
         header.update(read_header(f)[0])

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.dtypes import DTYPES
 from ..convert import convert
 from ..errors import MlxLocalError
 from ..evaluate import evaluate_recipe, side_by_side
@@ -34,8 +35,6 @@ from .lora import (
 from .loss import check_output_head
 from .optim import build_optimizer
 from .trainer import BatchStream, train
-
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass
