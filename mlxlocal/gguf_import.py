@@ -21,7 +21,13 @@ from mlx.utils import tree_flatten
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.dtypes import DTYPES, check_dtype
 from .checkpoint.files import file_sha256
-from .checkpoint.gguf import AFFINE_TYPES, FLOAT_TYPES, ggml_to_mlx_affine, open_gguf
+from .checkpoint.gguf import (
+    AFFINE_TYPES,
+    FLOAT_DTYPES,
+    FLOAT_TYPES,
+    ggml_to_mlx_affine,
+    open_gguf,
+)
 from .checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_qk
 from .checkpoint.gguf_tokenizer import write_tokenizer_files
 from .checkpoint.shards import ShardWriter, parse_size
@@ -32,7 +38,6 @@ from .progress import progress
 from .resources import family_specs
 
 Q = gguf.GGMLQuantizationType
-_FLOAT_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 
 
 @dataclass
@@ -195,7 +200,7 @@ def _float_dtype(tensors: dict) -> str:
     sizes: dict[str, int] = {}
     for t in tensors.values():
         if len(t.shape) == 2:
-            name = _FLOAT_DTYPES.get(t.tensor_type, "float16")
+            name = FLOAT_DTYPES.get(t.tensor_type, "float16")
             sizes[name] = sizes.get(name, 0) + int(t.n_elements)
     return max(sizes, key=sizes.get) if sizes else "float16"
 

@@ -19,8 +19,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.atomic import atomic_file, check_output
+from ..checkpoint.dtypes import DTYPES
 from ..checkpoint.files import weight_files
-from ..checkpoint.gguf import GROUP, mlx_q4_to_q4_1
+from ..checkpoint.gguf import FLOAT_DTYPES, GROUP, mlx_q4_to_q4_1
 from ..checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_qk
 from ..checkpoint.safetensors import load_lazy
 from ..errors import MlxLocalError
@@ -40,7 +41,7 @@ FILE_TYPES = {
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
 }
-_FLOAT_TYPES = {mx.float32: Q.F32, mx.float16: Q.F16, mx.bfloat16: Q.BF16}
+_FLOAT_TYPES = {DTYPES[name]: qtype for qtype, name in FLOAT_DTYPES.items()}
 
 
 @dataclass
