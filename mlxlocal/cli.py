@@ -155,10 +155,13 @@ def convert(src, out, dtype, shard_size, revision, force, verify, quantize_outpu
     SRC is a local folder (safetensors, sharded or not, or pytorch_model*.bin read without
     running any code) or a Hub repo id (org/name), taken from the local Hugging Face cache
     first; it is downloaded only when not cached and HF_HUB_OFFLINE is not set.
-    Config drift that mlx-lm would silently misread is fixed and reported.
+    Config drift that mlx-lm would silently misread is fixed and reported. A llama.cpp .gguf
+    file SRC is imported instead.
     With --quantize the output is quantized in the same pass and a quality report is printed.
     """
+    from .checkpoint.files import is_gguf_file
     from .convert import convert as run_convert
+    from .gguf_import import convert_gguf
 
     if quantize_output:
         if verify:
@@ -171,9 +174,12 @@ def convert(src, out, dtype, shard_size, revision, force, verify, quantize_outpu
     if any(value not in (None, (), False, "affine", "uniform") for value in qflags.values()):
         raise MlxLocalError("quantization options apply only with --quantize: add --quantize")
 
-    result = run_convert(
-        src, out, dtype=dtype, shard_size=shard_size, revision=revision, force=force
-    )
+    if is_gguf_file(src):
+        result = convert_gguf(src, out, dtype=dtype, shard_size=shard_size, force=force)
+    else:
+        result = run_convert(
+            src, out, dtype=dtype, shard_size=shard_size, revision=revision, force=force
+        )
     for note in result.notes:
         click.echo(f"fixed config: {note}", err=True)
     for warning in result.warnings:

@@ -6,7 +6,6 @@ own and flushed to disk when its shard is full, so peak memory is about one shar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -19,27 +18,22 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .checkpoint.atomic import atomic_directory, check_output
+from .checkpoint.dtypes import DTYPES, check_dtype
+from .checkpoint.files import copy_tokenizer_files, file_sha256, is_gguf_file, weight_files
 from .checkpoint.safetensors import load_lazy
 from .checkpoint.shards import ShardWriter, parse_size
 from .checkpoint.torch_bin import load_torch_bin
 from .errors import MlxLocalError
-from .models import ignored_settings, model_classes, normalize_config, read_config, source_dtype
+from .models import (
+    build_model,
+    ignored_settings,
+    model_classes,
+    normalize_config,
+    read_config,
+    source_dtype,
+)
 from .progress import progress
 from .sources import resolve_source, resolved_revision
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -54,33 +48,6 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def weight_files(src: Path) -> tuple[str, list[Path]]:
-    """('safetensors' | 'bin', files) of a checkpoint, preferring safetensors."""
-    for kind, index_name, pattern in (
-        ("safetensors", "model.safetensors.index.json", "*.safetensors"),
-        ("bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"),
-    ):
-        index = src / index_name
-        if index.exists():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise MlxLocalError(f"{index}: not a valid index ({e}); re-download it") from e
-            missing = [n for n in names if not (src / n).exists()]
-            if missing:
-                raise MlxLocalError(
-                    f"{src}: shard {missing[0]} named in {index_name} is missing; "
-                    "the download is incomplete"
-                )
-            return kind, [src / n for n in names]
-        files = sorted(src.glob(pattern))
-        if files:
-            return kind, files
-    raise MlxLocalError(
-        f"{src}: no *.safetensors or pytorch_model*.bin weights found; is the download complete?"
-    )
-
-
 @dataclass
 class Source:
     """A checkpoint opened for conversion: fixed config, mlx-lm model skeleton, lazy tensors.
@@ -92,8 +59,6 @@ class Source:
     name: str | Path
     path: Path
     config: dict
-    model_class: type
-    args_class: type
     kind: str
     files: list[Path]
     notes: list[str]
@@ -113,11 +78,12 @@ def convert(
     revision: str | None = None,
     force: bool = False,
 ) -> ConvertResult:
-    """Convert `src` (local folder, Hub repo id or .gguf file) into an MLX checkpoint at `out`."""
-    if str(src).endswith(".gguf") and Path(src).is_file():
-        from .gguf_import import convert_gguf
-
-        return convert_gguf(src, out, dtype=dtype, shard_size=shard_size, force=force)
+    """Convert `src` (local folder or Hub repo id) into an MLX checkpoint at `out`."""
+    if is_gguf_file(src):
+        raise MlxLocalError(
+            f"{src} is a GGUF file: import it with mlxlocal.gguf_import.convert_gguf "
+            "(the `mlxlocal convert` command does so itself)"
+        )
     out = Path(out)
     check_output(out, force)
     check_dtype(dtype)
@@ -138,19 +104,13 @@ def convert(
     )
 
 
-def check_dtype(dtype: str | None) -> None:
-    if dtype is not None and dtype not in DTYPES:
-        raise MlxLocalError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-
-
 def open_source(src: str | Path, revision: str | None = None) -> Source:
     """Resolve `src` and read what it is, without touching a tensor."""
     src_dir = resolve_source(src, revision)
     config, notes = normalize_config(read_config(src_dir))
-    model_class, args_class = model_classes(config)
-    warnings = ignored_settings(config, args_class)
+    warnings = ignored_settings(config, model_classes(config)[1])
     kind, files = weight_files(src_dir)
-    return Source(src, src_dir, config, model_class, args_class, kind, files, notes, warnings)
+    return Source(src, src_dir, config, kind, files, notes, warnings)
 
 
 def load_weights(source: Source, staging: Path, dtype: str | None = None) -> None:
@@ -164,7 +124,7 @@ def load_weights(source: Source, staging: Path, dtype: str | None = None) -> Non
         # mlx-lm's Llama defaults to tied embeddings; HF's default is untied.
         config["tie_word_embeddings"] = False
         source.notes.append("tie_word_embeddings=false (the checkpoint has its own lm_head)")
-    model = _build(source.model_class, source.args_class, config)
+    model = build_model(config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _check_weights(model, weights)
@@ -188,16 +148,11 @@ def write_checkpoint(
     """Stream `source.weights` into shards (calling `after_write(name)` after each tensor), then
     write config.json with provenance and copy the tokenizer files; (shard names, bytes)."""
     weights = source.weights
-    writer = ShardWriter(tmp, weights, max_shard)
-    try:
+    with ShardWriter(tmp, weights, max_shard, {"total_parameters": source.parameters}) as writer:
         for name in progress(list(weights), "converting", total=len(weights), unit="tensor"):
             writer.write(name, weights.pop(name))
             if after_write is not None:
                 after_write(name)
-    except BaseException:
-        writer.abort()
-        raise
-    shards = writer.close({"total_parameters": source.parameters})
     shutil.rmtree(tmp / ".staging", ignore_errors=True)
 
     config = source.config
@@ -206,20 +161,8 @@ def write_checkpoint(
     files = source.files if source.kind != "bin" else []
     config["mlxlocal"] = _provenance(source.name, source.path, files, source.notes)
     (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
-    for name in TOKENIZER_FILES:
-        if (source.path / name).exists():
-            shutil.copyfile(source.path / name, tmp / name)
-    return shards, writer.total_bytes
-
-
-def _build(model_class: type, args_class: type, config: dict):
-    try:
-        return model_class(args_class.from_dict(config))
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
-        raise MlxLocalError(
-            f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
-            "check the config"
-        ) from e
+    copy_tokenizer_files(source.path, tmp)
+    return writer.names, writer.total_bytes
 
 
 def _check_weights(model, weights: dict[str, mx.array]) -> None:
@@ -261,14 +204,6 @@ def _stage_bin(files: list[Path], staging: Path) -> list[Path]:
         staged.append(path)
         del tensors
     return staged
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _provenance(src: str | Path, src_dir: Path, files: list[Path], notes: list[str]) -> dict:

@@ -19,18 +19,25 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint.atomic import atomic_directory, check_output
-from .checkpoint.gguf import AFFINE_TYPES, FLOAT_TYPES, ggml_to_mlx_affine, open_gguf
+from .checkpoint.dtypes import DTYPES, check_dtype
+from .checkpoint.files import file_sha256
+from .checkpoint.gguf import (
+    AFFINE_TYPES,
+    FLOAT_DTYPES,
+    FLOAT_TYPES,
+    ggml_to_mlx_affine,
+    open_gguf,
+)
+from .checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_qk
+from .checkpoint.gguf_tokenizer import write_tokenizer_files
 from .checkpoint.shards import ShardWriter, parse_size
-from .convert import DTYPES, ConvertResult, _build, file_sha256
+from .convert import ConvertResult
 from .errors import MlxLocalError
-from .export.gguf import gguf_name, name_map, permute_heads, permute_qk
-from .export.gguf_tokenizer import write_tokenizer_files
-from .models import model_classes
+from .models import build_model
 from .progress import progress
 from .resources import family_specs
 
 Q = gguf.GGMLQuantizationType
-_FLOAT_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 
 
 @dataclass
@@ -63,9 +70,8 @@ def convert_gguf(
     config = _config(fields, tensors, model_type, spec["gguf_arch"])
     warnings: list[str] = []
     target = dtype or _float_dtype(tensors)
-    if target not in DTYPES:
-        raise MlxLocalError(f"unknown dtype {target!r}: use one of {', '.join(DTYPES)}")
-    model = _build(*model_classes(config), config)
+    check_dtype(target)
+    model = build_model(config)
     names = name_map(spec, config)
     plan: dict[str, tuple] = {}
     layout: dict[str, _Layout] = {}
@@ -110,23 +116,20 @@ def convert_gguf(
         config["quantization"].update({m: q for m, q in quant.items() if q["bits"] != bits})
     warnings = sorted(set(warnings))
 
+    n_params = sum(math.prod(s) for _, _, s in plan.values())
     with atomic_directory(out, force) as tmp:
-        writer = ShardWriter(tmp, layout, parse_size(shard_size))
-        try:
+        metadata = {"total_parameters": n_params}
+        with ShardWriter(tmp, layout, parse_size(shard_size), metadata) as writer:
             for key, (t, heads, shape) in progress(list(plan.items()), "converting", unit="tensor"):
                 for name, array in _tensor(key, t, heads, shape, DTYPES[target]):
                     writer.write(name, array)
-        except BaseException:
-            writer.abort()
-            raise
-        n_params = sum(math.prod(s) for _, _, s in plan.values())
-        shards = writer.close({"total_parameters": n_params})
         config["dtype"] = target
         config["mlxlocal"] = {"source": str(src), "files": {src.name: file_sha256(src)}}
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
         write_tokenizer_files(fields, tmp)
-        total = writer.total_bytes
-    return ConvertResult(out, model_type, target, n_params, shards, total, [], warnings)
+    return ConvertResult(
+        out, model_type, target, n_params, writer.names, writer.total_bytes, [], warnings
+    )
 
 
 def _value(field):
@@ -197,7 +200,7 @@ def _float_dtype(tensors: dict) -> str:
     sizes: dict[str, int] = {}
     for t in tensors.values():
         if len(t.shape) == 2:
-            name = _FLOAT_DTYPES.get(t.tensor_type, "float16")
+            name = FLOAT_DTYPES.get(t.tensor_type, "float16")
             sizes[name] = sizes.get(name, 0) + int(t.n_elements)
     return max(sizes, key=sizes.get) if sizes else "float16"
 

@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.files import weight_files
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
 from .checkpoint.torch_bin import load_torch_bin
-from .convert import weight_files
 from .models import context_length, read_config
 from .sources import resolve_source
 

@@ -10,10 +10,14 @@ import copy
 import json
 import pkgutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters.layers import load_adapters
+from .checkpoint.dtypes import DTYPES
 from .errors import MlxLocalError
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 # mlx-lm modules that are building blocks, not architectures.
 _NOT_ARCHITECTURES = {
@@ -65,6 +69,19 @@ def model_classes(config: dict[str, Any]) -> tuple[type, type]:
         raise MlxLocalError(
             f"model_type {config.get('model_type')!r} is not supported by mlx-lm "
             f"(supported: {types})"
+        ) from e
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """mlx-lm's model for `config`, weights not yet loaded; a config mlx-lm cannot take is an
+    error that names the architecture rather than mlx-lm's bare exception."""
+    model_class, args_class = model_classes(config)
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise MlxLocalError(
+            f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
+            "check the config"
         ) from e
 
 
@@ -133,7 +150,7 @@ def source_dtype(config: dict[str, Any]) -> str | None:
     """The dtype a config declares (transformers 5 writes `dtype`, older ones `torch_dtype`)."""
     for cfg in (config, config.get("text_config") or {}):
         for key in ("dtype", "torch_dtype"):
-            if cfg.get(key) in ("float16", "bfloat16", "float32"):
+            if cfg.get(key) in DTYPES:
                 return cfg[key]
     return None
 

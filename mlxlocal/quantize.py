@@ -18,8 +18,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .checkpoint.atomic import atomic_directory, check_output
+from .checkpoint.dtypes import check_dtype
 from .checkpoint.shards import parse_size
-from .convert import Source, check_dtype, load_weights, open_source, write_checkpoint
+from .convert import Source, load_weights, open_source, write_checkpoint
 from .errors import MlxLocalError
 from .info import info
 from .models import load

@@ -11,7 +11,7 @@ import pytest
 from helpers import hf_logits, mlx_logits, probe_ids
 
 from mlxlocal import MlxLocalError, convert
-from mlxlocal.checkpoint.shards import parse_size
+from mlxlocal.checkpoint.shards import ShardWriter, parse_size
 
 
 def _tensors(path):
@@ -59,7 +59,7 @@ def test_output_loads_with_mlx_lm_and_generates(checkpoints, tmp_path):
 
 def test_provenance_block(checkpoints, tmp_path):
     from mlxlocal import __version__
-    from mlxlocal.convert import file_sha256
+    from mlxlocal.checkpoint.files import file_sha256
 
     src = checkpoints("llama")
     convert(src, tmp_path / "out")
@@ -117,6 +117,28 @@ def test_hub_download_failure_is_clear(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_download)
     with pytest.raises(MlxLocalError, match="download failed"):
         sources.resolve_source("tiny-org/tiny-llama")
+
+
+def test_shard_writer_writes_the_index_only_after_every_tensor(tmp_path):
+    arrays = {"a": mx.arange(4, dtype=mx.float32), "b": mx.ones((2, 2), dtype=mx.bfloat16)}
+    with ShardWriter(tmp_path, arrays, 1 << 20, {"total_parameters": 8}) as writer:
+        for name, array in arrays.items():
+            writer.write(name, array)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert writer.names == ["model.safetensors"] and writer.total_bytes == 24
+    assert index["metadata"] == {"total_size": 24, "total_parameters": 8}
+    written = mx.load(str(tmp_path / "model.safetensors"))
+    assert all(mx.array_equal(written[k], a).item() for k, a in arrays.items())
+
+    for failed in ("short", "raised"):
+        out = tmp_path / failed
+        out.mkdir()
+        with pytest.raises(ValueError if failed == "short" else RuntimeError):
+            with ShardWriter(out, arrays, 1 << 20) as writer:
+                writer.write("a", arrays["a"])
+                if failed == "raised":
+                    raise RuntimeError("the caller failed")
+        assert not (out / "model.safetensors.index.json").exists()
 
 
 def test_parse_size():

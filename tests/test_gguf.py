@@ -14,10 +14,12 @@ from click.testing import CliRunner
 from helpers import make_adapter, probe_ids
 
 from mlxlocal import convert
+from mlxlocal.checkpoint.gguf_names import permute_qk
 from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
-from mlxlocal.export.gguf import export_gguf, export_gguf_adapter, permute_qk
+from mlxlocal.export.gguf import export_gguf, export_gguf_adapter
 from mlxlocal.export.ollama import PROMPT, SYSTEM
+from mlxlocal.gguf_import import convert_gguf
 
 TEXTS = [
     "Hello world, the quick brown fox jumps!",
@@ -120,7 +122,7 @@ def test_quantized_export(qtype, models, llama_cpp, tmp_path):
     llama.cpp's CPU kernels then also round activations to 8 bits, hence the looser bound."""
     src = models("llama")
     path = export_gguf(src, tmp_path / "q.gguf", type=qtype).out
-    same_weights = convert(path, tmp_path / "imported", dtype="float32").out
+    same_weights = convert_gguf(path, tmp_path / "imported", dtype="float32").out
     ids = probe_ids(64)
     ref = mlx_logits(same_weights, ids)
     exact, _ = cpp_logits(
@@ -164,7 +166,7 @@ def test_4bit_group32_repacks_losslessly_to_q4_1(checkpoints, tmp_path):
         assert np.array_equal(np.array(ours), theirs), name
     # …and back: importing the Q4_1 file gives MLX's packed weights, bit for bit.
     back = mx.load(
-        str(convert(result.out, tmp_path / "back", dtype="float16").out / "model.safetensors")
+        str(convert_gguf(result.out, tmp_path / "back", dtype="float16").out / "model.safetensors")
     )
     assert all(np.array_equal(np.array(weights[k]), np.array(back[k])) for k in weights)
 
@@ -264,7 +266,7 @@ def test_sentencepiece_tokenizer(checkpoints, llama_cpp, tmp_path):
     assert fields["tokenizer.ggml.model"].contents() == "llama"
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     _, ours = load(str(src))
-    _, imported = load(str(convert(path, tmp_path / "back").out))
+    _, imported = load(str(convert_gguf(path, tmp_path / "back").out))
     for text in TEXTS[:3]:
         ids = ours.encode(text)
         assert ids[0] == 1 and llm.tokenize(text.encode(), add_bos=True, special=True) == ids
@@ -277,7 +279,7 @@ def test_import_of_our_export_gives_the_same_model(arch, models, tmp_path):
 
     src = models(arch)
     path = export_gguf(src, tmp_path / "m.gguf", type="f32").out
-    result = convert(path, tmp_path / "back")
+    result = convert_gguf(path, tmp_path / "back")
     assert result.model_type == arch and result.dtype == "float32"
     ids = probe_ids(48)
     assert np.array_equal(mlx_logits(result.out, ids), mlx_logits(src, ids))
@@ -326,7 +328,7 @@ def test_bad_gguf_files_are_refused(models, tmp_path):
     }
     for message, path in cases.items():
         with pytest.raises(MlxLocalError, match=message):
-            convert(path, tmp_path / "out")
+            convert_gguf(path, tmp_path / "out")
         assert not (tmp_path / "out").exists()
     with pytest.raises(MlxLocalError, match="not supported yet"):
         export_gguf(models("gemma2"), tmp_path / "g.gguf")
@@ -359,3 +361,13 @@ def test_ollama_folder_and_cli(models, tmp_path):
     assert result.exit_code != 0 and "q5_k" in result.output
     for verb in (["export", "gguf"], ["export", "peft"], ["import", "peft"]):
         assert runner.invoke(cli, [*verb, "--help"]).exit_code == 0
+
+
+def test_convert_command_imports_gguf_and_the_library_points_there(models, tmp_path):
+    path = export_gguf(models("llama"), tmp_path / "m.gguf", type="f32").out
+    with pytest.raises(MlxLocalError, match="mlxlocal.gguf_import.convert_gguf"):
+        convert(path, tmp_path / "library")
+    result = CliRunner().invoke(cli, ["convert", str(path), str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "converted llama" in result.output
+    assert (tmp_path / "cli" / "model.safetensors").exists()

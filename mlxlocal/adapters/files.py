@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..checkpoint.files import weight_files
 from ..checkpoint.safetensors import load_lazy, read_header
 from ..errors import MlxLocalError
 from .formula import fuse, lora_alpha
@@ -195,8 +196,6 @@ def write_adapter(
 
 def linear_shapes(model: Path, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Module name → (out, in) of every linear layer in an MLX checkpoint, from headers only."""
-    from ..convert import weight_files  # MERGE: moves to checkpoint/
-
     header: dict[str, dict] = {}
     for f in weight_files(Path(model))[1]:
         header.update(read_header(f)[0])

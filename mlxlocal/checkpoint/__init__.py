@@ -1,1 +1,2 @@
-"""Checkpoint I/O: validated safetensors, restricted .bin reading, atomic sharded writing."""
+"""Checkpoint I/O: validated safetensors, restricted .bin reading, GGUF (blocks, tensor names,
+tokenizer), atomic sharded writing, and a checkpoint folder's files and dtypes."""

@@ -17,8 +17,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from ..errors import MlxLocalError
 
 Q = GGMLQuantizationType
-# GGML types MLX holds natively: float dtypes, or (bits, bias in units of the scale).
+# GGML types MLX holds natively: float dtypes (stored as numpy dtype, named as in DTYPES), or
+# (bits, bias in units of the scale).
 FLOAT_TYPES = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
+FLOAT_DTYPES = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
 AFFINE_TYPES = {Q.Q4_1: (4, None), Q.Q4_0: (4, -8), Q.Q8_0: (8, -128)}
 GROUP = 32
 

@@ -56,11 +56,21 @@ def open_output(path: Path) -> BinaryIO:
 class ShardWriter:
     """Writes `model[-XXXXX-of-YYYYY].safetensors` + index for a known list of lazy arrays.
 
-    Call `write` once per array, in the order given at construction.
+    Use it as a context manager and call `write` once per array, in the order given at
+    construction: leaving the block normally writes the index (with `metadata`), leaving it on
+    an exception closes the open shard so the caller's atomic directory can be discarded.
+    `names` and `total_bytes` stay readable afterwards.
     """
 
-    def __init__(self, directory: Path, arrays: dict[str, mx.array], max_shard_bytes: int):
+    def __init__(
+        self,
+        directory: Path,
+        arrays: dict[str, mx.array],
+        max_shard_bytes: int,
+        metadata: dict | None = None,
+    ):
         self.directory = Path(directory)
+        self.metadata = metadata or {}
         self.shards: list[list[str]] = [[]]
         size = 0
         for name, a in arrays.items():
@@ -115,21 +125,26 @@ class ShardWriter:
         del array, raw
         mx.clear_cache()  # return the buffer to the OS rather than MLX's cache
 
-    def close(self, metadata: dict | None = None) -> list[str]:
-        """Finish the last shard and write the index; return the shard file names."""
-        if self._next != len(self._order):
-            raise ValueError(f"ShardWriter closed after {self._next} of {len(self._order)}")
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        complete = self._next == len(self._order)
+        if exc_type is None and complete:
+            self._write_index()
+            return
+        if self._file:
+            self._file.close()
+        if exc_type is None:
+            raise ValueError(f"ShardWriter left after {self._next} of {len(self._order)} tensors")
+
+    def _write_index(self) -> None:
         if self._file is None:
             self._open_shard(0)  # a model with no tensors still gets a valid, empty file
         self._file.close()
         weight_map = {k: self.names[i] for i, shard in enumerate(self.shards) for k in shard}
         index = {
-            "metadata": {"total_size": self.total_bytes, **(metadata or {})},
+            "metadata": {"total_size": self.total_bytes, **self.metadata},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return self.names
-
-    def abort(self) -> None:
-        if self._file:
-            self._file.close()

@@ -22,9 +22,11 @@ import numpy as np
 from ..adapters.files import Adapter, check_fits, linear_shapes
 from ..adapters.peft import read_any
 from ..checkpoint.atomic import atomic_file, check_output
-from ..checkpoint.gguf import GROUP, mlx_q4_to_q4_1
+from ..checkpoint.dtypes import DTYPES
+from ..checkpoint.files import weight_files
+from ..checkpoint.gguf import FLOAT_DTYPES, GROUP, mlx_q4_to_q4_1
+from ..checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_qk
 from ..checkpoint.safetensors import load_lazy
-from ..convert import weight_files
 from ..errors import MlxLocalError
 from ..models import context_length, read_config
 from ..progress import progress
@@ -41,7 +43,7 @@ FILE_TYPES = {
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
 }
-_FLOAT_TYPES = {mx.float32: Q.F32, mx.float16: Q.F16, mx.bfloat16: Q.BF16}
+_FLOAT_TYPES = {DTYPES[name]: qtype for qtype, name in FLOAT_DTYPES.items()}
 
 
 @dataclass
@@ -198,39 +200,6 @@ def _file_type(plan: list[_Planned], requested: str) -> gguf.GGMLQuantizationTyp
         if len(p.shape) == 2:
             counts[p.qtype] = counts.get(p.qtype, 0) + math.prod(p.shape)
     return max(counts, key=counts.get)
-
-
-def name_map(spec: dict, config: dict) -> gguf.TensorNameMap:
-    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec["gguf_arch"]]
-    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-
-
-def gguf_name(names: gguf.TensorNameMap, key: str) -> str:
-    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise MlxLocalError(f"tensor {key} has no GGUF counterpart; cannot export this model")
-    return name
-
-
-def permute_heads(spec: dict, config: dict, gguf_name: str) -> int | None:
-    """Heads whose Q/K rows llama.cpp's interleaved RoPE wants reordered, or None."""
-    if not spec.get("permute_qk"):
-        return None
-    if ".attn_q." in gguf_name:
-        return config["num_attention_heads"]
-    if ".attn_k." in gguf_name:
-        return config.get("num_key_value_heads") or config["num_attention_heads"]
-    return None
-
-
-def permute_qk(rows: np.ndarray, heads: int, inverse: bool = False) -> np.ndarray:
-    """Hugging Face's rotate-half Q/K row order ↔ llama.cpp's interleaved pairs, per head.
-
-    Works on any array whose first axis is the output rows (weights, biases, GGML blocks).
-    """
-    shape = rows.shape
-    split = (heads, shape[0] // heads // 2, 2) if inverse else (heads, 2, shape[0] // heads // 2)
-    return rows.reshape(*split, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _f32(array: mx.array, heads: int | None = None) -> Callable[[], np.ndarray]:

@@ -8,7 +8,6 @@ asks for a float model. The output is an MLX checkpoint written atomically.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..adapters.files import read_adapter_config
 from ..adapters.layers import LoRALinear
 from ..checkpoint.atomic import atomic_directory, check_output
+from ..checkpoint.files import copy_tokenizer_files
 from ..checkpoint.shards import ShardWriter, parse_size
-from ..convert import TOKENIZER_FILES
 from ..models import load, read_config
 from ..progress import progress
 
@@ -77,16 +76,10 @@ def fuse(
 
     weights = dict(tree_flatten(model.parameters()))
     with atomic_directory(out, force) as tmp:
-        writer = ShardWriter(tmp, weights, parse_size(shard_size))
-        try:
+        with ShardWriter(tmp, weights, parse_size(shard_size)) as writer:
             for name in progress(list(weights), "fusing", total=len(weights), unit="tensor"):
                 writer.write(name, weights.pop(name))
-        except BaseException:
-            writer.abort()
-            raise
-        shards = writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in TOKENIZER_FILES:
-            if (model_path / name).exists():
-                shutil.copyfile(model_path / name, tmp / name)
-    return FuseResult(out, len(fused), "quantization" in config, shards, writer.total_bytes)
+        copy_tokenizer_files(model_path, tmp)
+    quantized = "quantization" in config
+    return FuseResult(out, len(fused), quantized, writer.names, writer.total_bytes)

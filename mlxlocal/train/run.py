@@ -23,6 +23,7 @@ from ..adapters.layers import (
     save_adapters,
 )
 from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.dtypes import DTYPES
 from ..convert import convert
 from ..errors import MlxLocalError
 from ..evaluate import EvalResult, evaluate_recipe, side_by_side
@@ -36,8 +37,6 @@ from .data import iterate_batches, load_examples, num_batches
 from .loss import check_output_head
 from .optim import build_optimizer
 from .trainer import BatchStream, TrainResult, train
-
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass
