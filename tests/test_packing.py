@@ -9,9 +9,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlocal import MlxLocalError
+from mlxlocal.data import Example, collate
 from mlxlocal.models import load
-from mlxlocal.train.batches import collate
-from mlxlocal.train.data import Example
 from mlxlocal.train.lora import adapter_keys, add_adapters, default_modules
 from mlxlocal.train.loss import check_output_head, loss_sums
 

@@ -15,10 +15,9 @@ from helpers import write_recipe
 from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
+from mlxlocal.data import Example, collate
 from mlxlocal.models import load
 from mlxlocal.recipe import load_recipe
-from mlxlocal.train.batches import collate
-from mlxlocal.train.data import Example
 from mlxlocal.train.lora import adapter_keys, add_adapters
 from mlxlocal.train.optim import build_schedule
 from mlxlocal.train.run import load_base, run_recipe

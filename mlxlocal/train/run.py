@@ -14,14 +14,15 @@ from mlx.utils import tree_flatten
 
 from ..checkpoint.atomic import atomic_directory
 from ..convert import convert
+from ..data import load_examples
 from ..errors import MlxLocalError
 from ..evaluate import evaluate_recipe, side_by_side
 from ..models import load, read_config
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
+from .batches import iterate_batches, num_batches
 from .checkpoints import Position, RunDir, restore_checkpoint, rng_key, write_text_atomic
-from .data import iterate_batches, load_examples, num_batches
 from .lora import (
     adapter_config,
     adapter_keys,
