@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..data import Batch, Example, collate
+from ..data import Batch, collate
 
 BUCKET_WINDOW = 64  # batches per window of examples sorted by length (more = less padding)
 
@@ -72,19 +72,14 @@ def plan_batches(
 
 
 def num_batches(
-    examples: Sequence[Example],
-    batch_size: int,
-    max_length: int,
-    packing: bool,
-    seed: int,
-    epoch: int,
+    examples, batch_size: int, max_length: int, packing: bool, seed: int, epoch: int
 ) -> int:
     lengths = [len(e.tokens) for e in examples]
     return len(plan_batches(lengths, batch_size, max_length, packing, seed, epoch))
 
 
 def iterate_batches(
-    examples: Sequence[Example],
+    examples,
     batch_size: int,
     max_length: int,
     packing: bool,
