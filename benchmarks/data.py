@@ -57,8 +57,8 @@ def run(size: str, reps: int, work: Path) -> dict:
     from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
     from mlx_lm.tuner.trainer import iterate_batches as mlx_lm_batches
 
-    from mlxlocal.recipe import DataSection
-    from mlxlocal.train.data import iterate_batches, load_examples
+    from mlxlocal.data import DataSection, load_examples
+    from mlxlocal.train.batches import iterate_batches
 
     folder = work / "data-tokenizer"
     write_tokenizer(folder, context=8192)  # no tokenizer warning: max_length truncates

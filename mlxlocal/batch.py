@@ -9,7 +9,6 @@ input and continues. When every record is done, `OUT.partial` is renamed to OUT.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import string
@@ -19,9 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .checkpoint.atomic import atomic_file, check_output
+from .data import Row, data_file, iter_rows
 from .errors import MlxLocalError
 from .generate import (
     Detokenized,
@@ -35,17 +35,6 @@ from .progress import bar
 
 # Fields every output record gets; an input record may not already have them.
 ADDED_FIELDS = ("output", "finish_reason", "generated_tokens", "error")
-
-
-@dataclass
-class Record:
-    line: int  # where the record starts in the input file, 1-based
-    fields: dict[str, Any] | None  # None when the line could not be read
-    error: str | None = None
-
-    @property
-    def id(self) -> Any:
-        return self.fields["id"] if self.fields and "id" in self.fields else self.line
 
 
 @dataclass
@@ -72,44 +61,9 @@ class BatchResult:
         )
 
 
-def read_records(path: Path) -> Iterator[Record]:
-    """Records of a JSONL file (one object a line) or, for a .csv, of a CSV file with a header."""
-    if not path.is_file():
-        raise MlxLocalError(f"{path}: no such input file")
-    yield from (_read_csv if path.suffix.lower() == ".csv" else _read_jsonl)(path)
-
-
-def _read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                fields = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield Record(line, None, f"not valid JSON ({e})")
-                continue
-            if isinstance(fields, dict):
-                yield Record(line, fields)
-            else:
-                yield Record(line, None, f"expected a JSON object, got {type(fields).__name__}")
-
-
-def _read_csv(path: Path) -> Iterator[Record]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            return
-        start = reader.line_num + 1
-        for row in reader:
-            if row:
-                if len(row) == len(header):
-                    yield Record(start, dict(zip(header, row, strict=True)))
-                else:
-                    error = f"{len(row)} values for {len(header)} columns"
-                    yield Record(start, None, error)
-            start = reader.line_num + 1
+def _record_id(row: Row) -> Any:
+    """A record's id in the output: its own `id` field, else its line number."""
+    return row.values["id"] if row.values and "id" in row.values else row.line
 
 
 def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str, Any]], str]:
@@ -182,13 +136,11 @@ def batch(
         raise MlxLocalError(f"on_error must be 'skip' or 'stop', not {on_error!r}")
     if batch_size < 1:
         raise MlxLocalError("batch_size must be ≥ 1")
-    input, output = Path(input), Path(output)
+    input, output = data_file(input), Path(output)
     sampling = sampling or Sampling()
     build_prompt = prompt_builder(template, field)
-    total = sum(1 for _ in read_records(input))
+    total = sum(1 for _ in iter_rows(input))
     check_output(output, force)
-    partial = output.with_name(output.name + ".partial")
-    settings_file = output.with_name(output.name + ".partial-settings.json")
     lm = as_loaded(model, adapter)
     settings = {
         "input": str(input.resolve()),
@@ -204,27 +156,23 @@ def batch(
         "truncate": truncate,
         "ignore_eos": ignore_eos,
     }
-    if force:
-        partial.unlink(missing_ok=True)
-    records = read_records(input)
-    resumed = _resume(partial, settings_file, settings, records, input)
+    out = ResumableOutput(output, settings, force)
+    rows = iter_rows(input)
+    resumed = out.resume(rows, input)
     if resumed:
-        note(f"resuming: {resumed} of {total} records already in {partial}")
-    else:
-        with atomic_file(settings_file, force=True) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2))
+        note(f"resuming: {resumed} of {total} records already in {out.partial}")
 
-    def prepare(record: Record) -> tuple[list[int], int, list[str]]:
+    def prepare(row: Row) -> tuple[list[int], int, list[str]]:
         """(prompt ids, max_tokens, warnings) for a record, or an MlxLocalError saying why not."""
-        if record.error:
-            raise MlxLocalError(record.error)
-        clash = [k for k in ADDED_FIELDS if k in record.fields]
+        if row.problem:
+            raise MlxLocalError(row.problem)
+        clash = [k for k in ADDED_FIELDS if k in row.values]
         if clash:
             raise MlxLocalError(
                 f"the record already has a field {clash[0]!r}, which the output would "
                 "overwrite; rename that field"
             )
-        ids = encode_prompt(lm.tokenizer, build_prompt(record.fields), system, chat_template)
+        ids = encode_prompt(lm.tokenizer, build_prompt(row.values), system, chat_template)
         return fit_context(ids, max_tokens, lm.context, truncate)
 
     if sampling.seed is not None:
@@ -248,13 +196,13 @@ def batch(
         """Up to `n` more records: (ids, max_tokens, item) for those to generate for, whether
         the input is exhausted, and what stopped the run (with on_error="stop")."""
         fresh, read = [], 0
-        for record in islice(records, n):
+        for row in islice(rows, n):
             read += 1
-            item = _Item(record, lm.tokenizer, stop)
+            item = _Item(row, lm.tokenizer, stop)
             try:
-                ids, record_max, warnings = prepare(record)
+                ids, record_max, warnings = prepare(row)
             except MlxLocalError as e:
-                message = f"{input}:{record.line}: {e}"
+                message = f"{input}:{row.line}: {e}"
                 if on_error == "stop":
                     return fresh, False, message
                 note(f"skipped {message}")
@@ -262,7 +210,7 @@ def batch(
                 item.finish(error=str(e))
                 progress.update(1)
             else:
-                result.warnings += [f"{input}:{record.line}: {w}" for w in warnings]
+                result.warnings += [f"{input}:{row.line}: {w}" for w in warnings]
                 result.prompt_tokens += len(ids)
                 fresh.append((ids, record_max, item))
             items.append(item)
@@ -277,7 +225,7 @@ def batch(
     active: dict[int, _Item] = {}  # in the generator, by its uid
     failure, exhausted = None, False
     try:
-        with open(partial, "ab") as out:
+        with out:
             while active or not (exhausted or failure):
                 if not (exhausted or failure) and len(active) <= batch_size:
                     fresh, exhausted, failure = read_chunk(chunk)
@@ -295,7 +243,7 @@ def batch(
                         progress.update(1)
                 tps = result.generated_tokens / (time.perf_counter() - start)
                 progress.set_postfix_str(f"{tps:.1f} tok/s")
-                _write_done(items, out)
+                out.append(_finished(items))
     finally:
         gen.close()
         progress.close()
@@ -303,19 +251,18 @@ def batch(
     result.peak_memory_gb = mx.get_peak_memory() / 1e9
     if failure:
         raise MlxLocalError(
-            f"{failure} — fix the line (the {partial.name} output so far is kept and a re-run "
-            "continues), or pass --on-error skip"
+            f"{failure} — fix the line (the {out.partial.name} output so far is kept and a "
+            "re-run continues), or pass --on-error skip"
         )
-    os.replace(partial, output)
-    settings_file.unlink(missing_ok=True)
+    out.finish()
     return result
 
 
 class _Item:
     """One record on its way through the model."""
 
-    def __init__(self, record: Record, tokenizer, stop: Sequence[str]):
-        self.record = record
+    def __init__(self, row: Row, tokenizer, stop: Sequence[str]):
+        self.row = row
         self.tokens: list[int] = []
         self.text = Detokenized(tokenizer, stop)
         self.result: dict[str, Any] | None = None
@@ -336,53 +283,97 @@ class _Item:
     def finish(self, **added: Any) -> None:
         if "output" in added:
             added["generated_tokens"] = len(self.tokens)
-        self.result = {"id": self.record.id, **(self.record.fields or {}), **added}
+        self.result = {"id": _record_id(self.row), **(self.row.values or {}), **added}
 
 
-def _write_done(items: deque[_Item], out) -> None:
-    """Append the finished records at the head of the queue, durably."""
-    lines = []
+def _finished(items: deque[_Item]) -> list[dict[str, Any]]:
+    """The results of the finished records at the head of the queue, taken off it."""
+    done = []
     while items and items[0].result is not None:
-        lines.append(json.dumps(items.popleft().result, ensure_ascii=False) + "\n")
-    if lines:
-        out.write("".join(lines).encode())
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _resume(
-    partial: Path, settings_file: Path, settings: dict, records: Iterator[Record], input: Path
-) -> int:
-    """How many records an interrupted run already wrote; `records` is advanced past them."""
-    if not partial.exists():
-        return 0
-    try:
-        before = json.loads(settings_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        before = None
-    if before != settings:
-        changed = sorted(k for k in settings if not before or before.get(k) != settings[k])
-        raise MlxLocalError(
-            f"{partial} is from an interrupted run with other settings "
-            f"({', '.join(changed) or 'unknown'} changed): re-run with the same ones to "
-            "continue, or pass --force to start over"
-        )
-    done = good = 0  # complete lines, and their bytes
-    with open(partial, "rb+") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # torn by the interruption: cut off below
-            record = next(records, None)
-            try:
-                written = json.loads(raw).get("id")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                written = "(not a JSON object)"
-            if record is None or written != record.id:
-                raise MlxLocalError(
-                    f"{partial} line {done + 1} (id {written!r}) does not match {input} "
-                    "(the input changed since the interrupted run): pass --force to start over"
-                )
-            done += 1
-            good += len(raw)
-        f.truncate(good)
+        done.append(items.popleft().result)
     return done
+
+
+class ResumableOutput:
+    """`OUT.partial` and its settings file: what lets an interrupted `batch` continue.
+
+    Results are appended as complete lines, each write flushed and fsynced, so a kill leaves at
+    worst a torn last line. A re-run with the same settings drops that line, checks the ids
+    already written against the input and appends after them; `finish` renames the partial
+    file to OUT.
+    """
+
+    def __init__(self, output: Path, settings: dict[str, Any], force: bool):
+        self.output = output
+        self.partial = output.with_name(output.name + ".partial")
+        self.settings_file = output.with_name(output.name + ".partial-settings.json")
+        self.settings = settings
+        self._file: BinaryIO | None = None
+        if force:
+            self.partial.unlink(missing_ok=True)
+
+    def resume(self, rows: Iterator[Row], input: Path) -> int:
+        """How many records an interrupted run already wrote; `rows` is advanced past them.
+
+        With none written, the settings are recorded for a later re-run to compare against.
+        """
+        done = self._check_written(rows, input) if self.partial.exists() else 0
+        if not done:
+            with atomic_file(self.settings_file, force=True) as tmp:
+                tmp.write_text(json.dumps(self.settings, indent=2))
+        return done
+
+    def _check_written(self, rows: Iterator[Row], input: Path) -> int:
+        try:
+            before = json.loads(self.settings_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before != self.settings:
+            changed = sorted(
+                k for k in self.settings if not before or before.get(k) != self.settings[k]
+            )
+            raise MlxLocalError(
+                f"{self.partial} is from an interrupted run with other settings "
+                f"({', '.join(changed) or 'unknown'} changed): re-run with the same ones to "
+                "continue, or pass --force to start over"
+            )
+        done = good = 0  # complete lines, and their bytes
+        with open(self.partial, "rb+") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # torn by the interruption: cut off below
+                row = next(rows, None)
+                try:
+                    written = json.loads(raw).get("id")
+                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    written = "(not a JSON object)"
+                if row is None or written != _record_id(row):
+                    raise MlxLocalError(
+                        f"{self.partial} line {done + 1} (id {written!r}) does not match "
+                        f"{input} (the input changed since the interrupted run): pass --force "
+                        "to start over"
+                    )
+                done += 1
+                good += len(raw)
+            f.truncate(good)
+        return done
+
+    def __enter__(self) -> ResumableOutput:
+        self._file = open(self.partial, "ab")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def append(self, results: list[dict[str, Any]]) -> None:
+        """Append output records durably: complete lines, flushed and fsynced."""
+        if results:
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+            self._file.write(lines.encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def finish(self) -> None:
+        """Every record is written: the output takes its name, the settings are dropped."""
+        os.replace(self.partial, self.output)
+        self.settings_file.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ Three tasks:
 - `generate`: greedy answers compared with the references: exact match, chrF and BLEU
   (sacrebleu, the reference implementation of both).
 
-Rows are read by the training data pipeline (jsonl/csv; prompt/completion, chat or
+Rows are read by the data layer as training reads them (jsonl/csv; prompt/completion, chat or
 instruction); the last assistant answer of a row is its label or reference.
 """
 
@@ -25,22 +25,22 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import MlxLocalError
-from .generate import LoadedModel, as_loaded, generate
-from .progress import bar as progress_bar
-from .recipe import DataSection
-from .train.batches import collate
-from .train.data import (
+from .data import (
     BadRow,
+    DataSection,
     Example,
     Sample,
-    detect_format,
+    collate,
+    data_format,
     has_chat_template,
     load_examples,
     parse_row,
     read_rows,
     tokenize_sample,
 )
+from .errors import MlxLocalError
+from .generate import LoadedModel, as_loaded, generate
+from .progress import bar as progress_bar
 
 TASKS = ("perplexity", "classify", "generate")
 HEADLINE = {"perplexity": "perplexity", "classify": "accuracy", "generate": "chrf"}
@@ -183,12 +183,13 @@ def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -
 
 
 def _answered_samples(section: DataSection, task: str, limit: int | None) -> list[Sample]:
-    """Rows as conversations whose last message is the assistant's answer (label/reference)."""
-    rows, _ = read_rows(section.train)
-    if not rows:
-        raise MlxLocalError(f"{section.train}: no examples; check the file")
+    """Rows as conversations whose last message is the assistant's answer (label/reference).
+
+    Bad rows stop the evaluation or are skipped (data.bad_lines), as in training.
+    """
+    rows, _ = read_rows(section.train, section.bad_lines == "skip")
     rows = rows[:limit]
-    fmt = section.format if section.format != "auto" else detect_format(rows[0], section.fields)
+    fmt = data_format(rows, section, section.train)
     what = "label" if task == "classify" else "reference answer"
     if fmt == "text":
         raise MlxLocalError(
@@ -199,11 +200,16 @@ def _answered_samples(section: DataSection, task: str, limit: int | None) -> lis
     for row in rows:
         try:
             sample = parse_row(row, fmt, section)
+            last = sample.messages[-1]
+            if last["role"] != "assistant" or not str(last.get("content") or "").strip():
+                raise BadRow(f"no {what} (the last message must be the answer)")
         except BadRow as e:
-            raise MlxLocalError(f"{row.where}: {e}; {task} needs a {what} in every row") from e
-        last = sample.messages[-1]
-        if last["role"] != "assistant" or not str(last.get("content") or "").strip():
-            raise MlxLocalError(f"{row.where}: no {what} (the last message must be the answer)")
+            if section.bad_lines == "skip":
+                continue
+            raise MlxLocalError(
+                f"{row.where}: {e}; {task} needs a {what} in every row (or set "
+                "data.bad_lines: skip)"
+            ) from e
         samples.append(sample)
     return samples
 

@@ -63,10 +63,10 @@ def run_quickstart(
 
     `overrides` are recipe settings (key.path=value) for the fine-tuning, e.g. fewer steps.
     """
+    from .data import parse_row, read_rows
     from .evaluate import end_of_turn, prompt_ids
     from .generate import generate, load_model
     from .recipe import load_recipe
-    from .train.data import parse_row, read_rows
     from .train.run import run_recipe
 
     root = Path(workdir or tempfile.mkdtemp(prefix="mlxlocal-quickstart-"))

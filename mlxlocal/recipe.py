@@ -32,20 +32,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .data import DataSection, describe_dataset
 from .errors import MlxLocalError
 from .resources import builtin_dir
-
-FieldName = Literal[
-    "text",
-    "prompt",
-    "completion",
-    "messages",
-    "instruction",
-    "input",
-    "output",
-    "system",
-    "tools",
-]
 
 
 class Section(BaseModel):
@@ -62,20 +51,6 @@ class ModelSection(Section):
     revision: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantize: Quantize | None = None
-
-
-class DataSection(Section):
-    train: str = Field(min_length=1)
-    valid: str | None = None
-    valid_fraction: float | None = Field(None, gt=0, lt=1)
-    format: Literal["auto", "text", "completion", "chat", "instruction"] = "auto"
-    fields: dict[FieldName, str] = {}
-    system_prompt: str | None = None
-    train_on_prompt: bool = False
-    max_length: int = Field(2048, ge=2)
-    too_long: Literal["truncate", "drop"] = "truncate"
-    packing: bool = True
-    bad_lines: Literal["error", "skip"] = "error"
 
 
 class MethodSection(Section):
@@ -492,7 +467,6 @@ def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """Check a recipe without running it: schema, model and data. Returns what was checked."""
     from .models import read_config
     from .sources import REPO_ID, is_offline, resolve_source
-    from .train.data import describe_dataset
 
     recipe = load_recipe(path, overrides)
     report = [f"{path}: the schema is valid (method {recipe.method.type})"]

@@ -7,12 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_recipe
 
+import mlxlocal
+from mlxlocal.data import (
+    DataSection,
+    Example,
+    Sample,
+    has_chat_template,
+    load_examples,
+    tokenize_sample,
+)
 from mlxlocal.errors import MlxLocalError
-from mlxlocal.recipe import DataSection
+from mlxlocal.evaluate import evaluate
+from mlxlocal.recipe import validate_recipe
 from mlxlocal.tiny import CHAT_TEMPLATE, write_tokenizer
-from mlxlocal.train.batches import first_fit, plan_batches
-from mlxlocal.train.data import Example, iterate_batches, load_examples, num_batches
+from mlxlocal.train.batches import first_fit, iterate_batches, num_batches, plan_batches
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -321,3 +331,76 @@ def test_order_is_deterministic_per_seed_and_epoch_and_resumable(packing):
     assert run(0, 1) != first and run(1, 0) != first
     assert run(0, 0, start=5) == first[5:]
     assert plan_batches([3, 4], 2, 8, True, 0, 0) == plan_batches([3, 4], 2, 8, True, 0, 0)
+
+
+# One reader for every verb: the same messy file gives the same rows, bad lines and line numbers.
+MESSY_ROWS = [("Great film", "good"), ("two\r\nlines, and a comma", "bad"), ("Dull", "bad")]
+
+
+def _messy_file(folder: Path, kind: str) -> tuple[Path, list[int], list[int]]:
+    """A file with a BOM, CRLF line ends, a blank line, a multi-line value, a malformed line
+    and a line that is not UTF-8; returns it, the lines of its good rows and of its bad ones."""
+    good, bad = [1, 2, 6], [3, 5]  # JSONL lines
+    if kind == "csv":
+        quoted = [f'"{p}",{c}\r\n' for p, c in MESSY_ROWS]
+        lines = ["prompt,completion\r\n", quoted[0], quoted[1], "one,two,three\r\n", "\r\n"]
+        lines += ["caf\udce9,good\r\n", quoted[2]]
+        good, bad = [2, 3, 8], [5, 7]
+    else:
+        rows = [json.dumps({"prompt": p, "completion": c}) + "\r\n" for p, c in MESSY_ROWS]
+        lines = [rows[0], rows[1], '{"prompt": "broken\r\n', "\r\n"]
+        lines += ['{"prompt": "caf\udce9", "completion": "good"}\r\n', rows[2]]
+    path = folder / f"messy.{kind}"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode("utf-8", "surrogateescape"))
+    return path, good, bad
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_messy_file_reads_the_same_in_training_eval_batch_and_validate(
+    tiny_lm, tiny_mlx, tmp_path, kind
+):
+    path, good, bad = _messy_file(tmp_path, kind)
+    first_bad = f"messy.{kind}:{bad[0]}:"
+    skipping = DataSection(train=str(path), bad_lines="skip")
+    recipe = write_recipe(tmp_path, tiny_mlx, data__train=str(path))
+
+    # Every reader stops at the same first bad line unless told to skip.
+    with pytest.raises(MlxLocalError, match=first_bad):
+        load_examples(DataSection(train=str(path)), tiny_lm.tokenizer)
+    with pytest.raises(MlxLocalError, match=first_bad):
+        evaluate(tiny_lm, str(path), "classify")
+    with pytest.raises(MlxLocalError, match=first_bad):
+        validate_recipe(recipe)
+    with pytest.raises(MlxLocalError, match=first_bad):
+        mlxlocal.batch(tiny_lm, path, tmp_path / "stop.jsonl", field="prompt", max_tokens=1)
+
+    # Training: the good rows, exactly as the data layer renders them; the bad ones counted.
+    examples, report = load_examples(skipping, tiny_lm.tokenizer)
+    chat = has_chat_template(tiny_lm.tokenizer)
+    expected = [
+        tokenize_sample(
+            Sample(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": c}]),
+            tiny_lm.tokenizer,
+            chat,
+            False,
+        )
+        for p, c in MESSY_ROWS
+    ]
+    assert examples == expected
+    assert [note.split(": ")[0] for note in report.notes] == [f"messy.{kind}:{n}" for n in bad]
+
+    # Evaluation: the same prompts and labels.
+    result = evaluate(tiny_lm, skipping, "classify")
+    assert [(e["prompt"], e["label"]) for e in result.examples] == MESSY_ROWS
+
+    # Validation: the same counts.
+    report_lines = validate_recipe(recipe, ["data.bad_lines=skip"])
+    assert report_lines[-1].endswith(f"3 examples (completion), {len(bad)} bad lines skipped")
+
+    # Batch: the same rows with their line numbers as ids, an error record for each bad line.
+    out = tmp_path / "out.jsonl"
+    mlxlocal.batch(tiny_lm, path, out, field="prompt", max_tokens=1, on_error="skip")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == sorted(good + bad)
+    assert [(r["prompt"], r["completion"]) for r in records if "error" not in r] == MESSY_ROWS
+    assert [r["id"] for r in records if "error" in r] == bad

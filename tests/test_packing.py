@@ -10,9 +10,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlocal import MlxLocalError
 from mlxlocal.adapters.layers import adapter_keys, add_adapters, default_modules
+from mlxlocal.data import Example, collate
 from mlxlocal.models import load
-from mlxlocal.train.batches import collate
-from mlxlocal.train.data import Example
 from mlxlocal.train.loss import check_output_head, loss_sums
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma2", "phi3"]

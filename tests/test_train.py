@@ -16,10 +16,9 @@ from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
 from mlxlocal.adapters.layers import adapter_keys, add_adapters
+from mlxlocal.data import Example, collate
 from mlxlocal.models import load
 from mlxlocal.recipe import load_recipe
-from mlxlocal.train.batches import collate
-from mlxlocal.train.data import Example
 from mlxlocal.train.optim import build_schedule
 from mlxlocal.train.run import load_base, run_recipe
 from mlxlocal.train.trainer import gradient_checkpointing, make_step

@@ -9,20 +9,12 @@ share a batch, so little of it is padding. Either way an epoch's plan is a pure 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 
-PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so few shapes are compiled
+from ..data import Batch, collate
+
 BUCKET_WINDOW = 64  # batches per window of examples sorted by length (more = less padding)
-
-
-@dataclass
-class Batch:
-    tokens: mx.array  # (B, L) int32, padded with 0
-    weights: mx.array  # (B, L) float32, 1 where tokens[b, t] is a target
-    segments: mx.array  # (B, L) int32, 1..k numbering the examples in a row; 0 = padding
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -100,22 +92,3 @@ def iterate_batches(
     plan = plan_batches(lengths, batch_size, max_length, packing, seed, epoch)
     for rows in plan[start:]:
         yield collate([[examples[i] for i in row] for row in rows], max_length)
-
-
-def collate(rows, max_length: int) -> Batch:
-    """Rows of examples → padded arrays; the first token of every example is not a target."""
-    longest = max(sum(len(e.tokens) for e in row) for row in rows)
-    width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_length, longest))
-    tokens = np.zeros((len(rows), width), np.int32)
-    weights = np.zeros((len(rows), width), np.float32)
-    segments = np.zeros((len(rows), width), np.int32)
-    for b, row in enumerate(rows):
-        pos = 0
-        for k, example in enumerate(row, 1):
-            end = pos + len(example.tokens)
-            tokens[b, pos:end] = example.tokens
-            weights[b, pos:end] = example.weights
-            weights[b, pos] = 0
-            segments[b, pos:end] = k
-            pos = end
-    return Batch(mx.array(tokens), mx.array(weights), mx.array(segments))

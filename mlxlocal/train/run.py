@@ -25,6 +25,7 @@ from ..adapters.layers import (
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.dtypes import DTYPES
 from ..convert import convert
+from ..data import load_examples
 from ..errors import MlxLocalError
 from ..evaluate import EvalResult, evaluate_recipe, side_by_side
 from ..models import load, read_config
@@ -32,8 +33,8 @@ from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
+from .batches import iterate_batches, num_batches
 from .checkpoints import Position, RunDir, restore_checkpoint, rng_key, write_text_atomic
-from .data import iterate_batches, load_examples, num_batches
 from .loss import check_output_head
 from .optim import build_optimizer
 from .trainer import BatchStream, TrainResult, train

@@ -1,4 +1,14 @@
-"""Training data: JSONL/CSV rows → token ids with loss weights, ready for batching.
+"""The one data layer: JSONL/CSV rows → samples → token ids with loss weights.
+
+Training, evaluation, `batch` and `recipes validate` all read files here, so a file reads the
+same everywhere:
+- `.jsonl`: one JSON object a line, blank lines skipped; `.csv`: comma-separated with a header
+  row, quoted cells may hold commas and newlines, blank lines skipped.
+- UTF-8, with or without a byte-order mark (as Excel saves "CSV UTF-8"); LF or CRLF line ends.
+- A record that cannot be read (not JSON, not an object, a CSV row with more or fewer cells than
+  the header, not UTF-8) is a bad row named by `file:line` (the line it starts on); the caller
+  stops on it or skips it (`data.bad_lines`, `batch --on-error`). A CSV the parser gives up on
+  stops the read.
 
 Four formats: plain `text`, `prompt`/`completion`, chat `messages` (OpenAI style, `tools`
 allowed) and `instruction`/`input`/`output`. Conversations are rendered with the model's chat
@@ -8,26 +18,39 @@ diffing token ids, so it works for any template without knowing its markup.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
+import mlx.core as mx
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import MlxLocalError
-from .batches import Batch, iterate_batches, num_batches
+from .errors import MlxLocalError
 
 __all__ = [
+    "BadRow",
     "Batch",
     "DataReport",
+    "DataSection",
     "Example",
+    "Row",
+    "Sample",
     "builtin_dataset",
+    "collate",
+    "data_file",
+    "data_format",
     "describe_dataset",
-    "iterate_batches",
+    "has_chat_template",
+    "iter_rows",
     "load_examples",
-    "num_batches",
+    "parse_row",
+    "read_rows",
+    "tokenize_sample",
 ]
 
 # The fields each format needs (our names; data.fields maps them to the file's names).
@@ -38,6 +61,42 @@ REQUIRED = {
     "text": ("text",),
 }
 NOTES_KEPT = 20
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so few shapes are compiled
+NOT_UTF8 = "not UTF-8 text; re-save the file as UTF-8"
+
+FieldName = Literal[
+    "text",
+    "prompt",
+    "completion",
+    "messages",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "tools",
+]
+
+
+class DataSection(BaseModel):
+    """A recipe's `data` section: the files and how their rows become examples.
+
+    Defined here, not in recipe.py, so that this layer can take it typed while recipe.py
+    (which validates recipes against these files) imports this one.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field(min_length=1)
+    valid: str | None = None
+    valid_fraction: float | None = Field(None, gt=0, lt=1)
+    format: Literal["auto", "text", "completion", "chat", "instruction"] = "auto"
+    fields: dict[FieldName, str] = {}
+    system_prompt: str | None = None
+    train_on_prompt: bool = False
+    max_length: int = Field(2048, ge=2)
+    too_long: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+    bad_lines: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -75,8 +134,16 @@ class DataReport:
 
 @dataclass
 class Row:
-    where: str  # "file:line"
-    values: dict[str, Any]
+    """One record of a data file, or why it could not be read."""
+
+    file: str  # the file's name, for messages
+    line: int  # where the record starts, 1-based
+    values: dict[str, Any] | None  # None when the record could not be read
+    problem: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -84,7 +151,7 @@ class Row:
 
 def builtin_dataset(name: str) -> Path:
     """A data file shipped with mlxlocal, named in a recipe as `builtin:NAME`."""
-    folder = Path(__file__).resolve().parent.parent / "datasets"
+    folder = Path(__file__).resolve().parent / "datasets"
     path = folder / name
     if "/" in name or not path.is_file():
         names = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))
@@ -92,40 +159,40 @@ def builtin_dataset(name: str) -> Path:
     return path
 
 
-def _data_file(spec: str) -> Path:
-    if spec.startswith("builtin:"):
-        return builtin_dataset(spec.removeprefix("builtin:"))
-    path = Path(spec).expanduser()
+def data_file(spec: str | Path) -> Path:
+    """The file a data path or `builtin:NAME` names."""
+    if str(spec).startswith("builtin:"):
+        return builtin_dataset(str(spec).removeprefix("builtin:"))
+    return Path(spec).expanduser()
+
+
+def iter_rows(path: Path) -> Iterator[Row]:
+    """Every record of a .jsonl or .csv file, in order, readable or not (see the module notes)."""
+    records = {".jsonl": _jsonl_rows, ".csv": _csv_rows}.get(path.suffix.lower())
     if not path.is_file():
-        raise MlxLocalError(f"{spec}: no such data file; check data.train / data.valid")
-    return path
-
-
-def read_rows(spec: str, skip_bad: bool = False) -> tuple[list[Row], list[tuple[str, str]]]:
-    """The records of a .jsonl or .csv file, and the (file:line, problem) of lines skipped."""
-    path = _data_file(spec)
-    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise MlxLocalError(f"{path}: no such data file")
+    if records is None:
         raise MlxLocalError(
             f"{path}: unsupported data file; use .jsonl (one JSON object a line) or .csv"
         )
+    with open(path, "rb") as f:
+        yield from records(f, path.name)
+
+
+def read_rows(spec: str | Path, skip_bad: bool = False) -> tuple[list[Row], list[Row]]:
+    """The readable rows of a data file, and the unreadable ones skipped (`skip_bad`).
+
+    Without `skip_bad` the first unreadable row raises, naming its file and line.
+    """
     rows: list[Row] = []
-    skipped: list[tuple[str, str]] = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            records = (
-                _csv_records(f, path.name)
-                if path.suffix.lower() == ".csv"
-                else _jsonl_records(f, path.name)
-            )
-            for where, values, problem in records:
-                if problem is None:
-                    rows.append(Row(where, values))
-                elif skip_bad:
-                    skipped.append((where, problem))
-                else:
-                    raise bad_line(where, problem)
-    except UnicodeDecodeError as e:
-        raise MlxLocalError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from e
+    skipped: list[Row] = []
+    for row in iter_rows(data_file(spec)):
+        if row.problem is None:
+            rows.append(row)
+        elif skip_bad:
+            skipped.append(row)
+        else:
+            raise bad_line(row.where, row.problem)
     return rows, skipped
 
 
@@ -133,33 +200,64 @@ def bad_line(where: str, problem: object) -> MlxLocalError:
     return MlxLocalError(f"{where}: {problem}; fix the line or set data.bad_lines: skip")
 
 
-def _jsonl_records(f, name: str):
-    for number, line in enumerate(f, 1):
+def _decoded(f: BinaryIO, bad: set[int]) -> Iterator[str]:
+    """The file's lines as text, a leading BOM dropped; lines that are not UTF-8 go into `bad`.
+
+    Such a line is still yielded (undecodable bytes as surrogates) so the CSV parser keeps its
+    place; the record holding it becomes a bad row.
+    """
+    for number, raw in enumerate(f, 1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(number)
+            yield raw.decode("utf-8", "surrogateescape")
+
+
+def _jsonl_rows(f: BinaryIO, name: str) -> Iterator[Row]:
+    bad: set[int] = set()
+    for number, line in enumerate(_decoded(f, bad), 1):
         if not line.strip():
+            continue
+        if number in bad:
+            yield Row(name, number, None, NOT_UTF8)
             continue
         try:
             values = json.loads(line)
         except json.JSONDecodeError as e:
-            yield f"{name}:{number}", None, f"not valid JSON ({e.msg} at column {e.colno})"
+            yield Row(name, number, None, f"not valid JSON ({e.msg} at column {e.colno})")
             continue
         if isinstance(values, dict):
-            yield f"{name}:{number}", values, None
+            yield Row(name, number, values)
         else:
-            yield f"{name}:{number}", None, f"expected a JSON object, got {type(values).__name__}"
+            yield Row(name, number, None, f"expected a JSON object, got {type(values).__name__}")
 
 
-def _csv_records(f, name: str):
-    reader = csv.DictReader(f)
-    start = 2
+def _csv_rows(f: BinaryIO, name: str) -> Iterator[Row]:
+    bad: set[int] = set()
+    reader = csv.reader(_decoded(f, bad))
+    header: list[str] | None = None
+    start = 1
     try:
-        for values in reader:
-            where, start = f"{name}:{start}", reader.line_num + 1
-            if None in values:
-                yield where, None, "more cells than the header has columns"
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not cells:
+                continue
+            if header is None:
+                if bad:
+                    raise MlxLocalError(f"{name}:{line}: the header is {NOT_UTF8}")
+                header = cells
+            elif not bad.isdisjoint(range(line, start)):
+                yield Row(name, line, None, NOT_UTF8)
+            elif len(cells) != len(header):
+                problem = f"{len(cells)} cells for the header's {len(header)} columns"
+                yield Row(name, line, None, problem)
             else:
-                yield where, values, None
+                yield Row(name, line, dict(zip(header, cells, strict=True)))
     except csv.Error as e:
-        yield f"{name}:{reader.line_num}", None, f"broken CSV ({e})"
+        raise MlxLocalError(f"{name}:{reader.line_num}: broken CSV ({e}); fix the file") from e
 
 
 def detect_format(row: Row, fields: dict[str, str]) -> str:
@@ -175,6 +273,13 @@ def detect_format(row: Row, fields: dict[str, str]) -> str:
     )
 
 
+def data_format(rows: list[Row], data: DataSection, spec: str) -> str:
+    """The format of a file's rows: data.format, or detected from the first row."""
+    if not rows:
+        raise MlxLocalError(f"{spec}: no examples; check the file")
+    return data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+
+
 # --- rows → conversations -----------------------------------------------------------------------
 
 
@@ -187,7 +292,7 @@ class Sample:
     tools: list[Any] | None = None
 
 
-def parse_row(row: Row, fmt: str, data) -> Sample:
+def parse_row(row: Row, fmt: str, data: DataSection) -> Sample:
     """One row in format `fmt` → a Sample, through `data.fields`; BadRow says what is missing."""
 
     def get(name: str, required: bool = True) -> Any:
@@ -360,7 +465,31 @@ def tokenize_sample(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool
 # --- the whole file -----------------------------------------------------------------------------
 
 
-def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example], DataReport]:
+def skip_or_raise(
+    data: DataSection, where: str, problem: object, skip: Callable[[str, str], None]
+) -> None:
+    """A bad row: raised as an MlxLocalError, or with data.bad_lines: skip, passed to `skip`."""
+    if data.bad_lines != "skip":
+        raise bad_line(where, problem)
+    skip(where, str(problem))
+
+
+def parse_rows(
+    rows: Iterable[Row], fmt: str, data: DataSection, skip: Callable[[str, str], None]
+) -> Iterator[tuple[Row, Sample]]:
+    """Each row with its Sample; a row that is none stops the read or goes to `skip`."""
+    for row in rows:
+        try:
+            sample = parse_row(row, fmt, data)
+        except BadRow as e:
+            skip_or_raise(data, row.where, e, skip)
+            continue
+        yield row, sample
+
+
+def load_examples(
+    data: DataSection, tokenizer, split: str = "train"
+) -> tuple[list[Example], DataReport]:
     """Examples of one split of a recipe's data section, and what happened on the way."""
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', not {split!r}")
@@ -368,15 +497,17 @@ def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example],
     report = DataReport(file=spec)
     if split == "valid" and data.valid is None and data.valid_fraction is None:
         return [], report
-    rows, skipped = read_rows(spec, data.bad_lines == "skip")
-    for where, problem in skipped:
+
+    def skip(where: str, problem: str) -> None:
         report.bad_lines += 1
         report.note(where, problem)
+
+    rows, unreadable = read_rows(spec, data.bad_lines == "skip")
+    for row in unreadable:
+        skip(row.where, row.problem)
     if data.valid_fraction is not None:
         rows = _held_out(rows, data.valid_fraction, spec, keep=split == "valid")
-    if not rows:
-        raise MlxLocalError(f"{spec}: no examples; check the file")
-    report.format = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    report.format = data_format(rows, data, spec)
     chat = has_chat_template(tokenizer)
     if report.format in ("chat", "instruction") and not chat:
         raise MlxLocalError(
@@ -384,16 +515,11 @@ def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example],
             "has none; use a model with a chat template, or text / prompt-completion data"
         )
     examples = []
-    for row in rows:
+    for row, sample in parse_rows(rows, report.format, data, skip):
         try:
-            example = tokenize_sample(
-                parse_row(row, report.format, data), tokenizer, chat, data.train_on_prompt
-            )
+            example = tokenize_sample(sample, tokenizer, chat, data.train_on_prompt)
         except BadRow as e:
-            if data.bad_lines != "skip":
-                raise bad_line(row.where, e) from e
-            report.bad_lines += 1
-            report.note(row.where, str(e))
+            skip_or_raise(data, row.where, e, skip)
             continue
         example = _fit(example, data, report, row.where)
         if example is not None:
@@ -408,7 +534,7 @@ def load_examples(data, tokenizer, split: str = "train") -> tuple[list[Example],
     return examples, report
 
 
-def _fit(example: Example, data, report: DataReport, where: str) -> Example | None:
+def _fit(example: Example, data: DataSection, report: DataReport, where: str) -> Example | None:
     """Apply data.max_length: truncate or drop, and drop what leaves nothing to learn."""
     n, limit = len(example.tokens), data.max_length
     if n > limit and data.too_long == "drop":
@@ -435,21 +561,43 @@ def _held_out(rows: list[Row], fraction: float, spec: str, keep: bool) -> list[R
     return [row for i, row in enumerate(rows) if (i in chosen) == keep]
 
 
-def describe_dataset(data, spec: str) -> str:
+def describe_dataset(data: DataSection, spec: str) -> str:
     """Read and check every row of a data file without a tokenizer (for `recipes validate`)."""
-    rows, skipped = read_rows(spec, data.bad_lines == "skip")
-    if not rows:
-        raise MlxLocalError(f"{spec}: no examples; check the file")
-    fmt = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
-    bad = 0
-    for row in rows:
-        try:
-            parse_row(row, fmt, data)
-        except BadRow as e:
-            if data.bad_lines != "skip":
-                raise bad_line(row.where, e) from e
-            bad += 1
-    skip = bad + len(skipped)
-    return f"{spec}: {len(rows) - bad:,} examples ({fmt})" + (
-        f", {skip} bad lines skipped" if skip else ""
-    )
+    skipped: list[str] = []
+    rows, unreadable = read_rows(spec, data.bad_lines == "skip")
+    fmt = data_format(rows, data, spec)
+    good = sum(1 for _ in parse_rows(rows, fmt, data, lambda where, _: skipped.append(where)))
+    skip = len(skipped) + len(unreadable)
+    return f"{spec}: {good:,} examples ({fmt})" + (f", {skip} bad lines skipped" if skip else "")
+
+
+# --- examples → arrays --------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    tokens: mx.array  # (B, L) int32, padded with 0
+    weights: mx.array  # (B, L) float32, 1 where tokens[b, t] is a target
+    segments: mx.array  # (B, L) int32, 1..k numbering the examples in a row; 0 = padding
+
+
+def collate(rows: list[list[Example]], max_length: int) -> Batch:
+    """Rows of examples → padded arrays; the first token of every example is not a target.
+
+    Training packs several examples in a row; evaluation puts one in each.
+    """
+    longest = max(sum(len(e.tokens) for e in row) for row in rows)
+    width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_length, longest))
+    tokens = np.zeros((len(rows), width), np.int32)
+    weights = np.zeros((len(rows), width), np.float32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        pos = 0
+        for k, example in enumerate(row, 1):
+            end = pos + len(example.tokens)
+            tokens[b, pos:end] = example.tokens
+            weights[b, pos:end] = example.weights
+            weights[b, pos] = 0
+            segments[b, pos:end] = k
+            pos = end
+    return Batch(mx.array(tokens), mx.array(weights), mx.array(segments))
