@@ -158,6 +158,7 @@ def write_checkpoint(
     config = source.config
     config["dtype"] = source.dtype
     config.pop("torch_dtype", None)
+    config.pop("auto_map", None)  # custom model code: never run, not carried along
     files = source.files if source.kind != "bin" else []
     config["mlxlocal"] = _provenance(source.name, source.path, files, source.notes)
     (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))

@@ -163,6 +163,42 @@ def context_length(config: dict[str, Any]) -> int | None:
     return None
 
 
+# Code shipped with a checkpoint (auto_map) never runs: transformers then neither asks nor runs it.
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+
+def _cannot_load(path: str | Path, what: str, error: Exception) -> MlxLocalError:
+    if "trust_remote_code" in str(error):
+        return MlxLocalError(
+            f"{path}: its {what} needs code shipped with the checkpoint (auto_map), which "
+            "mlxlocal never runs; use a checkpoint that transformers supports without it"
+        )
+    return MlxLocalError(f"{path}: cannot load the {what} ({' '.join(str(error).split())})")
+
+
+def load_tokenizer(path: str | Path):
+    """mlx-lm's tokenizer wrapper for a checkpoint directory, without checkpoint code."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    config = read_config(Path(path))
+    try:
+        return mlx_load_tokenizer(
+            Path(path), NO_REMOTE_CODE, eos_token_ids=config.get("eos_token_id")
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(path, "tokenizer", e) from e
+
+
+def hf_tokenizer(path: str | Path):
+    """The transformers tokenizer of a checkpoint directory, without checkpoint code."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(path, "tokenizer", e) from e
+
+
 def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False):
     """(model, tokenizer) from an MLX checkpoint directory, through mlx-lm.
 
@@ -179,9 +215,9 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
             f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
         )
     try:
-        model, tokenizer = mlx_load(str(path), lazy=lazy)
+        model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        raise MlxLocalError(f"{path}: cannot load with mlx-lm ({e})") from e
+        raise _cannot_load(path, "model or tokenizer", e) from e
     if adapter:
         load_adapters(model, adapter)
         model.eval()

@@ -60,10 +60,22 @@ def is_gguf_file(src: str | Path) -> bool:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer, chat template and generation settings that `src` has into `dst`."""
+    """Copy the tokenizer, chat template and generation settings that `src` has into `dst`.
+
+    A tokenizer config's `auto_map` (custom tokenizer code shipped with the checkpoint) is
+    dropped: mlxlocal never runs it, and the output should not invite others to.
+    """
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
+    settings = dst / "tokenizer_config.json"
+    if settings.exists():
+        try:
+            data = json.loads(settings.read_text())
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return  # left as it is: loading it says what is wrong
+        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
+            settings.write_text(json.dumps(data, indent=2))
 
 
 def file_sha256(path: Path) -> str:

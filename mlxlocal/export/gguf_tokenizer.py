@@ -14,6 +14,7 @@ import gguf
 
 from ..checkpoint.gguf_tokenizer import PRE_TOKENIZERS, SPIECE_UNDERLINE
 from ..errors import MlxLocalError
+from ..models import hf_tokenizer
 
 T = gguf.TokenType
 
@@ -73,12 +74,7 @@ def _effective_tokenizer(model: Path) -> dict | None:
     Not the file on disk: transformers 5 rebuilds some from the model type (Qwen2's splits
     digits one by one whatever tokenizer.json says), and GGUF must tokenize like ours.
     """
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
-    except (OSError, ValueError) as e:
-        raise MlxLocalError(f"{model}: cannot load the tokenizer ({e})") from e
+    tokenizer = hf_tokenizer(model)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return json.loads(backend.to_str()) if backend else None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_directory, check_output
 from ..errors import MlxLocalError
+from ..models import hf_tokenizer
 from .gguf import GGUFExport, export_gguf
 
 SYSTEM, PROMPT, RESPONSE = "@@SYSTEM_MARKER@@", "@@PROMPT_MARKER@@", "@@RESPONSE_MARKER@@"
@@ -37,9 +38,7 @@ def export_ollama(
 
 def modelfile(model: Path, gguf_path: str) -> str:
     """The Modelfile text: FROM, the chat template as a Go TEMPLATE, and stop tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer = hf_tokenizer(model)
     lines = [f"FROM {gguf_path}"]
     stops = {tokenizer.eos_token} if tokenizer.eos_token else set()
     if tokenizer.chat_template:
