@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.atomic import atomic_file, check_output
+from .choices import ON_ERROR
 from .errors import MlxLocalError
 from .generate import (
     Detokenized,
@@ -178,7 +179,7 @@ def batch(
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    if on_error not in ("skip", "stop"):
+    if on_error not in ON_ERROR:
         raise MlxLocalError(f"on_error must be 'skip' or 'stop', not {on_error!r}")
     if batch_size < 1:
         raise MlxLocalError("batch_size must be ≥ 1")
