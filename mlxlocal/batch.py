@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint.atomic import atomic_file, check_output
+from .choices import ON_ERROR
 from .data import Row, data_file, iter_rows
 from .errors import MlxLocalError
 from .generate import (
@@ -132,7 +133,7 @@ def batch(
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    if on_error not in ("skip", "stop"):
+    if on_error not in ON_ERROR:
         raise MlxLocalError(f"on_error must be 'skip' or 'stop', not {on_error!r}")
     if batch_size < 1:
         raise MlxLocalError("batch_size must be ≥ 1")

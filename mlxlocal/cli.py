@@ -9,7 +9,10 @@ import traceback
 import click
 
 from . import __version__
+from .checkpoint.dtypes import DTYPES
+from .choices import EVAL_TASKS, GGUF_TYPES, ON_ERROR
 from .errors import MlxLocalError
+from .quant_plan import MODES, PRESETS
 
 
 class Cli(click.Group):
@@ -45,6 +48,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _with_options(f, options: list):
+    """`f` decorated with `options`, which appear in --help in list order."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _quantize_options(f):
     """Flags shared by quantize and convert --quantize: what each layer becomes, what text
     measures it."""
@@ -53,14 +63,14 @@ def _quantize_options(f):
         click.option("--group-size", type=int, help="32, 64 or 128 (default: the mode's)."),
         click.option(
             "--mode",
-            type=click.Choice(["affine", "mxfp4", "mxfp8", "nvfp4"]),
+            type=click.Choice(list(MODES)),
             default="affine",
             show_default=True,
             help="affine (any bits) or a float format: mxfp4/nvfp4 (4 bits), mxfp8 (8 bits).",
         ),
         click.option(
             "--preset",
-            type=click.Choice(["uniform", "keep-embeddings", "mixed"]),
+            type=click.Choice(list(PRESETS)),
             default="uniform",
             show_default=True,
             help="keep-embeddings: embeddings and output head at higher precision; mixed: also "
@@ -98,9 +108,27 @@ def _quantize_options(f):
             help="Skip perplexity, KL and top-1 (no text is run; memory stays ~one layer).",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _with_options(f, options)
+
+
+def _output_options(dtype_help: str):
+    """Flags shared by convert and quantize: the output's dtype and shards, the source's
+    revision, replacing OUT."""
+
+    def decorate(f):
+        options = [
+            click.option("--dtype", type=click.Choice(list(DTYPES)), help=dtype_help),
+            click.option(
+                "--shard-size", default="5GB", show_default=True, help="Largest output shard."
+            ),
+            click.option("--revision", help="Hub branch, tag or commit (for a repo id SRC)."),
+            click.option(
+                "--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded)."
+            ),
+        ]
+        return _with_options(f, options)
+
+    return decorate
 
 
 def _run_quantize(src, out, dtype, shard_size, revision, force, qflags: dict) -> None:
@@ -129,14 +157,7 @@ def _run_quantize(src, out, dtype, shard_size, revision, force, qflags: dict) ->
 @cli.command()
 @click.argument("src")
 @click.argument("out", type=click.Path())
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="Weight dtype of the output (default: the source's).",
-)
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--revision", help="Hub branch, tag or commit (for a repo id SRC).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+@_output_options("Weight dtype of the output (default: the source's).")
 @click.option(
     "--verify",
     is_flag=True,
@@ -203,14 +224,7 @@ def convert(src, out, dtype, shard_size, revision, force, verify, quantize_outpu
 @cli.command()
 @click.argument("src")
 @click.argument("out", type=click.Path())
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="Dtype of what stays unquantized and of affine scales (default: the source's).",
-)
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--revision", help="Hub branch, tag or commit (for a repo id SRC).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once all succeeded).")
+@_output_options("Dtype of what stays unquantized and of affine scales (default: the source's).")
 @_quantize_options
 def quantize(src, out, dtype, shard_size, revision, force, **qflags) -> None:
     """Quantize SRC (a Hugging Face or unquantized MLX checkpoint) into an MLX checkpoint at OUT,
@@ -258,9 +272,7 @@ def _generation_options(f):
         click.option("--seed", type=int, help="Random seed: same seed, same text."),
         click.option("--stop", multiple=True, help="Stop at this text, not printed (repeatable)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _with_options(f, options)
 
 
 def _generation_kwargs(flags: dict) -> dict:
@@ -268,7 +280,7 @@ def _generation_kwargs(flags: dict) -> dict:
     from .generate import Sampling
 
     names = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-    sampling = Sampling(*(flags.pop(name) for name in names))
+    sampling = Sampling(**{name: flags.pop(name) for name in names})
     return {**flags, "stop": tuple(flags["stop"]), "sampling": sampling}
 
 
@@ -351,7 +363,7 @@ def chat(model, **flags) -> None:
 @click.option("--batch-size", default=32, show_default=True, help="Sequences generated at once.")
 @click.option(
     "--on-error",
-    type=click.Choice(["stop", "skip"]),
+    type=click.Choice(ON_ERROR),
     default="stop",
     show_default=True,
     help="A bad record stops the run, or gets an error line in the output.",
@@ -505,7 +517,7 @@ def run(recipe, overrides, resume) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--adapter", type=click.Path(), help="Adapters folder (from `mlxlocal run`).")
 @click.option("--data", required=True, help="Data file (.jsonl/.csv) or builtin:NAME.")
-@click.option("--task", required=True, type=click.Choice(["perplexity", "classify", "generate"]))
+@click.option("--task", required=True, type=click.Choice(EVAL_TASKS))
 @click.option("--labels", help="classify: the labels, comma-separated (default: those in DATA).")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
@@ -590,7 +602,7 @@ def blas(as_json) -> None:
         )
 
 
-_GGUF_TYPES = click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+_GGUF_TYPES = click.Choice(["auto", *GGUF_TYPES])
 
 
 @cli.group()

@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .choices import EVAL_TASKS
 from .data import (
     BadRow,
     DataSection,
@@ -42,7 +43,6 @@ from .errors import MlxLocalError
 from .generate import LoadedModel, as_loaded, generate
 from .progress import bar as progress_bar
 
-TASKS = ("perplexity", "classify", "generate")
 HEADLINE = {"perplexity": "perplexity", "classify": "accuracy", "generate": "chrf"}
 
 
@@ -125,8 +125,8 @@ def evaluate(
     `data` is a data file (or `builtin:NAME`), or a recipe data section whose `train` names the
     file (so field mappings and the system prompt apply as in training).
     """
-    if task not in TASKS:
-        raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+    if task not in EVAL_TASKS:
+        raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(EVAL_TASKS)}")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise MlxLocalError("batch size and limit must be ≥ 1")
     section = data if isinstance(data, DataSection) else DataSection(train=str(data))

@@ -14,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .calibration_text import CALIBRATION, EVALUATION
+from . import models
 from .errors import MlxLocalError
 from .progress import progress
 from .verify import compare_logits
@@ -41,15 +42,11 @@ def read_text(path: str | Path) -> str:
 
 
 def load_tokenizer(path: Path):
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
+    """The tokenizer the text measurements need, with a way round when it cannot load."""
     try:
-        return mlx_load_tokenizer(Path(path))
-    except (OSError, ValueError) as e:
-        raise MlxLocalError(
-            f"{path}: cannot load the tokenizer the text measurements need ({e}); "
-            "pass --no-eval to skip them"
-        ) from e
+        return models.load_tokenizer(path)
+    except MlxLocalError as e:
+        raise MlxLocalError(f"{e}; pass --no-eval to skip the text measurements") from e
 
 
 def token_parts(

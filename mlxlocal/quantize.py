@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,85 +94,159 @@ def quantize(
     check_output(out, force)
     check_dtype(dtype)
     max_shard = parse_size(shard_size)
+    request = _check_request(bits, group_size, mode, preset, rules, rules_file, target_bpw, calib)
+    source = open_source(src, revision)
+    _refuse_quantized(source)
+    windows = None
+    if evaluate or target_bpw is not None:
+        windows = token_parts(load_tokenizer(source.path), calib, calib_tokens, eval_tokens)
+
+    with atomic_directory(out, force) as tmp:
+        load_weights(source, tmp / ".staging", dtype)
+        layers = _plan(source, request)
+        size_before = sum(w.nbytes for w in source.weights.values())
+        reference, damage = _measure(source, layers, request, windows, evaluate)
+        shards, size_after, errors = _write(tmp, source, layers, request, max_shard)
+        report = _report(
+            src,
+            tmp,
+            source,
+            request,
+            sizes=(size_before, size_after),
+            shards=len(shards),
+            layers=[_layer_row(layer, errors, damage) for layer in layers],
+            evaluation=_evaluate(tmp, windows[1], reference) if evaluate else None,
+        )
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    return QuantizeResult(out, report, source.notes, source.warnings)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the user asked for, checked before a tensor is read."""
+
+    spec: Spec  # the default for every layer (with target_bpw: the mode and group size)
+    rules: list[tuple[str, str]]
+    preset: str
+    target_bpw: float | None
+    calib: str | Path | None
+
+    def to_json(self, dtype: str) -> dict:
+        return {
+            "bits": None if self.target_bpw is not None else self.spec.bits,
+            "group_size": self.spec.group_size,
+            "mode": self.spec.mode,
+            "preset": self.preset,
+            "rules": [f"{p}={v}" for p, v in self.rules],
+            "target_bpw": self.target_bpw,
+            "text": str(self.calib) if self.calib else "built-in",
+            "dtype": dtype,
+        }
+
+
+def _check_request(
+    bits: int | None,
+    group_size: int | None,
+    mode: str,
+    preset: str,
+    rules: Sequence[str],
+    rules_file: str | Path | None,
+    target_bpw: float | None,
+    calib: str | Path | None,
+) -> _Request:
     if target_bpw is not None:
         if bits is not None:
             raise MlxLocalError("give --bits or --target-bpw, not both")
         if mode != "affine":
             raise MlxLocalError("--target-bpw mixes affine bit widths: use --mode affine")
-    request = check_spec(DEFAULT_BITS.get(mode, 4) if bits is None else bits, group_size, mode)
+    spec = check_spec(DEFAULT_BITS.get(mode, 4) if bits is None else bits, group_size, mode)
     rule_list = [parse_rule(r) for r in rules] + (read_rules(rules_file) if rules_file else [])
     for _, value in rule_list:
-        rule_spec(value, request)
-    source = open_source(src, revision)
-    _refuse_quantized(source)
-    windows = None
-    if evaluate or target_bpw is not None:
-        tokenizer = load_tokenizer(source.path)
-        windows = token_parts(tokenizer, calib, calib_tokens, eval_tokens)
+        rule_spec(value, spec)
+    return _Request(spec, rule_list, preset, target_bpw, calib)
 
-    with atomic_directory(out, force) as tmp:
-        load_weights(source, tmp / ".staging", dtype)
-        family = family_spec(source.config["model_type"]) or {}
-        layers = plan_layers(
-            source.model,
-            request,
-            weights=source.weights,
-            rules=rule_list,
-            preset=preset,
-            keep_high=tuple(family.get("keep_high_precision", DEFAULT_KEEP_HIGH)),
-        )
-        size_before = sum(w.nbytes for w in source.weights.values())
-        reference, damage = None, {}
-        if windows is not None:
-            # The model takes the tensors; it may cast them to float32 for measuring, and the
-            # output is then written from those (the round trip is exact), never holding both.
-            dtypes = {k: w.dtype for k, w in source.weights.items()}
-            source.model.load_weights(list(source.weights.items()))
-            source.weights = {}
-            params = dict(tree_flatten(for_measuring(source.model).parameters()))
-            source.weights = {k: params[k].astype(dtype) for k, dtype in dtypes.items()}
-        if evaluate:
-            reference = logits(source.model, windows[1])
-        if target_bpw is not None:
-            damage = _allocate(source, layers, target_bpw, windows[0])
-        default = default_spec(layers, None if target_bpw is not None else request)
-        source.config["quantization"] = quantization_config(layers, default)
-        source.config["quantization_config"] = source.config["quantization"]
-        errors = _quantize_lazily(source.weights, layers)
-        measured: dict[str, float] = {}
 
-        def record_error(name: str) -> None:
-            path, _, leaf = name.rpartition(".")
-            if leaf == "weight" and path in errors:
-                measured[path] = errors.pop(path).item()
+def _plan(source: Source, request: _Request) -> list[Layer]:
+    """Phase 1: each layer's quantization from the request, rules, preset and model family."""
+    family = family_spec(source.config["model_type"]) or {}
+    return plan_layers(
+        source.model,
+        request.spec,
+        weights=source.weights,
+        rules=request.rules,
+        preset=request.preset,
+        keep_high=tuple(family.get("keep_high_precision", DEFAULT_KEEP_HIGH)),
+    )
 
-        shards, total = write_checkpoint(tmp, source, max_shard, after_write=record_error)
-        source.model = None  # the unquantized model is no longer needed: free it
-        mx.clear_cache()
-        report = {
-            "source": str(src),
-            "model_type": source.config["model_type"],
-            "request": {
-                "bits": None if target_bpw is not None else request.bits,
-                "group_size": request.group_size,
-                "mode": request.mode,
-                "preset": preset,
-                "rules": [f"{p}={v}" for p, v in rule_list],
-                "target_bpw": target_bpw,
-                "text": str(calib) if calib else "built-in",
-                "dtype": source.dtype,
-            },
-            "requested_bits_per_weight": target_bpw or _nominal_bpw(request, source.dtype),
-            "bits_per_weight": info(tmp)["quantization"]["bits_per_weight"],
-            "parameters": source.parameters,
-            "size_before_bytes": size_before,
-            "size_after_bytes": total,
-            "shards": len(shards),
-            "layers": [_layer_row(layer, measured, damage) for layer in layers],
-            "eval": _evaluate(tmp, windows[1], reference) if evaluate else None,
-        }
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
-    return QuantizeResult(out, report, source.notes, source.warnings)
+
+def _measure(
+    source: Source, layers: list[Layer], request: _Request, windows, evaluate: bool
+) -> tuple[mx.array | None, dict[str, float]]:
+    """Phase 2, on the unquantized model: the reference logits for the evaluation, and for
+    `target_bpw` the bits chosen per layer (with each choice's measured KL)."""
+    if windows is None:
+        return None, {}
+    # The model takes the tensors; it may cast them to float32 for measuring, and the output is
+    # then written from those (the round trip is exact), never holding both.
+    dtypes = {k: w.dtype for k, w in source.weights.items()}
+    source.model.load_weights(list(source.weights.items()))
+    source.weights = {}
+    params = dict(tree_flatten(for_measuring(source.model).parameters()))
+    source.weights = {k: params[k].astype(dtype) for k, dtype in dtypes.items()}
+    reference = logits(source.model, windows[1]) if evaluate else None
+    damage = {}
+    if request.target_bpw is not None:
+        damage = _allocate(source, layers, request.target_bpw, windows[0])
+    return reference, damage
+
+
+def _write(
+    tmp: Path, source: Source, layers: list[Layer], request: _Request, max_shard: int
+) -> tuple[list[str], int, dict[str, float]]:
+    """Phase 3: each weight quantized lazily just before its shard is written; (shard names,
+    bytes, each layer's relative weight error)."""
+    default = default_spec(layers, None if request.target_bpw is not None else request.spec)
+    source.config["quantization"] = quantization_config(layers, default)
+    source.config["quantization_config"] = source.config["quantization"]
+    lazy_errors = _quantize_lazily(source.weights, layers)
+    errors: dict[str, float] = {}
+
+    def record_error(name: str) -> None:
+        path, _, leaf = name.rpartition(".")
+        if leaf == "weight" and path in lazy_errors:
+            errors[path] = lazy_errors.pop(path).item()
+
+    shards, total = write_checkpoint(tmp, source, max_shard, after_write=record_error)
+    source.model = None  # the unquantized model is no longer needed: free it
+    mx.clear_cache()
+    return shards, total, errors
+
+
+def _report(
+    src: str | Path,
+    out: Path,
+    source: Source,
+    request: _Request,
+    *,
+    sizes: tuple[int, int],
+    shards: int,
+    layers: list[dict],
+    evaluation: dict | None,
+) -> dict:
+    """Phase 4: what was asked, and what the checkpoint written to `out` holds and costs."""
+    return {
+        "source": str(src),
+        "model_type": source.config["model_type"],
+        "request": request.to_json(source.dtype),
+        "requested_bits_per_weight": request.target_bpw or _nominal_bpw(request.spec, source.dtype),
+        "bits_per_weight": info(out)["quantization"]["bits_per_weight"],
+        "parameters": source.parameters,
+        "size_before_bytes": sizes[0],
+        "size_after_bytes": sizes[1],
+        "shards": shards,
+        "layers": layers,
+        "eval": evaluation,
+    }
 
 
 def _refuse_quantized(source: Source) -> None:

@@ -27,6 +27,7 @@ from ..checkpoint.files import weight_files
 from ..checkpoint.gguf import FLOAT_DTYPES, GROUP, mlx_q4_to_q4_1
 from ..checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_qk
 from ..checkpoint.safetensors import load_lazy
+from ..choices import GGUF_TYPES
 from ..errors import MlxLocalError
 from ..models import context_length, read_config
 from ..progress import progress
@@ -34,7 +35,7 @@ from ..resources import family_spec, family_specs
 from .gguf_tokenizer import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
-TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+TYPES = {name: Q[name.upper()] for name in GGUF_TYPES}
 FILE_TYPES = {
     Q.F32: gguf.LlamaFileType.ALL_F32,
     Q.F16: gguf.LlamaFileType.MOSTLY_F16,
