@@ -13,8 +13,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .calibration_text import CALIBRATION, EVALUATION
 from . import models
+from .calibration_text import CALIBRATION, EVALUATION
 from .errors import MlxLocalError
 from .progress import progress
 from .verify import compare_logits
