@@ -14,7 +14,7 @@ from .checkpoint.atomic import atomic_file
 from .errors import MlxLocalError
 from .generate import LoadedModel, Sampling, Stream, fit_context, render_chat
 
-HELP = "commands: /reset  /system TEXT  /save FILE  /quit  (Ctrl-C stops an answer)"
+HELP = "commands: /reset  /system TEXT  /save FILE [--force]  /quit  (Ctrl-C stops an answer)"
 
 
 class ChatSession:
@@ -84,10 +84,15 @@ class ChatSession:
         )
         return self._answer
 
-    def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON ({"messages": [...]}) atomically."""
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the conversation as JSON ({"messages": [...]}) atomically; an existing file
+        is replaced only with `force`."""
         path = Path(path)
-        with atomic_file(path, force=True) as tmp:
+        if path.is_file() and not force:
+            raise MlxLocalError(
+                f"{path} already exists: `/save {path} --force` replaces it, or choose another name"
+            )
+        with atomic_file(path, force=force) as tmp:
             tmp.write_text(json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False))
         return path
 
@@ -156,14 +161,26 @@ def repl(
             session.set_system(arg.strip())
             note(f"(system prompt {'set' if arg.strip() else 'removed'})")
         elif command == "/save":
-            if not arg.strip():
-                note("usage: /save FILE")
-                continue
-            note(f"(saved to {session.save(arg.strip())})")
+            _save(session, arg.strip(), note)
         elif command.startswith("/") and command != "/":
             note(f"unknown command {command}; {HELP}")
         else:
             _answer(session, line, write, note)
+
+
+def _save(session: ChatSession, arg: str, note: Callable[[str], None]) -> None:
+    """`/save FILE [--force]`; a failure is one note and the conversation goes on."""
+    head, _, last = arg.rpartition(" ")
+    path, force = (head.strip(), True) if last == "--force" else (arg, False)
+    if not path:
+        note("usage: /save FILE [--force]")
+        return
+    try:
+        saved = session.save(path, force=force)
+    except (MlxLocalError, OSError) as e:
+        note(f"error: {e}")
+        return
+    note(f"(saved to {saved})")
 
 
 def _answer(session: ChatSession, line: str, write, note) -> None:

@@ -9,6 +9,7 @@ import traceback
 import click
 
 from . import __version__
+from .checkpoint.atomic import check_output
 from .checkpoint.dtypes import DTYPES
 from .choices import EVAL_TASKS, GGUF_TYPES, ON_ERROR
 from .errors import MlxLocalError
@@ -332,7 +333,8 @@ def chat(model, **flags) -> None:
     """Talk with MODEL; the conversation's KV cache is kept, so history is not re-read.
 
     \b
-    Commands: /reset, /system TEXT, /save FILE (JSON), /quit (or Ctrl-D).
+    Commands: /reset, /system TEXT, /save FILE (JSON; --force replaces an existing FILE),
+    /quit (or Ctrl-D).
     Ctrl-C stops the current answer and keeps the chat going.
     With stdin not a terminal, each line is one message (scriptable):
       printf 'Hi\nWhat did I say?\n' | mlxlocal chat ./qwen-mlx
@@ -523,7 +525,8 @@ def run(recipe, overrides, resume) -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--output", type=click.Path(), help="Write metrics and per-example predictions.")
-def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, output) -> None:
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, output, force) -> None:
     """Score MODEL (optionally with --adapter) on a task, to see what fine-tuning changed.
 
     Rows are read like training data (prompt/completion, chat or instruction); the last
@@ -540,6 +543,8 @@ def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, out
     """
     from .evaluate import evaluate, write_results
 
+    if output:
+        check_output(output, force)  # before the model runs, not after
     result = evaluate(
         model,
         data,
@@ -552,7 +557,7 @@ def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, out
     )
     click.echo(result.table())
     if output:
-        click.echo(f"per-example results: {write_results(result, output)}")
+        click.echo(f"per-example results: {write_results(result, output, force)}")
 
 
 @cli.command()

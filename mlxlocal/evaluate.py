@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .checkpoint.atomic import atomic_file
 from .choices import EVAL_TASKS
 from .data import (
     BadRow,
@@ -357,13 +358,12 @@ def _generate(
     return EvalResult("generate", section.train, metrics, examples)
 
 
-def write_results(result: EvalResult | dict, out: str | Path) -> Path:
-    """Write a result (or a before/after record) as JSON, atomically."""
-    from .checkpoint.atomic import atomic_file
-
+def write_results(result: EvalResult | dict, out: str | Path, force: bool = False) -> Path:
+    """Write a result (or a before/after record) as JSON, atomically; an existing file is
+    replaced only with `force`."""
     record = result.to_json() if isinstance(result, EvalResult) else result
     out = Path(out)
-    with atomic_file(out, force=True) as tmp:
+    with atomic_file(out, force=force) as tmp:
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
     return out
 
