@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,6 +138,11 @@ SCHEDULED_RUN = {
 }
 
 
+def compiling_env() -> dict[str, str]:
+    """The environment for a child process that compiles, as users' runs do (see `compiled`)."""
+    return {k: v for k, v in os.environ.items() if k != "MLX_DISABLE_COMPILE"}
+
+
 def write_recipe(folder: Path, model: Path, **overrides) -> Path:
     """A small, fast training recipe in `folder` (run dir `folder/run`); `a__b=v` sets a.b."""
     import yaml
@@ -145,7 +151,7 @@ def write_recipe(folder: Path, model: Path, **overrides) -> Path:
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"train": "builtin:tiny-chat.jsonl", "max_length": 128},
         "method": {"type": "lora", "rank": 4, "alpha": 8},
-        "training": {"learning_rate": 2e-3, "batch_size": 4, "steps": 6, "compile": False},
+        "training": {"learning_rate": 2e-3, "batch_size": 4, "steps": 6},
         "output": str(folder / "run"),
     }
     for key, value in overrides.items():
