@@ -37,7 +37,7 @@ LAYERS: dict[str, list[str]] = {
         "quickstart",
         "tiny",
     ],
-    "mid": ["recipe", "data", "decoding"],
+    "mid": ["recipe", "data", "decoding", "choices"],
     "core": [
         "models",
         "sources",
