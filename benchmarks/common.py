@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,27 @@ def alternate(pairs: dict[str, callable], reps: int) -> dict[str, list[Run]]:
         for name, fn in pairs.items():
             runs[name].append(fn())
     return runs
+
+
+def alternate_commands(
+    commands: dict[str, list[str]], outs: dict[str, Path], reps: int
+) -> dict[str, list[Run]]:
+    """`alternate` for commands that write `outs[name]`: each run starts without its output."""
+
+    def contender(name: str):
+        def once() -> Run:
+            shutil.rmtree(outs[name], ignore_errors=True)
+            return measure(commands[name], env={"HF_HUB_OFFLINE": "1"})
+
+        return once
+
+    return alternate({name: contender(name) for name in commands}, reps)
+
+
+def mlx_lm_convert(src: Path, out: Path, *flags: str) -> list[str]:
+    """The `mlx_lm convert` command line, the peer of our convert and quantize."""
+    command = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src)]
+    return [*command, "--mlx-path", str(out), *flags]
 
 
 def median(runs: list[Run], field: str) -> float:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
-from .common import alternate, measure, median
+from .common import alternate_commands, measure, median, mlx_lm_convert
 
 # hidden, layers, vocab, source shard size: fp16 checkpoints, Llama-shaped.
 SIZES = {
@@ -16,7 +15,8 @@ SIZES = {
 }
 
 
-def run(size: str, reps: int, work: Path) -> dict:
+def source_checkpoint(size: str, work: Path) -> Path:
+    """The fp16 multi-shard checkpoint for `size` (built once, in a child)."""
     hidden, layers, vocab, shard = SIZES[size]
     src = work / f"src-{size}"
     if not (src / "config.json").exists():
@@ -28,6 +28,11 @@ def run(size: str, reps: int, work: Path) -> dict:
             f"dtype='float16', shard_bytes={shard})"
         )
         measure([sys.executable, "-c", code, str(src)])
+    return src
+
+
+def run(size: str, reps: int, work: Path) -> dict:
+    src = source_checkpoint(size, work)
     source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     outs = {"mlxlocal": work / "out-mlxlocal", "mlx_lm": work / "out-mlx_lm"}
     commands = {
@@ -43,28 +48,9 @@ def run(size: str, reps: int, work: Path) -> dict:
             "--shard-size",
             "128MB",
         ],
-        "mlx_lm": [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "convert",
-            "--hf-path",
-            str(src),
-            "--mlx-path",
-            str(outs["mlx_lm"]),
-            "--dtype",
-            "float16",
-        ],
+        "mlx_lm": mlx_lm_convert(src, outs["mlx_lm"], "--dtype", "float16"),
     }
-
-    def contender(name):
-        def once():
-            shutil.rmtree(outs[name], ignore_errors=True)
-            return measure(commands[name], env={"HF_HUB_OFFLINE": "1"})
-
-        return once
-
-    runs = alternate({name: contender(name) for name in commands}, reps)
+    runs = alternate_commands(commands, outs, reps)
     # What both pay before touching a tensor: Python, MLX, and mlx-lm's import of transformers
     # (and PyTorch, when installed). The work itself is the peak above this floor.
     floor = median(

@@ -16,26 +16,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from .common import alternate, measure, median
-from .convert import SIZES
+from .common import alternate_commands, measure, median, mlx_lm_convert
+from .convert import source_checkpoint
 
 # hidden, layers, training steps of the quality model (the --target-bpw runs measure every layer
 # at every width, so it stays small enough for two CPU cores).
 QUALITY_MODEL = (128, 4, 300)
-
-
-def _source(size: str, work: Path) -> Path:
-    """The convert suite's fp16 multi-shard checkpoint for `size` (built once, in a child)."""
-    hidden, layers, vocab, shard = SIZES[size]
-    src = work / f"src-{size}"
-    if not (src / "config.json").exists():
-        code = (
-            "import sys; from mlxlocal.tiny import build_tiny_checkpoint as b; "
-            f"b(sys.argv[1], hidden={hidden}, layers={layers}, vocab={vocab}, "
-            f"dtype='float16', shard_bytes={shard})"
-        )
-        measure([sys.executable, "-c", code, str(src)])
-    return src
 
 
 def _mlxlocal(src: Path, out: Path, *flags: str) -> list[str]:
@@ -49,35 +35,15 @@ def _bpw(out: Path) -> float:
 
 
 def run(size: str, reps: int, work: Path) -> dict:
-    src = _source(size, work)
+    src = source_checkpoint(size, work)
     outs = {"mlxlocal": work / "q-mlxlocal", "mlx_lm": work / "q-mlx_lm"}
     commands = {
         "mlxlocal": _mlxlocal(src, outs["mlxlocal"], "--bits", "4", "--no-eval"),
-        "mlx_lm": [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "convert",
-            "--hf-path",
-            str(src),
-            "--mlx-path",
-            str(outs["mlx_lm"]),
-            "-q",
-            "--q-bits",
-            "4",
-            "--q-group-size",
-            "64",
-        ],
+        "mlx_lm": mlx_lm_convert(
+            src, outs["mlx_lm"], "-q", "--q-bits", "4", "--q-group-size", "64"
+        ),
     }
-
-    def contender(name):
-        def once():
-            shutil.rmtree(outs[name], ignore_errors=True)
-            return measure(commands[name], env={"HF_HUB_OFFLINE": "1"})
-
-        return once
-
-    runs = alternate({name: contender(name) for name in commands}, reps)
+    runs = alternate_commands(commands, outs, reps)
     result = {
         "source_mb": round(sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20, 1),
         "shards": len(list(src.glob("*.safetensors"))),

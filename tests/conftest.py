@@ -11,7 +11,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")  # for speed; `compiled` turns it back on
 os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="mlxlocal-tests-")
 os.environ["MLXLOCAL_CACHE"] = os.path.join(os.environ["TMPDIR"], "cache")  # builtin:tiny etc.
 tempfile.tempdir = None
@@ -29,6 +29,17 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def compiled():
+    """`mx.compile` on for one test, as users run (the suite runs with it off for speed)."""
+    import mlx.core as mx
+
+    mx.enable_compile()
+    yield
+    if "MLX_DISABLE_COMPILE" in os.environ:
+        mx.disable_compile()
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mlxlocal.tiny import write_tokenizer
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 VOCAB = 512
 COMMON = dict(
@@ -25,6 +30,15 @@ COMMON = dict(
     pad_token_id=0,
     initializer_range=0.15,
 )
+# Llama 3 rope scaling as transformers 5 writes it (rope_parameters), short enough to matter.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 50000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     # mlx-lm ignores these sliding windows (convert warns): keep them beyond the probes.
@@ -96,16 +110,37 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def mlx_logits(path: Path, ids: list[int]) -> np.ndarray:
+def mlx_logits(
+    model: nn.Module | Path | str, ids: list[int] | None = None, adapter: Path | None = None
+) -> np.ndarray:
+    """float32 logits of `ids` (default `probe_ids()`) from a loaded model, or from an MLX
+    checkpoint (+ `adapter`) loaded by mlx-lm."""
     import mlx.core as mx
-    from mlx_lm import load
 
-    model, _ = load(str(path))
+    if isinstance(model, (str, Path)):
+        from mlx_lm import load
+
+        model, _ = load(str(model), adapter_path=str(adapter) if adapter else None)
+    ids = probe_ids() if ids is None else ids
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 def probe_ids(n: int = 24, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+
+
+# A run with every piece of state a checkpoint must carry: warmup + cosine, clipping, rotation.
+SCHEDULED_RUN = {
+    "training__schedule": "cosine",
+    "training__warmup_steps": 2,
+    "training__grad_clip": 1.0,
+    "checkpoint__keep": 2,
+}
+
+
+def compiling_env() -> dict[str, str]:
+    """The environment for a child process that compiles, as users' runs do (see `compiled`)."""
+    return {k: v for k, v in os.environ.items() if k != "MLX_DISABLE_COMPILE"}
 
 
 def write_recipe(folder: Path, model: Path, **overrides) -> Path:
@@ -116,7 +151,7 @@ def write_recipe(folder: Path, model: Path, **overrides) -> Path:
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"train": "builtin:tiny-chat.jsonl", "max_length": 128},
         "method": {"type": "lora", "rank": 4, "alpha": 8},
-        "training": {"learning_rate": 2e-3, "batch_size": 4, "steps": 6, "compile": False},
+        "training": {"learning_rate": 2e-3, "batch_size": 4, "steps": 6},
         "output": str(folder / "run"),
     }
     for key, value in overrides.items():

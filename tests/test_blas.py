@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ from helpers import mlx_logits, probe_ids
 import mlxlocal.blas as blas
 from mlxlocal import MlxLocalError, convert
 
+# By platform only, never by whether `mkl` is installed: on Linux x86_64 these must run.
+mkl_platform = pytest.mark.skipif(
+    (platform.system(), platform.machine()) != ("Linux", "x86_64"),
+    reason="MKL is for MLX's Linux x86_64 CPU back end",
+)
+
 
 def test_env_is_untouched_unless_asked():
     assert blas.fast_blas_env({}) is None
@@ -22,12 +29,20 @@ def test_env_is_untouched_unless_asked():
         blas.fast_blas_env({"MLXLOCAL_BLAS": "openblas"})
 
 
+def test_mkl_elsewhere_says_it_does_not_apply(monkeypatch):
+    monkeypatch.setattr(blas.platform, "system", lambda: "Darwin")
+    with pytest.raises(MlxLocalError, match="Linux x86_64 CPU back end; unset it"):
+        blas.fast_blas_env({"MLXLOCAL_BLAS": "mkl"})
+
+
+@mkl_platform
 def test_missing_mkl_says_how_to_install(monkeypatch):
     monkeypatch.setattr(blas, "mkl_library", lambda: None)
     with pytest.raises(MlxLocalError, match=r"mlxlocal\[fast-cpu\]"):
         blas.fast_blas_env({"MLXLOCAL_BLAS": "mkl"})
 
 
+@mkl_platform
 def test_preload_is_added_once():
     env = blas.fast_blas_env({"MLXLOCAL_BLAS": "mkl", "LD_PRELOAD": "/x/libother.so"})
     lib = str(blas.mkl_library())
@@ -43,6 +58,7 @@ def _cli(*args, **env):
     return out.stdout
 
 
+@mkl_platform
 def test_mkl_matmul_is_used_and_correct():
     bundled = json.loads(_cli("blas", "--json"))
     fast = json.loads(_cli("blas", "--json", MLXLOCAL_BLAS="mkl"))
@@ -50,6 +66,7 @@ def test_mkl_matmul_is_used_and_correct():
     assert fast["relative_error"] <= 1e-5 and bundled["relative_error"] <= 1e-5
 
 
+@mkl_platform
 def test_model_logits_agree_under_mkl(checkpoints, tmp_path):
     out = convert(checkpoints("llama"), tmp_path / "m").out
     ids = probe_ids()

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ARCHS, hf_logits, mlx_logits, probe_ids
+from helpers import ARCHS, LLAMA3_ROPE, hf_logits, mlx_logits, probe_ids
 
 from mlxlocal import convert
 from mlxlocal.verify import compare_logits
@@ -57,16 +57,6 @@ def test_ignored_sliding_window_is_reported(checkpoints, tmp_path):
         result = convert(checkpoints(arch), tmp_path / arch)
         assert any("sliding_window=128" in w for w in result.warnings), arch
     assert not convert(checkpoints("llama"), tmp_path / "llama").warnings
-
-
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 50000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
 
 
 @pytest.mark.parametrize(

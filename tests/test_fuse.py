@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import probe_ids
+from helpers import mlx_logits, probe_ids
 from mlx_lm import load as mlx_load
 
 from mlxlocal.adapters.files import adapter_config
@@ -17,6 +17,8 @@ from mlxlocal.adapters.layers import LoRALinear, adapter_keys, add_adapters, sav
 from mlxlocal.cli import cli
 from mlxlocal.models import load
 from mlxlocal.train.fuse import fuse
+
+IDS = probe_ids(48)
 
 
 def trained_looking_adapters(model_path, out, kind: str):
@@ -35,10 +37,6 @@ def trained_looking_adapters(model_path, out, kind: str):
     return model
 
 
-def logits(model) -> np.ndarray:
-    return np.array(model(mx.array([probe_ids(48)]))[0])
-
-
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_fused_float_model_equals_base_plus_adapters(mlx_checkpoints, tmp_path, kind):
     path = mlx_checkpoints("llama")
@@ -47,8 +45,8 @@ def test_fused_float_model_equals_base_plus_adapters(mlx_checkpoints, tmp_path, 
     assert result.fused_layers == 6 and not result.quantized
     fused, _ = mlx_load(str(tmp_path / "fused"))  # a plain checkpoint: no adapter needed
     assert not any(isinstance(m, LoRALinear) for _, m in fused.named_modules())
-    np.testing.assert_allclose(logits(fused), logits(adapted), atol=1e-4)
-    assert np.abs(logits(fused) - logits(load(path)[0])).max() > 1e-2
+    np.testing.assert_allclose(mlx_logits(fused, IDS), mlx_logits(adapted, IDS), atol=1e-4)
+    assert np.abs(mlx_logits(fused, IDS) - mlx_logits(load(path)[0], IDS)).max() > 1e-2
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -59,13 +57,13 @@ def test_fusing_into_a_quantized_base_requantizes_or_dequantizes(mlx_checkpoints
     mlx_convert(str(mlx_checkpoints("llama")), str(quantized), quantize=True, q_bits=bits,
                 q_group_size=32)  # fmt: skip
     adapted = trained_looking_adapters(quantized, tmp_path / "adapters", "dora")
-    expected = logits(adapted)
+    expected = mlx_logits(adapted, IDS)
 
     fuse(quantized, tmp_path / "adapters", tmp_path / "dense", dequantize=True)
     dense, _ = mlx_load(str(tmp_path / "dense"))
     assert "quantization" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in dense.named_modules())
-    np.testing.assert_allclose(logits(dense), expected, atol=1e-4)
+    np.testing.assert_allclose(mlx_logits(dense, IDS), expected, atol=1e-4)
 
     result = fuse(quantized, tmp_path / "adapters", tmp_path / "requantized")
     assert result.quantized
@@ -73,8 +71,10 @@ def test_fusing_into_a_quantized_base_requantizes_or_dequantizes(mlx_checkpoints
     q_proj = requantized.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == bits
     # Quantizing W + ΔW again costs no more than quantizing W did in the first place.
-    requantizing = np.abs(logits(requantized) - logits(dense)).mean()
-    quantizing = np.abs(logits(load(quantized)[0]) - logits(load(mlx_checkpoints("llama"))[0]))
+    requantizing = np.abs(mlx_logits(requantized, IDS) - mlx_logits(dense, IDS)).mean()
+    quantizing = np.abs(
+        mlx_logits(load(quantized)[0], IDS) - mlx_logits(load(mlx_checkpoints("llama"))[0], IDS)
+    )
     assert requantizing < quantizing.mean()
 
 

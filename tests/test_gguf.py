@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_adapter, probe_ids
+from helpers import LLAMA3_ROPE, make_adapter, mlx_logits, probe_ids
 
 from mlxlocal import convert
 from mlxlocal.checkpoint.gguf_names import permute_qk
@@ -28,14 +28,6 @@ TEXTS = [
     "<|user|>\nTranslate the sentence<|end|>\n",
 ]
 F32_REL = 1e-4  # max |Δlogit| / max |logit|, F32 weights and F32 KV cache
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 50000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +77,6 @@ def cpp_logits(llama_cpp, path, ids, lora=None):
     )
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)]), llm
-
-
-def mlx_logits(path, ids, adapter=None):
-    from mlx_lm import load
-
-    model, _ = load(str(path), adapter_path=str(adapter) if adapter else None)
-    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 def rel(a, b):

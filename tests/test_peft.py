@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import make_adapter, probe_ids
+from helpers import make_adapter, mlx_logits, probe_ids
 
 from mlxlocal import convert
 from mlxlocal.errors import MlxLocalError
@@ -25,13 +24,6 @@ def base(checkpoints, tmp_path_factory):
     mlx_dir = tmp_path_factory.mktemp("peft") / "mlx"
     convert(hf, mlx_dir)
     return hf, mlx_dir
-
-
-def mlx_logits(model_dir, ids, adapter=None):
-    from mlx_lm import load
-
-    model, _ = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
-    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 def peft_logits(hf_dir, peft_dir, ids):
@@ -112,8 +104,7 @@ def test_peft_written_adapter_imports_with_peft_logits(config, base, tmp_path):
     from mlxlocal.models import load
 
     model, _ = load(mlx_dir, adapter=src)
-    direct = np.array(model(mx.array([ids]))[0].astype(mx.float32))
-    assert np.abs(direct - reference).max() <= TOL
+    assert np.abs(mlx_logits(model, ids) - reference).max() <= TOL
 
 
 def _tensors(path, name):

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import probe_ids
+from helpers import mlx_logits
 from safetensors.numpy import load_file, save_file
 
 from mlxlocal import convert, info, quantize
@@ -23,11 +23,6 @@ def mlx_lm_load(path):
 
     model, _ = load(str(path))
     return model
-
-
-def logits_of(model, ids=None) -> np.ndarray:
-    ids = ids or probe_ids()
-    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 def header(path) -> dict:
@@ -80,9 +75,9 @@ def test_float_modes(mode, nominal, checkpoints, tmp_path):
     assert abs(report["bits_per_weight"] - nominal) <= 0.1
     assert {row["mode"] for row in report["layers"]} == {mode}
     model = mlx_lm_load(tmp_path / "q")
-    quantized = logits_of(model)
+    quantized = mlx_logits(model)
     # The float formats go through a different kernel than dequantize + matmul: 1e-5 apart.
-    np.testing.assert_allclose(logits_of(dequantize_model(model)), quantized, atol=1e-5)
+    np.testing.assert_allclose(mlx_logits(dequantize_model(model)), quantized, atol=1e-5)
 
 
 def test_quantized_logits_equal_its_dequantized_copy(checkpoints, tmp_path):
@@ -90,8 +85,8 @@ def test_quantized_logits_equal_its_dequantized_copy(checkpoints, tmp_path):
 
     quantize(checkpoints("llama"), tmp_path / "q", bits=3, group_size=32, evaluate=False)
     model = mlx_lm_load(tmp_path / "q")
-    quantized = logits_of(model)
-    assert np.array_equal(logits_of(dequantize_model(model)), quantized)
+    quantized = mlx_logits(model)
+    assert np.array_equal(mlx_logits(dequantize_model(model)), quantized)
 
 
 def test_kl_is_measured_against_transformers_and_falls_with_more_bits(checkpoints, tmp_path):
@@ -112,7 +107,7 @@ def test_kl_is_measured_against_transformers_and_falls_with_more_bits(checkpoint
     for ids in windows:
         with torch.no_grad():
             ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
-        cand = torch.log_softmax(torch.from_numpy(logits_of(model, ids)).double(), -1)
+        cand = torch.log_softmax(torch.from_numpy(mlx_logits(model, ids)).double(), -1)
         kl_sum += (ref.exp() * (ref - cand)).sum().item()
         nll_sum -= ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
         n += len(ids)
@@ -139,8 +134,8 @@ def test_non_dividing_layer_takes_a_smaller_group_and_says_so(checkpoints, tmp_p
     assert config["quantization"]["model.layers.1.mlp.down_proj"]["group_size"] == 32
     model = mlx_lm_load(tmp_path / "q")
     assert report["bits_per_weight"] == pytest.approx(compute_bits_per_weight(model), abs=1e-3)
-    quantized = logits_of(model)
-    assert np.array_equal(logits_of(dequantize_model(model)), quantized)
+    quantized = mlx_logits(model)
+    assert np.array_equal(mlx_logits(dequantize_model(model)), quantized)
     # mlx-lm's own quantizer leaves the layer at 32 bits without a word.
     convert(checkpoints("llama", intermediate_size=96), tmp_path / "fp")
     mlx_convert(str(tmp_path / "fp"), str(tmp_path / "mlx-lm"), quantize=True, q_bits=4)

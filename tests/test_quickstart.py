@@ -8,7 +8,7 @@ from mlxlocal.cli import cli
 from mlxlocal.quickstart import run_quickstart
 
 
-def test_quickstart_path_fine_tunes_and_reports_before_and_after(tmp_path):
+def test_quickstart_path_fine_tunes_and_reports_before_and_after(tmp_path, compiled):
     lines: list[str] = []
     result = run_quickstart(
         tmp_path, echo=lines.append, overrides=["training.steps=300", "eval.limit=40"], examples=2

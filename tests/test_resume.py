@@ -1,9 +1,10 @@
-"""Exact resume: a run killed with SIGKILL and started again goes on as if never stopped."""
+"""Exact resume: a run killed with SIGKILL and started again goes on as if never stopped.
+
+Every run here compiles its training step (`mx.compile`), as users' runs do."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import write_recipe
+from helpers import SCHEDULED_RUN, compiling_env, write_recipe
 
 from mlxlocal.recipe import dump_recipe, load_recipe
 
@@ -43,10 +44,11 @@ main()
 """
 
 
-def mlxlocal(*args, env=None) -> subprocess.CompletedProcess:
+def mlxlocal(*args) -> subprocess.CompletedProcess:
+    """The CLI in a child that compiles its training step, as users' runs do."""
     code = "import sys; from mlxlocal.cli import main; sys.argv[0] = 'mlxlocal'; main()"
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=compiling_env()
     )
 
 
@@ -64,11 +66,8 @@ def recipe(mlx_checkpoints, tmp_path_factory):
         method={"type": "lora", "rank": 4, "dropout": 0.1},
         training__steps=10,
         training__grad_accumulation=2,
-        training__schedule="cosine",
-        training__warmup_steps=2,
-        training__grad_clip=1.0,
         checkpoint__every=3,
-        checkpoint__keep=2,
+        **SCHEDULED_RUN,
     )
 
 
@@ -86,7 +85,7 @@ def uninterrupted(recipe):
 ])  # fmt: skip
 def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, kill_at, resumes_at):
     run = tmp_path / "run"
-    env = {**os.environ, "KILL_AT": str(kill_at), "KILL_MOMENT": moment}
+    env = {**compiling_env(), "KILL_AT": str(kill_at), "KILL_MOMENT": moment}
     killed = subprocess.run(
         [sys.executable, "-c", KILLER, "run", str(recipe), f"output={run}"],
         capture_output=True,

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from helpers import write_recipe
+from helpers import SCHEDULED_RUN, write_recipe
 from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
@@ -111,22 +111,22 @@ def _nothing():
     return nullcontext()
 
 
-def test_compiled_step_equals_the_plain_one(mlx_checkpoints):
+def test_compiled_step_equals_the_plain_one(mlx_checkpoints, compiled):
+    """The plain step is the compiled one's reference; the recipe runs below compile, as users'."""
     path = mlx_checkpoints("llama")
-    batch = collate(rows(3, 4), 64)
+    data = rows(3, 4)
+    micro = [collate(data[:2], 64), collate(data[2:], 64)]  # accumulation inside the graph
     results = []
-    mx.enable_compile()
-    try:
-        for compile in (False, True):
-            model = lora_model(path, dropout=0.1)
-            mx.random.seed(5)
-            step = make_step(model, optim.AdamW(learning_rate=1e-2), packed=True, compile=compile)
-            for _ in range(2):
-                loss, n, _, _ = step([batch])
-                mx.eval(model.parameters(), loss, n)
-            results.append((loss.item(), params(model, trainable=True)))
-    finally:
-        mx.disable_compile()
+    for compile in (False, True):
+        model = lora_model(path, dropout=0.1)
+        mx.random.seed(5)
+        step = make_step(
+            model, optim.AdamW(learning_rate=1e-2), grad_clip=1.0, packed=True, compile=compile
+        )
+        for _ in range(2):
+            loss, n, _, _ = step(micro)
+            mx.eval(model.parameters(), loss, n)
+        results.append((loss.item(), params(model, trainable=True)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for name, value in results[0][1].items():
         np.testing.assert_allclose(results[1][1][name], value, atol=1e-5)
@@ -146,7 +146,9 @@ def read_metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(mlx_checkpoints, tmp_path):
+def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(
+    mlx_checkpoints, tmp_path, compiled
+):
     path = mlx_checkpoints("llama")
     recipe = write_recipe(
         tmp_path,
@@ -154,12 +156,9 @@ def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(mlx_checkpoints
         data__valid_fraction=0.1,
         training__steps=12,
         training__learning_rate=1e-2,
-        training__grad_clip=1.0,
-        training__schedule="cosine",
-        training__warmup_steps=2,
         eval__every=6,
         checkpoint__every=4,
-        checkpoint__keep=2,
+        **SCHEDULED_RUN,
     )
     summary = run_recipe(load_recipe(recipe))
     run = tmp_path / "run"
@@ -185,7 +184,7 @@ def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(mlx_checkpoints
         run_recipe(load_recipe(recipe))
 
 
-def test_adapters_from_a_run_work_in_mlx_lm_generate(mlx_checkpoints, tmp_path):
+def test_adapters_from_a_run_work_in_mlx_lm_generate(mlx_checkpoints, tmp_path, compiled):
     from mlx_lm import generate
 
     path = mlx_checkpoints("llama")
@@ -205,7 +204,7 @@ def test_adapters_from_a_run_work_in_mlx_lm_generate(mlx_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-def test_qlora_trains_adapters_over_a_quantized_base(mlx_checkpoints, tmp_path, bits):
+def test_qlora_trains_adapters_over_a_quantized_base(mlx_checkpoints, tmp_path, compiled, bits):
     recipe = write_recipe(
         tmp_path,
         mlx_checkpoints("llama"),
@@ -233,7 +232,7 @@ def test_qlora_quantizes_the_blocks_and_keeps_the_family_high_precision_layers(
     assert type(model.model.embed_tokens) is nn.Embedding
 
 
-def test_dora_and_full_fine_tuning_learn(mlx_checkpoints, tmp_path):
+def test_dora_and_full_fine_tuning_learn(mlx_checkpoints, tmp_path, compiled):
     path = mlx_checkpoints("llama")
     for method in ("dora", "full"):
         folder = tmp_path / method
@@ -251,7 +250,9 @@ def test_dora_and_full_fine_tuning_learn(mlx_checkpoints, tmp_path):
             assert "lm_head.weight" in saved
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mlx_checkpoints, tmp_path):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    mlx_checkpoints, tmp_path, compiled
+):
     recipe = write_recipe(
         tmp_path,
         mlx_checkpoints("llama"),
@@ -271,7 +272,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mlx_checkpo
     )
 
 
-def test_epochs_become_steps_and_grad_accumulation_counts_micro_batches(mlx_checkpoints, tmp_path):
+def test_epochs_become_steps_and_grad_accumulation_counts_micro_batches(
+    mlx_checkpoints, tmp_path, compiled
+):
     recipe = write_recipe(
         tmp_path,
         mlx_checkpoints("llama"),
