@@ -181,9 +181,9 @@ def batch(
     gen = BatchGenerator(
         lm.model,
         max_tokens=max_tokens,
-        stop_tokens=[] if ignore_eos else [[t] for t in lm.tokenizer.eos_token_ids],
+        stop_tokens=[] if ignore_eos else [[t] for t in sorted(lm.stop_ids)],
         sampler=sampling.sampler(),
-        logits_processors=sampling.logits_processors(),
+        logits_processors=lm.logits_processors(sampling),
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )
@@ -271,7 +271,7 @@ class _Item:
     def step(self, token: int, finish_reason: str | None) -> bool:
         """Take the next token; True when this record is finished."""
         self.tokens.append(token)
-        if finish_reason != "stop":  # "stop" from the generator means an EOS token
+        if finish_reason != "stop":  # "stop" from the generator means a stop id: not shown
             self.text.add(token)
         if self.text.stopped:
             finish_reason = "stop"

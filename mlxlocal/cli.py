@@ -291,7 +291,7 @@ def _generation_kwargs(flags: dict) -> dict:
 @_generation_options
 @click.option("--no-chat-template", is_flag=True, help="Send the prompt as plain text.")
 @click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
-@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past EOS and end-of-turn tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def generate(model, prompt, no_chat_template, truncate, ignore_eos, as_json, **flags) -> None:
     """Generate an answer to one prompt with MODEL (an MLX folder), streamed as it comes.
@@ -372,7 +372,7 @@ def chat(model, **flags) -> None:
 )
 @click.option("--no-chat-template", is_flag=True, help="Send prompts as plain text.")
 @click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
-@click.option("--ignore-eos", is_flag=True, help="Keep going past end-of-sequence tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep going past EOS and end-of-turn tokens.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT, discarding an interrupted run.")
 def batch(model, input_path, output, no_chat_template, **flags) -> None:
     """Run every record of a JSONL/CSV file through MODEL, batched; resumable.

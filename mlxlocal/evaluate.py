@@ -305,19 +305,6 @@ def classification_metrics(
     }
 
 
-def end_of_turn(tokenizer) -> str | None:
-    """The text a chat template puts after an answer (e.g. `<|end|>`), to stop generation at."""
-    if not has_chat_template(tokenizer):
-        return None
-    sample = Sample(
-        messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]
-    )
-    example = tokenize_sample(sample, tokenizer, True, False)
-    ids = [t for t, w in zip(example.tokens, example.weights, strict=True) if w]
-    text = tokenizer.decode(ids).strip()
-    return text or None
-
-
 def prompt_ids(tokenizer, sample: Sample) -> list[int]:
     """The tokens of a row's conversation up to its answer, as training renders them."""
     context = sample.messages[:-1]
@@ -331,14 +318,13 @@ def _generate(
 ) -> EvalResult:
     import sacrebleu
 
-    stop = [s for s in [end_of_turn(lm.tokenizer)] if s]
     references = [str(s.messages[-1]["content"]).strip() for s in samples]
     answers, examples = [], []
     for sample, ref in zip(
         progress_bar("generate", len(samples), "ex", samples), references, strict=True
     ):
         ids = prompt_ids(lm.tokenizer, sample)
-        answer = generate(lm, ids, max_tokens=max_tokens, stop=stop).text.strip()
+        answer = generate(lm, ids, max_tokens=max_tokens).text.strip()
         answers.append(answer)
         examples.append(
             {

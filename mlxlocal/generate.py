@@ -1,8 +1,9 @@
 """`generate`: one prompt in, text streamed out, on mlx-lm's decoding loop.
 
 mlx-lm's `generate_step` owns the model loop (chunked prefill, KV cache, asynchronous decoding).
-This module owns what a person sees around it: the chat template, the context limit, stop strings
-cut exactly (also when one spans several tokens), optional EOS, and the timings of the summary.
+This module owns what a person sees around it: the chat template, the context limit, the end of
+the turn (EOS or the template's end-of-turn token: `decoding.stop_ids`, never shown), stop strings
+cut exactly (also when one spans several tokens), and the timings of the summary.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .decoding import decodable_only, stop_ids
 from .errors import MlxLocalError
 from .models import context_length, read_config
 
@@ -62,6 +65,20 @@ class LoadedModel:
     tokenizer: Any
     context: int | None
     path: Path
+
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end an answer: EOS and the chat template's end of turn."""
+        return stop_ids(self.tokenizer, self.path)
+
+    @cached_property
+    def decodable_only(self):
+        """The logits processor that keeps sampling to ids the tokenizer can decode."""
+        return decodable_only(self.tokenizer)
+
+    def logits_processors(self, sampling: Sampling) -> list:
+        """What shapes the logits before `sampling` picks: the vocabulary, then its penalties."""
+        return [self.decodable_only, *sampling.logits_processors()]
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
@@ -199,8 +216,8 @@ class Generation:
     """What one generation produced, with the figures of the summary line."""
 
     text: str
-    tokens: list[int]  # every token the model produced, EOS included when it ended on one
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    tokens: list[int]  # every token the model produced, the stop id included when it ended on one
+    finish_reason: str  # "stop" (a stop id or string) or "length" (max_tokens reached)
     prompt_tokens: int
     prompt_seconds: float
     generation_seconds: float
@@ -285,14 +302,14 @@ class Stream:
 
         if self.sampling.seed is not None:
             mx.random.seed(self.sampling.seed)
-        eos = set() if self.ignore_eos else set(self.lm.tokenizer.eos_token_ids)
+        stop = frozenset() if self.ignore_eos else self.lm.stop_ids
         mx.reset_peak_memory()
         steps = generate_step(
             mx.array(self.ids),
             self.lm.model,
             max_tokens=self.max_tokens,
             sampler=self.sampling.sampler(),
-            logits_processors=self.sampling.logits_processors(),
+            logits_processors=self.lm.logits_processors(self.sampling),
             prompt_cache=self.cache,
         )
         finish = "length"
@@ -304,7 +321,7 @@ class Stream:
                     last = time.perf_counter()
                     first = first or last
                     self.tokens.append(token)
-                    if token in eos:
+                    if token in stop:  # the end of the turn: kept in tokens, never shown
                         finish = "stop"
                         break
                     piece = self._text.add(token)

@@ -64,7 +64,7 @@ def run_quickstart(
     `overrides` are recipe settings (key.path=value) for the fine-tuning, e.g. fewer steps.
     """
     from .data import parse_row, read_rows
-    from .evaluate import end_of_turn, prompt_ids
+    from .evaluate import prompt_ids
     from .generate import generate, load_model
     from .recipe import load_recipe
     from .train.run import run_recipe
@@ -93,11 +93,10 @@ def run_quickstart(
 
     echo("5. a few held-out reviews, answered by the fine-tuned model (greedy):")
     lm = load_model(base, summary.adapters)
-    stop = [end_of_turn(lm.tokenizer) or "\n"]
     rows, _ = read_rows(recipe.eval.data)
     for row in rows[:examples]:
         sample = parse_row(row, "completion", recipe.data)
-        answer = generate(lm, prompt_ids(lm.tokenizer, sample), max_tokens=8, stop=stop)
+        answer = generate(lm, prompt_ids(lm.tokenizer, sample), max_tokens=8)
         echo(f"   {sample.messages[0]['content']!r} → {answer.text.strip()!r}")
 
     result = QuickstartResult(

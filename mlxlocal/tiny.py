@@ -7,7 +7,9 @@ same config style (transformers 5), random weights. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +37,18 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "
 
 
 def write_tokenizer(
-    out: Path, vocab_size: int = 512, corpus: str = CORPUS, context: int = 512
+    out: Path,
+    vocab_size: int = 512,
+    corpus: str = CORPUS,
+    context: int = 512,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    **config: Any,
 ) -> int:
-    """Train a byte-level BPE tokenizer on `corpus`, write HF tokenizer files; return its size."""
+    """Train a byte-level BPE tokenizer on `corpus`, write HF tokenizer files; return its size.
+
+    The special tokens take the first ids, in order; `config` overrides tokenizer_config.json
+    (its tokens, chat template...), so tests can build the tokenizers of other model families.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -45,7 +56,7 @@ def write_tokenizer(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -61,6 +72,7 @@ def write_tokenizer(
         "add_bos_token": False,
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": context,
+        **config,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tok.get_vocab_size()
@@ -135,6 +147,10 @@ def build_tiny_checkpoint(
         "torch_dtype": dtype,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    # As instruct models ship it: a turn ends with `<|end|>` as well as with EOS.
+    eos = [SPECIAL_TOKENS.index("</s>"), SPECIAL_TOKENS.index("<|end|>")]
+    generation = {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 0}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from mlxlocal.cli import cli
+from mlxlocal.generate import generate, load_model
 from mlxlocal.quickstart import run_quickstart
 
 
@@ -25,6 +26,12 @@ def test_quickstart_path_fine_tunes_and_reports_before_and_after(tmp_path, compi
     # (the full quickstart reaches 93% on all 100 held-out reviews).
     assert result.accuracy_before < 0.65
     assert result.accuracy_after >= 0.7 and result.accuracy_after >= result.accuracy_before + 0.15
+    # The model it prints a chat command for learnt to end its turns with `<|end|>`: answers
+    # stop there, and never show it.
+    lm = load_model(result.quantized, result.adapters)
+    answer = generate(lm, "The phone was dreadful.", max_tokens=16)
+    assert answer.finish_reason == "stop" and "<|end|>" not in answer.text
+    assert answer.text.strip() in ("positive", "negative"), answer.tokens
 
 
 def test_quickstart_help_says_what_it_does():

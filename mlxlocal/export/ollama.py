@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_directory, check_output
+from ..decoding import stop_tokens
 from ..errors import MlxLocalError
 from ..models import hf_tokenizer
 from .gguf import GGUFExport, export_gguf
@@ -37,23 +38,19 @@ def export_ollama(
 
 
 def modelfile(model: Path, gguf_path: str) -> str:
-    """The Modelfile text: FROM, the chat template as a Go TEMPLATE, and stop tokens."""
+    """The Modelfile text: FROM, the chat template as a Go TEMPLATE, and stop tokens (the same
+    that end an answer in `generate`: EOS and the template's end of turn)."""
     tokenizer = hf_tokenizer(model)
     lines = [f"FROM {gguf_path}"]
-    stops = {tokenizer.eos_token} if tokenizer.eos_token else set()
     if tokenizer.chat_template:
-        template, end_of_turn = go_template(tokenizer)
+        template = go_template(tokenizer)
         lines.append(f'TEMPLATE """{template}"""')
-        special = set(tokenizer.all_special_tokens) | {
-            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
-        }
-        stops |= {t for t in special if t and t in end_of_turn}
-    lines += [f'PARAMETER stop "{s}"' for s in sorted(stops)]
+    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(tokenizer, model)]
     return "\n".join(lines) + "\n"
 
 
-def go_template(tokenizer) -> tuple[str, str]:
-    """(Ollama TEMPLATE, the text that ends an assistant turn) from the Jinja chat template."""
+def go_template(tokenizer) -> str:
+    """Ollama's TEMPLATE from the Jinja chat template."""
 
     def render(messages: list[dict], generation: bool) -> str:
         return tokenizer.apply_chat_template(
@@ -70,7 +67,7 @@ def go_template(tokenizer) -> tuple[str, str]:
     try:
         with_system = render([{"role": "system", "content": SYSTEM}, user], True)
     except Exception:  # templates that raise on a system role (Jinja's raise_exception)
-        return template, end_of_turn
+        return template
     # The system block sits between what both renderings share at the start and at the end.
     head = os.path.commonprefix([with_system, turn])
     if SYSTEM in with_system and with_system.endswith(turn[len(head) :]):
@@ -80,4 +77,4 @@ def go_template(tokenizer) -> tuple[str, str]:
     bos = tokenizer.bos_token
     if bos and template.startswith(bos):  # llama.cpp and Ollama add BOS themselves
         template = template[len(bos) :]
-    return template, end_of_turn
+    return template
