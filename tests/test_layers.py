@@ -35,12 +35,12 @@ LAYERS: dict[str, list[str]] = {
         "train.*",
         "export.*",
         "quickstart",
-        "tiny",
     ],
     "mid": ["recipe", "data", "decoding", "choices"],
     "core": [
         "models",
         "sources",
+        "tiny",  # the built-in model: a source like the Hub, built by sources.builtin_model
         "adapters.*",  # above checkpoint/: models.load applies adapters in memory
         "checkpoint.*",
         "errors",
