@@ -84,3 +84,28 @@ def test_strict_dumps_writes_null_for_every_non_finite_float():
     text = strict_dumps(value, indent=2)
     assert json.loads(text) == {"a": [1.5, None, [None, None]], "b": {"c": None}, "d": "NaN"}
     assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+
+
+def test_a_batch_record_holding_nan_is_a_bad_record_and_a_skipped_one_resumes(tiny_lm, tmp_path):
+    import mlxlocal
+
+    lines = ['{"id": 1, "text": "a"}', '{"id": NaN, "text": "b"}', '{"id": 3, "x": [Infinity]}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(MlxLocalError, match=r"in\.jsonl:2: id is NaN or Infinity, which JSON"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=2)
+    assert [r["id"] for r in strict_lines(tmp_path / "out.jsonl.partial")] == [1]
+    settings = (tmp_path / "out.jsonl.partial-settings.json").read_text()
+
+    result = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=2, on_error="skip")
+    assert result.resumed == 1 and len(result.errors) == 2 and "x[0] is NaN" in result.errors[1]
+    records = strict_lines(out)
+    assert [r["id"] for r in records] == [1, None, 3] and records[2]["x"] == [None]
+    assert "error" in records[1] and "output" in records[0]
+
+    # Killed after the skipped record: the re-run matches its id (null) and goes on.
+    (tmp_path / "out.jsonl.partial-settings.json").write_text(settings)
+    (tmp_path / "out.jsonl.partial").write_text("".join(out.read_text().splitlines(True)[:2]))
+    out.unlink()
+    again = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, max_tokens=2, on_error="skip")
+    assert again.resumed == 2 and strict_lines(out) == records

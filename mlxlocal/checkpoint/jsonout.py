@@ -23,6 +23,19 @@ def finite(value: Any) -> Any:
     return value
 
 
+def non_finite_at(value: Any, path: str) -> str | None:
+    """Where in `value` (named `path`) a NaN or ±Infinity sits, as `path.key[2]`; else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        children = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        children = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((w for p, v in children if (w := non_finite_at(v, p)) is not None), None)
+
+
 def strict_dumps(value: Any, **kwargs: Any) -> str:
     """`json.dumps` that never writes NaN or Infinity: non-finite floats become null."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
