@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint.atomic import atomic_file, check_output
+from .checkpoint.jsonout import finite, non_finite_at, strict_dumps
 from .choices import ON_ERROR
 from .data import Row, data_file, iter_rows
 from .errors import MlxLocalError
@@ -167,6 +168,12 @@ def batch(
         """(prompt ids, max_tokens, warnings) for a record, or an MlxLocalError saying why not."""
         if row.problem:
             raise MlxLocalError(row.problem)
+        for name, value in row.values.items():
+            if (where := non_finite_at(value, name)) is not None:
+                raise MlxLocalError(
+                    f"{where} is NaN or Infinity, which JSON output cannot hold; write a "
+                    "number, a string or null"
+                )
         clash = [k for k in ADDED_FIELDS if k in row.values]
         if clash:
             raise MlxLocalError(
@@ -321,7 +328,7 @@ class ResumableOutput:
         done = self._check_written(rows, input) if self.partial.exists() else 0
         if not done:
             with atomic_file(self.settings_file, force=True) as tmp:
-                tmp.write_text(json.dumps(self.settings, indent=2))
+                tmp.write_text(strict_dumps(self.settings, indent=2))
         return done
 
     def _check_written(self, rows: Iterator[Row], input: Path) -> int:
@@ -348,7 +355,7 @@ class ResumableOutput:
                     written = json.loads(raw).get("id")
                 except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                     written = "(not a JSON object)"
-                if row is None or written != _record_id(row):
+                if row is None or written != finite(_record_id(row)):
                     raise MlxLocalError(
                         f"{self.partial} line {done + 1} (id {written!r}) does not match "
                         f"{input} (the input changed since the interrupted run): pass --force "
@@ -369,7 +376,7 @@ class ResumableOutput:
     def append(self, results: list[dict[str, Any]]) -> None:
         """Append output records durably: complete lines, flushed and fsynced."""
         if results:
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+            lines = "".join(strict_dumps(r, ensure_ascii=False) + "\n" for r in results)
             self._file.write(lines.encode())
             self._file.flush()
             os.fsync(self._file.fileno())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 
@@ -11,6 +10,7 @@ import click
 from . import __version__
 from .checkpoint.atomic import check_output
 from .checkpoint.dtypes import DTYPES
+from .checkpoint.jsonout import strict_dumps
 from .choices import EVAL_TASKS, GGUF_TYPES, ON_ERROR
 from .errors import MlxLocalError
 from .quant_plan import MODES, PRESETS
@@ -256,7 +256,7 @@ def info(path, as_json) -> None:
     from .info import info as run_info
 
     data = run_info(path)
-    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    click.echo(strict_dumps(data, indent=2) if as_json else format_info(data))
 
 
 def _generation_options(f):
@@ -322,7 +322,7 @@ def generate(model, prompt, no_chat_template, truncate, ignore_eos, as_json, **f
     for piece in answer:
         if not as_json:
             click.echo(piece, nl=False)
-    click.echo(json.dumps(answer.result.to_json(), ensure_ascii=False) if as_json else "")
+    click.echo(strict_dumps(answer.result.to_json(), ensure_ascii=False) if as_json else "")
     click.echo(answer.result.summary(), err=True)
 
 
@@ -599,7 +599,7 @@ def blas(as_json) -> None:
 
     result = check_matmul()
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_dumps(result))
     else:
         click.echo(
             f"BLAS: {result['blas']}  fp32 matmul 1024³: {result['gflops']:.1f} GFLOP/s, "

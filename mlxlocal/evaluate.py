@@ -15,7 +15,6 @@ instruction); the last assistant answer of a row is its label or reference.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint.atomic import atomic_file
+from .checkpoint.jsonout import strict_dumps
 from .choices import EVAL_TASKS
 from .data import (
     BadRow,
@@ -350,7 +350,7 @@ def write_results(result: EvalResult | dict, out: str | Path, force: bool = Fals
     record = result.to_json() if isinstance(result, EvalResult) else result
     out = Path(out)
     with atomic_file(out, force=force) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        tmp.write_text(strict_dumps(record, indent=2, ensure_ascii=False))
     return out
 
 

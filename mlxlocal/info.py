@@ -28,7 +28,7 @@ _DTYPE_NAMES = {
 
 def info(path: str | Path) -> dict[str, Any]:
     """A plain dict describing the checkpoint at `path` (folder or cached Hub id)."""
-    src = resolve_source(path)
+    src = resolve_source(path, download=False)  # info reads only what is on this machine
     config = read_config(src)
     kind, files = weight_files(src)
     tensors, fmt = _tensor_table(kind, files)

@@ -9,7 +9,6 @@ The report lands in OUT/quantization_report.json before OUT is renamed into plac
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.dtypes import check_dtype
+from .checkpoint.jsonout import strict_dumps
 from .checkpoint.shards import parse_size
 from .convert import Source, load_weights, open_source, write_checkpoint
 from .errors import MlxLocalError
@@ -117,7 +117,7 @@ def quantize(
             layers=[_layer_row(layer, errors, damage) for layer in layers],
             evaluation=_evaluate(tmp, windows[1], reference) if evaluate else None,
         )
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        (tmp / REPORT).write_text(strict_dumps(report, indent=2))
     return QuantizeResult(out, report, source.notes, source.warnings)
 
 

@@ -466,19 +466,20 @@ def format_recipe_table(recipes: list[BuiltinRecipe]) -> str:
 def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Check a recipe without running it: schema, model and data. Returns what was checked."""
     from .models import read_config
-    from .sources import REPO_ID, is_offline, resolve_source
+    from .sources import is_hub_id, is_offline, resolve_source
 
     recipe = load_recipe(path, overrides)
     report = [f"{path}: the schema is valid (method {recipe.method.type})"]
     model = recipe.model.path
     try:
         folder = resolve_source(model, recipe.model.revision, download=False)
-    except MlxLocalError as e:
-        if not REPO_ID.match(model):
+    except MlxLocalError:
+        if not is_hub_id(model):
             raise
         if is_offline():
             raise MlxLocalError(
-                f"{e} and HF_HUB_OFFLINE is set: unset it, or give a local path"
+                f"{model} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset "
+                "it, or give a local path"
             ) from None
         report.append(f"model {model}: not in the Hugging Face cache; the run downloads it")
     else:

@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import MlxLocalError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A name ending like a weight or data file is a path with a typo, never a Hub repo id.
+FILE_SUFFIXES = {".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".jsonl", ".yaml"}
 DOWNLOAD_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -45,9 +47,33 @@ def resolve_source(src: str | Path, revision: str | None = None, download: bool 
         if not os.access(path, os.R_OK | os.X_OK):
             raise MlxLocalError(f"{src}: permission denied; check the folder's permissions")
         return path
-    if not REPO_ID.match(str(src)) or str(src).startswith((".", "/", "~")):
-        raise MlxLocalError(f"{src}: no such directory, and not a Hugging Face repo id (org/name)")
+    why = _why_not_hub_id(str(src))
+    if why is not None:
+        raise MlxLocalError(f"{src}: no such folder ({why})")
     return _from_hub(str(src), revision, download)
+
+
+def is_hub_id(src: str) -> bool:
+    """Whether `src`, not an existing path, names a Hub repo: `org/name`, nothing path-like."""
+    return _why_not_hub_id(src) is None
+
+
+def _why_not_hub_id(src: str) -> str | None:
+    """Why `src` is read as a (missing) path rather than a Hub repo id; None for a repo id.
+
+    A missing `./x/y`, `x/model.gguf` or `runs/typo` (where `runs/` is a local folder) is a
+    mistyped path: sending it to the Hub would only turn a typo into network traffic.
+    """
+    if (
+        not REPO_ID.match(src)
+        or src.startswith((".", "/", "~"))
+        or Path(src).suffix.lower() in FILE_SUFFIXES
+    ):
+        return "a Hugging Face repo id is org/name, not a path or a file"
+    org = src.split("/", 1)[0]
+    if Path(org).exists():
+        return f"{org}/ is a local folder, so this is a path, not a Hub repo id"
+    return None
 
 
 def cache_dir() -> Path:
@@ -76,13 +102,38 @@ def builtin_model(name: str) -> Path:
 
 
 def _from_hub(repo_id: str, revision: str | None, download: bool = True) -> Path:
-    from huggingface_hub import snapshot_download
+    """The cached (or, with `download`, downloaded) snapshot; every failure one line."""
     from huggingface_hub.errors import (
         GatedRepoError,
-        LocalEntryNotFoundError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    try:
+        return _snapshot(repo_id, revision, download)
+    except MlxLocalError:
+        raise
+    except HFValidationError as e:
+        raise MlxLocalError(f"{repo_id}: not a Hugging Face repo id ({_first_line(e)})") from e
+    except GatedRepoError as e:
+        raise MlxLocalError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and run `hf auth login`"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise MlxLocalError(f"{repo_id}: no such repository on the Hub (check the name)") from e
+    except RevisionNotFoundError as e:
+        raise MlxLocalError(f"{repo_id}: no revision {revision!r} (check --revision)") from e
+    except Exception as e:  # whatever the network stack raises: httpx, requests, a proxy hang-up
+        raise MlxLocalError(
+            f"{repo_id}: download failed ({type(e).__name__}: {_first_line(e)}); check the "
+            "network, or give a local folder"
+        ) from e
+
+
+def _snapshot(repo_id: str, revision: str | None, download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         path = Path(
@@ -95,29 +146,26 @@ def _from_hub(repo_id: str, revision: str | None, download: bool = True) -> Path
     except LocalEntryNotFoundError:
         pass
     if not download:
-        raise MlxLocalError(f"{repo_id} is not in the Hugging Face cache")
+        raise MlxLocalError(
+            f"{repo_id} is not in the Hugging Face cache: download it first "
+            f"(`hf download {repo_id}`), or give a local folder"
+        )
     if is_offline():
         raise MlxLocalError(
             f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
             "unset HF_HUB_OFFLINE to download it, or give a local path"
         )
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
-        if not any(path.glob("*.safetensors")):
-            patterns = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        return path
-    except GatedRepoError as e:
-        raise MlxLocalError(
-            f"{repo_id} is gated: accept its licence on huggingface.co and run "
-            "`huggingface-cli login`"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise MlxLocalError(f"{repo_id}: no such repository on the Hub (check the name)") from e
-    except RevisionNotFoundError as e:
-        raise MlxLocalError(f"{repo_id}: no revision {revision!r} (check --revision)") from e
-    except OSError as e:
-        raise MlxLocalError(f"{repo_id}: download failed ({e}); check the network") from e
+    path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
+    if not any(path.glob("*.safetensors")):
+        patterns = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    return path
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to its first non-empty line (Hub errors run to several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
 
 
 def resolved_revision(path: Path) -> str | None:

@@ -38,7 +38,7 @@ def _copy(src, dst):
 def test_missing_src(tmp_path):
     assert_clean_failure(
         run("convert", tmp_path / "nope", tmp_path / "out"),
-        "no such directory",
+        "no such folder",
         out=tmp_path / "out",
     )
 

@@ -266,6 +266,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     run = tmp_path / "run"
     assert not (run / "adapters").exists() and not (run / "summary.json").exists()
     latest = (run / "latest").read_text()
+    last = (run / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["loss"] is None and "NaN" not in last  # null: JSON has no NaN
     assert all(
         np.isfinite(np.array(v)).all()
         for v in mx.load(str(run / latest / "adapters.safetensors")).values()

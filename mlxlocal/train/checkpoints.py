@@ -1,7 +1,8 @@
 """A training run's directory, its atomic checkpoints, and exact resume.
 
 <run>/recipe.yaml     the resolved recipe (a resumed run must match it)
-<run>/metrics.jsonl   one JSON line per optimizer step
+<run>/metrics.jsonl   one JSON line per optimizer step (a NaN or infinite value is written as
+                      null: see checkpoint/jsonout.py)
 <run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
                       optimizer.safetensors, state.json (step, data position, RNG key, ...)
 <run>/latest          the name of the newest complete checkpoint, replaced only after it is
@@ -16,6 +17,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..adapters.layers import save_adapters
 from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.jsonout import strict_dumps
 from ..errors import MlxLocalError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -62,10 +66,16 @@ class RunDir:
         ckpt = self.path / pointer.read_text().strip()
         return ckpt if (ckpt / "state.json").exists() else None
 
-    def prepare(self, recipe_yaml: str, resume: bool | None) -> Path | None:
+    def prepare(
+        self,
+        recipe_yaml: str,
+        resume: bool | None,
+        note: Callable[[str], None] = lambda _: None,
+    ) -> Path | None:
         """Create or reopen the run directory; return the checkpoint to resume from, if any.
 
-        `resume` None resumes when a complete checkpoint exists; True insists on one.
+        `resume` None resumes when a complete checkpoint exists; True insists on one. `note`
+        hears what was repaired (a metrics line torn by a kill or a full disk).
         """
         p = self.path
         if p.exists() and not p.is_dir():
@@ -91,12 +101,25 @@ class RunDir:
         p.mkdir(parents=True, exist_ok=True)
         write_text_atomic(p / "recipe.yaml", recipe_yaml)
         step = read_position(ckpt).step if ckpt else 0
-        self._truncate_metrics(step)
+        self._truncate_metrics(step, note)
         return ckpt
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one metrics line; a failed write (a full disk) leaves the file as it was."""
+        data = (strict_dumps(record) + "\n").encode()
+        with open(self.metrics, "ab", buffering=0) as f:
+            size = f.tell()
+            try:
+                written = 0
+                while written < len(data):
+                    written += f.write(data[written:])
+            except OSError as e:
+                with suppress(OSError):
+                    f.truncate(size)
+                raise MlxLocalError(
+                    f"cannot write {self.metrics} ({e.strerror or e}): free some space, then "
+                    "run again to resume from the last checkpoint"
+                ) from e
 
     def save_checkpoint(
         self,
@@ -113,7 +136,7 @@ class RunDir:
             mx.save_safetensors(
                 str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state))
             )
-            (tmp / "state.json").write_text(json.dumps(asdict(position), indent=2))
+            (tmp / "state.json").write_text(strict_dumps(asdict(position), indent=2))
         write_text_atomic(self.path / "latest", out.name)
         steps = sorted(
             (int(m.group(1)), d) for d in self.path.iterdir() if (m := STEP_DIR.match(d.name))
@@ -123,13 +146,40 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         return out
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Forget metrics of steps after the checkpoint we continue from (they will rerun)."""
+    def _truncate_metrics(self, step: int, note: Callable[[str], None]) -> None:
+        """Forget metrics of steps after the checkpoint we continue from (they will rerun).
+
+        A last line cut short by a kill or a full disk is dropped with a note; any other line
+        that is not a JSON object is the user's to fix.
+        """
         if not self.metrics.exists():
             return
-        lines = self.metrics.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(self.metrics, "".join(line + "\n" for line in kept))
+        lines = self.metrics.read_bytes().split(b"\n")
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = _metrics_record(line)
+            if record is None and number >= len(lines) - 1:
+                note(f"{self.metrics}: dropped a torn last line (line {number})")
+            elif record is None:
+                raise MlxLocalError(
+                    f"{self.metrics} line {number} is not a JSON object: delete that line, then "
+                    "run again"
+                )
+            elif record.get("step", 0) <= step:
+                kept.append(strict_dumps(record) + "\n")
+        write_text_atomic(self.metrics, "".join(kept))
+
+
+def _metrics_record(line: bytes) -> dict[str, Any] | None:
+    """One metrics line as a dict, or None where it is not one (torn or garbled)."""
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_position(ckpt: Path) -> Position:

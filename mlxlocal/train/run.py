@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from ..adapters.layers import (
 )
 from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.dtypes import DTYPES
+from ..checkpoint.jsonout import strict_dumps
 from ..convert import convert
 from ..data import load_examples
 from ..errors import MlxLocalError
@@ -187,7 +187,7 @@ def run_recipe(
 
     t = recipe.training
     run = RunDir(Path(recipe.output).expanduser())
-    ckpt = run.prepare(dump_recipe(recipe), resume)
+    ckpt = run.prepare(dump_recipe(recipe), resume, note=echo)
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
     model, tokenizer, base = load_base(recipe, run.path, echo)
@@ -236,7 +236,7 @@ def run_recipe(
     after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo)
     if after is not None:
         record = {"before": before.to_json(), "after": after.to_json()}
-        write_text_atomic(run.path / "evaluation.json", json.dumps(record, indent=2))
+        write_text_atomic(run.path / "evaluation.json", strict_dumps(record, indent=2))
     summary = RunSummary(
         output=run.path,
         adapters=run.path / "adapters",
@@ -250,7 +250,7 @@ def run_recipe(
         before=before,
         after=after,
     )
-    write_text_atomic(run.path / "summary.json", json.dumps(summary.to_json(), indent=2))
+    write_text_atomic(run.path / "summary.json", strict_dumps(summary.to_json(), indent=2))
     return summary
 
 
