@@ -11,7 +11,7 @@ from typing import Any
 from .checkpoint.files import weight_files
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
 from .checkpoint.torch_bin import read_torch_bin_header
-from .models import context_length, read_config
+from .models import check_quantization, context_length, read_config
 from .sources import resolve_source
 
 _DTYPE_NAMES = {
@@ -29,7 +29,7 @@ _DTYPE_NAMES = {
 def info(path: str | Path) -> dict[str, Any]:
     """A plain dict describing the checkpoint at `path` (folder or cached Hub id)."""
     src = resolve_source(path)
-    config = read_config(src)
+    config = check_quantization(read_config(src))
     kind, files = weight_files(src)
     tensors, fmt = _tensor_table(kind, files)
     quant = config.get("quantization") or None
