@@ -414,3 +414,23 @@ def test_entry_larger_than_the_file_is_refused(tmp_path: Path) -> None:
     struct.pack_into("<II", data, at + 20, 1 << 31, 1 << 31)
     path.write_bytes(bytes(data))
     _raises(path, "claims 2147483648 bytes")
+
+
+def test_overlapping_entries_are_refused(tmp_path: Path) -> None:
+    """Storage 0's entry is stretched over storage 1's: each read would cover the file again."""
+    storages = {"0": bytes(64), "1": bytes(1 << 20)}
+    path = write_checkpoint(tmp_path / "overlap.bin", {}, storages)  # to learn the offsets
+    with zipfile.ZipFile(path) as zf:
+        first, second = zf.getinfo("archive/data/0"), zf.getinfo("archive/data/1")
+    span = second.header_offset + 30 + len(second.filename) + second.file_size
+    span -= first.header_offset + 30 + len(first.filename)
+    numel = span // 4 - 1  # read part of the entry only, as a storage shorter than it may
+    obj = {
+        "a": FakeTensor(StorageRef("0", numel), 0, (numel,), (1,)),
+        "b": FakeTensor(StorageRef("1", 1 << 18), 0, (1 << 18,), (1,)),
+    }
+    data = bytearray(write_checkpoint(path, obj, storages).read_bytes())
+    at = data.rindex(b"archive/data/0") - 46  # its central directory record
+    struct.pack_into("<II", data, at + 20, span, span)
+    path.write_bytes(bytes(data))
+    _raises(path, "overlapping zip entries", "malicious")

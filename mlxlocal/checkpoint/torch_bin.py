@@ -152,8 +152,10 @@ class _TorchUnpickler(pickle.Unpickler):
         self._path = path
         self._big = big
         self._read_data = read_data
-        self._budget = max(MAX_EXPANSION * path.stat().st_size, _MIN_BUDGET)
+        self._size = path.stat().st_size
+        self._budget = max(MAX_EXPANSION * self._size, _MIN_BUDGET)
         self._materialised = 0
+        self._stored = 0  # storage bytes referenced so far
         self._storages: dict[str, _Storage] = {}
         self._globals: dict[tuple[str, str], Any] = {
             ("collections", "OrderedDict"): OrderedDict,
@@ -232,6 +234,13 @@ class _TorchUnpickler(pickle.Unpickler):
             raise self._fail(
                 f"storage entry {_q(entry)} has {info.file_size} bytes but {nbytes} are needed; "
                 "the file is truncated or corrupt — re-download it"
+            )
+        self._stored += nbytes
+        if self._stored > self._size:
+            # Zip entries whose data overlap could make each read cover the whole file again.
+            raise self._fail(
+                f"its storages add up to more than the file's {self._size} bytes (overlapping "
+                f"zip entries); the file is corrupt or malicious — {_SAFE_FIX}"
             )
         storage = _Storage(key, stype, numel, self._read(info, nbytes, dtype, numel))
         self._storages[key] = storage
