@@ -20,12 +20,13 @@ from . import __version__
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.dtypes import DTYPES, check_dtype
 from .checkpoint.files import copy_tokenizer_files, file_sha256, is_gguf_file, weight_files
-from .checkpoint.safetensors import load_lazy
+from .checkpoint.safetensors import load_lazy, read_header
 from .checkpoint.shards import ShardWriter, parse_size
-from .checkpoint.torch_bin import load_torch_bin
+from .checkpoint.torch_bin import load_torch_bin, read_torch_bin_header
 from .errors import MlxLocalError
 from .models import (
     build_model,
+    check_config_sizes,
     ignored_settings,
     model_classes,
     normalize_config,
@@ -52,8 +53,9 @@ class ConvertResult:
 class Source:
     """A checkpoint opened for conversion: fixed config, mlx-lm model skeleton, lazy tensors.
 
-    `open_source` fills the first part without reading a tensor, so bad input fails before any
-    output exists; `load_weights` adds the model and the lazily read, cast weights.
+    `open_source` fills the first part from headers, without reading a tensor, so bad input
+    fails before any output exists; `load_weights` adds the model and the lazily read, cast
+    weights.
     """
 
     name: str | Path
@@ -61,6 +63,7 @@ class Source:
     config: dict
     kind: str
     files: list[Path]
+    shapes: dict[str, tuple[int, ...]]
     notes: list[str]
     warnings: list[str]
     model: Any = None
@@ -105,12 +108,26 @@ def convert(
 
 
 def open_source(src: str | Path, revision: str | None = None) -> Source:
-    """Resolve `src` and read what it is, without touching a tensor."""
+    """Resolve `src` and read what it is, without touching a tensor; a config the weight
+    files cannot fill (more layers, larger sizes) fails here, before a model is built."""
     src_dir = resolve_source(src, revision)
     config, notes = normalize_config(read_config(src_dir))
     warnings = ignored_settings(config, model_classes(config)[1])
     kind, files = weight_files(src_dir)
-    return Source(src, src_dir, config, kind, files, notes, warnings)
+    shapes = _tensor_shapes(kind, files)
+    check_config_sizes(config, shapes)
+    return Source(src, src_dir, config, kind, files, shapes, notes, warnings)
+
+
+def _tensor_shapes(kind: str, files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """name → shape of every tensor in `files`, from their headers (no tensor data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if kind == "bin":
+            shapes.update({k: shape for k, (_, shape) in read_torch_bin_header(f).items()})
+        else:
+            shapes.update({k: tuple(e["shape"]) for k, e in read_header(f)[0].items()})
+    return shapes
 
 
 def load_weights(source: Source, staging: Path, dtype: str | None = None) -> None:
@@ -124,7 +141,7 @@ def load_weights(source: Source, staging: Path, dtype: str | None = None) -> Non
         # mlx-lm's Llama defaults to tied embeddings; HF's default is untied.
         config["tie_word_embeddings"] = False
         source.notes.append("tie_word_embeddings=false (the checkpoint has its own lm_head)")
-    model = build_model(config)
+    model = build_model(config, source.shapes)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _check_weights(model, weights)

@@ -71,7 +71,7 @@ def convert_gguf(
     warnings: list[str] = []
     target = dtype or _float_dtype(tensors)
     check_dtype(target)
-    model = build_model(config)
+    model = build_model(config, {name: t.shape for name, t in tensors.items()})
     names = name_map(spec, config)
     plan: dict[str, tuple] = {}
     layout: dict[str, _Layout] = {}
@@ -162,16 +162,27 @@ def _config(fields: dict, tensors: dict, model_type: str, arch: str) -> dict:
             raise MlxLocalError(f"the GGUF lacks {arch}.{key}; is the file complete?")
         return value
 
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    head_dim = fields.get(f"{arch}.attention.key_length") or hidden // heads
+    def count(key: str, default=None) -> int:
+        value = get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MlxLocalError(
+                f"the GGUF's {arch}.{key} is {str(value)[:40]!r}, not a positive integer; "
+                "the file is corrupt — re-download it"
+            )
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise MlxLocalError("the GGUF has no token_embd.weight tensor; is the file complete?")
+    heads = count("attention.head_count")
+    hidden = count("embedding_length")
+    head_dim = count("attention.key_length", hidden // heads)
     config = {
         "model_type": model_type,
         "hidden_size": hidden,
-        "num_hidden_layers": get("block_count"),
-        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
+        "intermediate_size": count("feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "num_key_value_heads": count("attention.head_count_kv", heads),
         "head_dim": head_dim,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
         "rope_theta": get("rope.freq_base", 10000.0),

@@ -10,8 +10,8 @@ from typing import Any
 
 from .checkpoint.files import weight_files
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
-from .checkpoint.torch_bin import load_torch_bin
-from .models import context_length, read_config
+from .checkpoint.torch_bin import read_torch_bin_header
+from .models import check_quantization, context_length, read_config
 from .sources import resolve_source
 
 _DTYPE_NAMES = {
@@ -29,7 +29,7 @@ _DTYPE_NAMES = {
 def info(path: str | Path) -> dict[str, Any]:
     """A plain dict describing the checkpoint at `path` (folder or cached Hub id)."""
     src = resolve_source(path, download=False)  # info reads only what is on this machine
-    config = read_config(src)
+    config = check_quantization(read_config(src))
     kind, files = weight_files(src)
     tensors, fmt = _tensor_table(kind, files)
     quant = config.get("quantization") or None
@@ -71,11 +71,11 @@ def _tensor_table(kind: str, files: list[Path]) -> tuple[dict[str, dict], str]:
     fmt = "hf"
     for f in files:
         if kind == "bin":
-            for name, a in load_torch_bin(f).items():
+            for name, (dtype, shape) in read_torch_bin_header(f).items():
                 table[name] = {
-                    "dtype": str(a.dtype).split(".")[-1].upper(),
-                    "shape": a.shape,
-                    "bytes": a.nbytes,
+                    "dtype": str(dtype).split(".")[-1].upper(),
+                    "shape": list(shape),
+                    "bytes": math.prod(shape) * dtype.size,
                 }
             continue
         header, metadata = read_header(f)

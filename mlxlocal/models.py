@@ -9,11 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import pkgutil
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters.layers import load_adapters
 from .checkpoint.dtypes import DTYPES
+from .checkpoint.safetensors import read_header
 from .errors import MlxLocalError
 
 if TYPE_CHECKING:
@@ -72,17 +75,99 @@ def model_classes(config: dict[str, Any]) -> tuple[type, type]:
         ) from e
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """mlx-lm's model for `config`, weights not yet loaded; a config mlx-lm cannot take is an
-    error that names the architecture rather than mlx-lm's bare exception."""
+# Counts and dimensions every architecture that has them builds from: positive ints.
+_SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+# How the architectures name their layer count.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> nn.Module:
+    """mlx-lm's model for `config`, weights not yet loaded.
+
+    `shapes` (name → shape of every tensor the files hold, read from their headers) bounds the
+    config before a layer is built — building costs about 100 KB per layer whatever the files
+    hold, so a config asking for 10^7 layers beside a few tensors must fail here, not after
+    gigabytes. A config mlx-lm cannot take is an error that names the architecture rather than
+    mlx-lm's bare exception.
+    """
+    check_config_sizes(config, shapes)
     model_class, args_class = model_classes(config)
     try:
         return model_class(args_class.from_dict(config))
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
+    except (TypeError, ValueError, KeyError, AssertionError, ArithmeticError) as e:
         raise MlxLocalError(
             f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
             "check the config"
         ) from e
+
+
+def check_config_sizes(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> None:
+    """Sizes must be positive ints, the layer count at most the numbered layers the files
+    hold, and hidden/vocab sizes at most the largest dimension of any tensor in them."""
+    for key in (*_SIZE_KEYS, *_LAYER_KEYS):
+        value = config.get(key)
+        if key in config and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MlxLocalError(
+                f"config.json: {key} is {str(value)[:40]!r}, not a positive integer; "
+                "fix the config or re-download the checkpoint"
+            )
+    held = longest_numbered_list(shapes)
+    for key in _LAYER_KEYS:
+        if config.get(key, 0) > held:
+            raise MlxLocalError(
+                f"config.json: {key} is {config[key]} but the weight files hold at most "
+                f"{held} numbered layers; is config.json from the same checkpoint?"
+            )
+    largest = max((max(shape, default=0) for shape in shapes.values()), default=0)
+    for key in ("hidden_size", "vocab_size"):
+        if config.get(key, 0) > largest:
+            raise MlxLocalError(
+                f"config.json: {key} is {config[key]} but no tensor in the weight files has a "
+                f"dimension above {largest}; is config.json from the same checkpoint?"
+            )
+
+
+def longest_numbered_list(names: Iterable[str]) -> int:
+    """The most distinct numbers under one prefix (`model.layers.N.`, `blk.N.`, `h.N.`…)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                found[".".join(parts[:i])].add(part)
+    return max(map(len, found.values()), default=0)
+
+
+def check_quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` when its `quantization` block (if any) is one mlx-lm can apply: a mapping with
+    bits 1-8 and a positive group size, per-layer overrides likewise."""
+    quant = config.get("quantization")
+    if quant is None:
+        return config
+    blocks = [("quantization", quant)]
+    if isinstance(quant, dict):
+        blocks += [(f"quantization.{k}", v) for k, v in quant.items() if isinstance(v, dict)]
+    for where, block in blocks:
+        if not isinstance(block, dict):
+            raise MlxLocalError(
+                f"config.json: {where} is {str(block)[:40]!r}, not a block like "
+                '{"bits": 4, "group_size": 64}; fix the config or re-quantize the model'
+            )
+        for key, low, high in (("bits", 1, 8), ("group_size", 1, 1 << 20)):
+            value = block.get(key, quant.get(key))
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise MlxLocalError(
+                    f"config.json: {where}.{key} is {str(value)[:40]!r}, not an integer from "
+                    f"{low} to {high}; fix the config or re-quantize the model"
+                )
+    return config
 
 
 def normalize_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -209,11 +294,13 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     from mlx_lm import load as mlx_load
 
     path = Path(path)
-    read_config(path)
-    if not any(path.glob("model*.safetensors")):
+    config = check_quantization(read_config(path))
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
         raise MlxLocalError(
             f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
         )
+    check_config_sizes(config, {k: e["shape"] for f in files for k, e in read_header(f)[0].items()})
     try:
         model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
     except (ValueError, FileNotFoundError, KeyError) as e:

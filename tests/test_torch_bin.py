@@ -18,7 +18,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlxlocal.checkpoint.torch_bin import load_torch_bin  # noqa: E402
+from torch_bin_files import FakeTensor, StatePickler, StorageRef, write_checkpoint  # noqa: E402
+
+from mlxlocal.checkpoint import torch_bin  # noqa: E402
+from mlxlocal.checkpoint.torch_bin import load_torch_bin, read_torch_bin_header  # noqa: E402
 from mlxlocal.errors import MlxLocalError  # noqa: E402
 
 _MX_DTYPE = {
@@ -143,80 +146,45 @@ def test_big_endian_byteorder_entry_is_honoured(tmp_path: Path) -> None:
 # --- hand-made checkpoints ---------------------------------------------------------------------
 
 
-class _StorageRef:
-    def __init__(self, key: str, numel: int, storage_type=None) -> None:
-        self.key, self.numel = key, numel
-        self.storage_type = storage_type or torch.FloatStorage
-
-
-class _FakeTensor:
-    """Pickles like a torch tensor, but with whatever offset/size/stride a test wants."""
-
-    def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple) -> None:
-        self.args = (storage, offset, size, stride, False, OrderedDict())
-
-    def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _StorageRef):
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def _write_checkpoint(path: Path, obj, storages: dict[str, bytes], pid_ok: bool = True) -> Path:
-    """A torch.save-shaped zip: archive/data.pkl + archive/data/<key> + archive/byteorder."""
-    buf = io.BytesIO()
-    (_Pickler if pid_ok else pickle.Pickler)(buf, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("archive/data.pkl", buf.getvalue())
-        zf.writestr("archive/byteorder", b"little")
-        for key, data in storages.items():
-            zf.writestr(f"archive/data/{key}", data)
-    return path
-
-
 def test_hand_made_checkpoint_loads(tmp_path: Path) -> None:
-    s = _StorageRef("0", 6)
-    obj = OrderedDict(a=_FakeTensor(s, 0, (2, 3), (3, 1)), b=_FakeTensor(s, 1, (2, 2), (1, 3)))
+    s = StorageRef("0", 6)
+    obj = OrderedDict(a=FakeTensor(s, 0, (2, 3), (3, 1)), b=FakeTensor(s, 1, (2, 2), (1, 3)))
     raw = np.arange(6, dtype="<f4").tobytes()
-    got = load_torch_bin(_write_checkpoint(tmp_path / "ok.bin", obj, {"0": raw}))
+    got = load_torch_bin(write_checkpoint(tmp_path / "ok.bin", obj, {"0": raw}))
     np.testing.assert_array_equal(np.array(got["a"]), np.arange(6.0).reshape(2, 3))
     np.testing.assert_array_equal(np.array(got["b"]), [[1.0, 4.0], [2.0, 5.0]])
 
 
 def test_out_of_bounds_view_is_refused(tmp_path: Path) -> None:
-    s = _StorageRef("0", 4)
-    obj = {"w": _FakeTensor(s, 2, (2, 2), (100000, 1))}
-    path = _write_checkpoint(tmp_path / "oob.bin", obj, {"0": bytes(16)})
+    s = StorageRef("0", 4)
+    obj = {"w": FakeTensor(s, 2, (2, 2), (100000, 1))}
+    path = write_checkpoint(tmp_path / "oob.bin", obj, {"0": bytes(16)})
     _raises(path, "storage '0'", "corrupt")
 
 
 def test_unbounded_stride_zero_expansion_is_refused(tmp_path: Path) -> None:
     """A 4-byte storage must not be able to demand gigabytes through a stride-0 view."""
-    obj = {"w": _FakeTensor(_StorageRef("0", 1), 0, (100000, 100000), (0, 0))}
-    path = _write_checkpoint(tmp_path / "bomb.bin", obj, {"0": bytes(4)})
-    _raises(path, "expands 1 stored elements", "malicious")
+    obj = {"w": FakeTensor(StorageRef("0", 1), 0, (100000, 100000), (0, 0))}
+    path = write_checkpoint(tmp_path / "bomb.bin", obj, {"0": bytes(4)})
+    _raises(path, "over 4x the file's size", "malicious")
 
 
 def test_missing_and_short_storage_entries(tmp_path: Path) -> None:
-    obj = {"w": _FakeTensor(_StorageRef("0", 4), 0, (4,), (1,))}
-    _raises(_write_checkpoint(tmp_path / "missing.bin", obj, {}), "archive/data/0", "missing")
-    _raises(_write_checkpoint(tmp_path / "short.bin", obj, {"0": bytes(10)}), "10 bytes", "16")
+    obj = {"w": FakeTensor(StorageRef("0", 4), 0, (4,), (1,))}
+    _raises(write_checkpoint(tmp_path / "missing.bin", obj, {}), "archive/data/0", "missing")
+    _raises(write_checkpoint(tmp_path / "short.bin", obj, {"0": bytes(10)}), "10 bytes", "16")
 
 
 def test_bad_persistent_id_and_non_storage(tmp_path: Path) -> None:
-    class BadRef(_StorageRef):
+    class BadRef(StorageRef):
         pass
 
-    class P(_Pickler):
+    class P(StatePickler):
         def persistent_id(self, obj):
             return ("storage", "FloatStorage", "0", "cpu", 1) if isinstance(obj, BadRef) else None
 
     buf = io.BytesIO()
-    P(buf, protocol=2).dump({"w": _FakeTensor(BadRef("0", 1), 0, (1,), (1,))})
+    P(buf, protocol=2).dump({"w": FakeTensor(BadRef("0", 1), 0, (1,), (1,))})
     path = tmp_path / "pid.bin"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", buf.getvalue())
@@ -224,8 +192,8 @@ def test_bad_persistent_id_and_non_storage(tmp_path: Path) -> None:
     _raises(path, "malformed storage reference")
 
     # a tensor "rebuilt" from a plain list instead of a storage
-    obj = {"w": _FakeTensor([1.0], 0, (1,), (1,))}  # type: ignore[arg-type]
-    _raises(_write_checkpoint(tmp_path / "list.bin", obj, {}), "non-storage")
+    obj = {"w": FakeTensor([1.0], 0, (1,), (1,))}  # type: ignore[arg-type]
+    _raises(write_checkpoint(tmp_path / "list.bin", obj, {}), "non-storage")
 
 
 def test_unsupported_storage_dtype(tmp_path: Path) -> None:
@@ -377,3 +345,92 @@ def test_mutated_files_only_ever_raise_mlxlocalerror(tmp_path: Path) -> None:
             load_torch_bin(bad)
         except MlxLocalError as e:
             assert str(e).isprintable(), str(e)
+
+
+# --- memory budgets ----------------------------------------------------------------------------
+
+
+def test_views_of_one_storage_share_one_budget(tmp_path: Path, monkeypatch) -> None:
+    """Tied weights (a storage read 4 times) load; a fifth view is over 4x the file's size."""
+    monkeypatch.setattr(torch_bin, "_MIN_BUDGET", 0)
+    base = torch.arange(16384.0)  # 64 KB, the bulk of the file
+    tied = {f"w{i}": base.view(128, 128) for i in range(4)}
+    path = tmp_path / "tied.bin"
+    torch.save(tied, path)
+    _assert_same(load_torch_bin(path), tied)
+    torch.save({**tied, "w4": base}, path)
+    _raises(path, "over 4x the file's size", "malicious")
+
+
+def test_many_views_over_the_floor_are_refused(tmp_path: Path) -> None:
+    """Per tensor each view is 1x its storage; together they would be 400 MB from 1 MB."""
+    s = StorageRef("0", 1 << 18)
+    obj = {f"w{i}": FakeTensor(s, 0, (512, 512), (512, 1)) for i in range(400)}
+    path = write_checkpoint(tmp_path / "views.bin", obj, {"0": bytes(1 << 20)})
+    _raises(path, "expand to more than", "malicious")
+    header = read_torch_bin_header(path)  # metadata only: no budget is spent
+    assert len(header) == 400 and header["w7"] == (mx.float32, (512, 512))
+
+
+def test_header_matches_load_without_reading_data(tmp_path: Path, monkeypatch) -> None:
+    sd = {"a": torch.randn(3, 4), "b": torch.ones(2, dtype=torch.bfloat16), "c": torch.tensor(1)}
+    path = tmp_path / "sd.bin"
+    torch.save(sd, path)
+    loaded = load_torch_bin(path)
+    opened, zip_open = [], zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))
+        return zip_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    header = read_torch_bin_header(path)
+    assert header == {k: (a.dtype, tuple(a.shape)) for k, a in loaded.items()}
+    assert opened and not [n for n in opened if "/data/" in n]  # no storage was read
+    # the header pass checks the pickle as strictly as a load
+    evil = tmp_path / "evil.bin"
+    torch.save({"ok": torch.ones(2), "evil": _Evil(os.system, "true")}, evil)
+    with pytest.raises(MlxLocalError, match="refusing to load"):
+        read_torch_bin_header(evil)
+
+
+def test_compressed_entries_are_refused_before_inflating(tmp_path: Path) -> None:
+    obj = {"w": FakeTensor(StorageRef("0", 1 << 20), 0, (1 << 20,), (1,))}
+    path = write_checkpoint(tmp_path / "deflated.bin", obj, {})
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data/0", bytes(4 << 20))  # 4 MB of zeros in a few KB
+    assert path.stat().st_size < 100_000
+    _raises(path, "'archive/data/0' is compressed", "zip bomb")
+    with pytest.raises(MlxLocalError, match="is compressed"):
+        read_torch_bin_header(path)
+
+
+def test_entry_larger_than_the_file_is_refused(tmp_path: Path) -> None:
+    obj = {"w": FakeTensor(StorageRef("0", 4), 0, (4,), (1,))}
+    path = write_checkpoint(tmp_path / "ok.bin", obj, {"0": bytes(16)})
+    data = bytearray(path.read_bytes())
+    # the central directory's sizes of data/0: grow both to 2**31 bytes
+    at = data.rindex(b"archive/data/0") - 46
+    struct.pack_into("<II", data, at + 20, 1 << 31, 1 << 31)
+    path.write_bytes(bytes(data))
+    _raises(path, "claims 2147483648 bytes")
+
+
+def test_overlapping_entries_are_refused(tmp_path: Path) -> None:
+    """Storage 0's entry is stretched over storage 1's: each read would cover the file again."""
+    storages = {"0": bytes(64), "1": bytes(1 << 20)}
+    path = write_checkpoint(tmp_path / "overlap.bin", {}, storages)  # to learn the offsets
+    with zipfile.ZipFile(path) as zf:
+        first, second = zf.getinfo("archive/data/0"), zf.getinfo("archive/data/1")
+    span = second.header_offset + 30 + len(second.filename) + second.file_size
+    span -= first.header_offset + 30 + len(first.filename)
+    numel = span // 4 - 1  # read part of the entry only, as a storage shorter than it may
+    obj = {
+        "a": FakeTensor(StorageRef("0", numel), 0, (numel,), (1,)),
+        "b": FakeTensor(StorageRef("1", 1 << 18), 0, (1 << 18,), (1,)),
+    }
+    data = bytearray(write_checkpoint(path, obj, storages).read_bytes())
+    at = data.rindex(b"archive/data/0") - 46  # its central directory record
+    struct.pack_into("<II", data, at + 20, span, span)
+    path.write_bytes(bytes(data))
+    _raises(path, "overlapping zip entries", "malicious")

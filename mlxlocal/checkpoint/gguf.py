@@ -26,7 +26,7 @@ GROUP = 32
 
 
 def open_gguf(path: Path) -> GGUFReader:
-    """A GGUF reader whose every tensor is known to lie inside the file."""
+    """A GGUF reader whose every tensor is non-empty and known to lie inside the file."""
     path = Path(path)
     try:
         reader = GGUFReader(path)
@@ -36,6 +36,11 @@ def open_gguf(path: Path) -> GGUFReader:
         ) from e
     size = path.stat().st_size
     for t in reader.tensors:
+        if not all(int(n) > 0 for n in t.shape):
+            raise MlxLocalError(
+                f"{path}: tensor {t.name} has shape {[int(n) for n in t.shape][:8]}, with an "
+                "empty dimension; the file is corrupt — re-download it"
+            )
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size or t.data.nbytes != t.n_bytes:
             raise MlxLocalError(

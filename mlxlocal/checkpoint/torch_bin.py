@@ -6,6 +6,11 @@ handful of globals that ``torch.save`` uses to describe a dict of tensors; any o
 refused before it is imported, so nothing from the file ever runs. Tensor bytes are read straight
 from the zip entries and rebuilt with numpy, then handed over as ``mx.array``.
 
+Memory is budgeted before it is spent: only stored (uncompressed) zip entries are read, so no
+entry can inflate past the file, and all tensors of one file together may take at most
+``MAX_EXPANSION`` times the file's size (views of one storage and stride-0 expansions are
+materialised, so without a budget a few KB could ask for gigabytes).
+
 Only the zip layout that ``torch.save`` has written since torch 1.6 is supported::
 
     <archive>/data.pkl        the pickled state dict, tensors as persistent ids
@@ -29,13 +34,21 @@ import numpy as np
 
 from mlxlocal.errors import MlxLocalError
 
-__all__ = ["load_torch_bin"]
+__all__ = ["MAX_EXPANSION", "load_torch_bin", "read_torch_bin_header"]
 
 # What the legacy (pre-1.6, non-zip) torch.save format starts with: pickle protocol 2 + LONG1
 # holding torch.serialization.MAGIC_NUMBER.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 _SAFE_FIX = "use the model's safetensors weights instead"
+
+# Bytes all tensors of one file may materialise, as a multiple of the file's size. A state dict
+# is its storages plus views of them: tied weights (embed_tokens + lm_head) reference one storage
+# twice, and T5 shares one embedding four ways (shared, encoder and decoder embed_tokens,
+# lm_head); even where that embedding is most of the model, that stays under 4x the file.
+MAX_EXPANSION = 4
+# ... and at least this much, so tiny files (zip headers, small expanded buffers) always load.
+_MIN_BUDGET = 64 << 20
 
 
 def _q(value: object, limit: int = 60) -> str:
@@ -94,19 +107,22 @@ _TENSOR_TYPES = {
 
 @dataclass
 class _Storage:
-    """One storage from ``data/<key>``: a flat little-endian-decoded numpy array."""
+    """One storage from ``data/<key>``: its element count and, when data is read, a flat
+    little-endian-decoded numpy array."""
 
     key: str
     stype: _StorageType
-    flat: np.ndarray
+    numel: int
+    flat: np.ndarray | None
 
 
 @dataclass
 class _Tensor:
-    """A rebuilt tensor: contiguous numpy data plus the MLX dtype it stands for."""
+    """A rebuilt tensor: shape, the MLX dtype it stands for and (when read) contiguous data."""
 
-    data: np.ndarray
+    shape: tuple[int, ...]
     mx_dtype: mx.Dtype
+    data: np.ndarray | None
 
 
 def _is_int(x: object) -> bool:
@@ -118,15 +134,28 @@ class _TorchUnpickler(pickle.Unpickler):
 
     The callables it hands out are bound to this instance (fresh per file), and the class
     stand-ins are immutable tuples, so a hostile pickle cannot leave state behind for the next
-    load.
+    load. With `read_data` false it reads no tensor bytes: shapes and dtypes only.
     """
 
-    def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, path: Path, big: bool):
+    def __init__(
+        self,
+        data: bytes,
+        zf: zipfile.ZipFile,
+        prefix: str,
+        path: Path,
+        big: bool,
+        read_data: bool,
+    ):
         super().__init__(io.BytesIO(data))
         self._zf = zf
         self._prefix = prefix
         self._path = path
         self._big = big
+        self._read_data = read_data
+        self._size = path.stat().st_size
+        self._budget = max(MAX_EXPANSION * self._size, _MIN_BUDGET)
+        self._materialised = 0
+        self._stored = 0  # storage bytes referenced so far
         self._storages: dict[str, _Storage] = {}
         self._globals: dict[tuple[str, str], Any] = {
             ("collections", "OrderedDict"): OrderedDict,
@@ -183,7 +212,7 @@ class _TorchUnpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid
         cached = self._storages.get(key)
         if cached is not None:
-            if cached.stype != stype or cached.flat.size < numel:
+            if cached.stype != stype or cached.numel < numel:
                 raise self._fail(
                     f"storage {_q(key)} is referenced with two different layouts; the file is "
                     f"corrupt — {_SAFE_FIX}"
@@ -206,19 +235,32 @@ class _TorchUnpickler(pickle.Unpickler):
                 f"storage entry {_q(entry)} has {info.file_size} bytes but {nbytes} are needed; "
                 "the file is truncated or corrupt — re-download it"
             )
+        self._stored += nbytes
+        if self._stored > self._size:
+            # Zip entries whose data overlap could make each read cover the whole file again.
+            raise self._fail(
+                f"its storages add up to more than the file's {self._size} bytes (overlapping "
+                f"zip entries); the file is corrupt or malicious — {_SAFE_FIX}"
+            )
+        storage = _Storage(key, stype, numel, self._read(info, nbytes, dtype, numel))
+        self._storages[key] = storage
+        return storage
+
+    def _read(
+        self, info: zipfile.ZipInfo, nbytes: int, dtype: np.dtype, numel: int
+    ) -> np.ndarray | None:
+        """The storage's elements, little-endian; None when only metadata is wanted."""
+        if not self._read_data:
+            return None
         if info.file_size == nbytes:
             raw = self._zf.read(info)
         else:  # larger than needed: read only what the storage covers
             with self._zf.open(info) as f:
                 raw = f.read(nbytes)
         if len(raw) < nbytes:
-            raise self._fail(f"storage entry {_q(entry)} is truncated — re-download the file")
+            raise self._fail(f"storage entry {_q(info.filename)} is truncated — re-download it")
         flat = np.frombuffer(raw, dtype=dtype, count=numel)
-        if self._big:
-            flat = flat.astype(dtype.newbyteorder("<"))
-        storage = _Storage(key, stype, flat)
-        self._storages[key] = storage
-        return storage
+        return flat.astype(dtype.newbyteorder("<")) if self._big else flat
 
     def _rebuild_tensor_v2(
         self,
@@ -248,23 +290,28 @@ class _TorchUnpickler(pickle.Unpickler):
                 f"data.pkl describes a tensor with invalid offset/size/stride "
                 f"({_q(storage_offset, 20)}, {_q(size, 40)}, {_q(stride, 40)}); the file is corrupt"
             )
+        if 0 not in size:
+            # as_strided does not bounds-check: refuse any view that reaches past the storage.
+            last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+            if last >= storage.numel:
+                raise self._fail(
+                    f"a tensor in data.pkl reaches element {last} of storage {_q(storage.key)}, "
+                    f"which has {storage.numel}; the file is corrupt or malicious — {_SAFE_FIX}"
+                )
+        if not self._read_data:
+            return _Tensor(size, storage.stype.mx_dtype, None)
         flat = storage.flat
-        if math.prod(size) > 64 * max(flat.size, 1):
-            # Stride-0 views could otherwise make a tiny file allocate without bound.
+        self._materialised += math.prod(size) * flat.itemsize
+        if self._materialised > self._budget:
+            # Shared storages and stride-0 views could otherwise make a tiny file allocate
+            # without bound: checked before the copy is made.
             raise self._fail(
-                f"a tensor in data.pkl expands {flat.size} stored elements to "
-                f"{math.prod(size)}; the file is corrupt or malicious — {_SAFE_FIX}"
+                f"its tensors expand to more than {self._budget} bytes, over {MAX_EXPANSION}x "
+                f"the file's size; the file is corrupt or malicious — {_SAFE_FIX}"
             )
         if 0 in size:
             data = np.zeros(size, dtype=flat.dtype)
         else:
-            # as_strided does not bounds-check: refuse any view that reaches past the storage.
-            last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-            if last >= flat.size:
-                raise self._fail(
-                    f"a tensor in data.pkl reaches element {last} of storage {_q(storage.key)}, "
-                    f"which has {flat.size}; the file is corrupt or malicious — {_SAFE_FIX}"
-                )
             item = flat.itemsize
             view = np.lib.stride_tricks.as_strided(
                 flat[storage_offset:],
@@ -275,7 +322,7 @@ class _TorchUnpickler(pickle.Unpickler):
             data = view.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
         if storage.stype.mx_dtype == mx.bool_:
             data = data != 0
-        return _Tensor(data, storage.stype.mx_dtype)
+        return _Tensor(size, storage.stype.mx_dtype, data)
 
     def _rebuild_parameter(
         self, data: Any, requires_grad: Any = False, backward_hooks: Any = None
@@ -407,9 +454,38 @@ def load_torch_bin(path: Path) -> dict[str, mx.array]:
 
     Raises ``MlxLocalError`` (one line: file, problem, fix) for anything that is not a plain,
     intact state dict of supported tensors, including files whose pickle asks for any global
-    outside the tensor-rebuilding allow-list.
+    outside the tensor-rebuilding allow-list, or whose tensors would take more than
+    ``MAX_EXPANSION`` times the file's size.
     """
-    path = Path(path)
+    tensors = _unpickle(Path(path), read_data=True)
+    return {name: _to_mx(tensors.pop(name)) for name in list(tensors)}  # numpy freed as we go
+
+
+def read_torch_bin_header(path: Path) -> dict[str, tuple[mx.Dtype, tuple[int, ...]]]:
+    """name → (dtype, shape) of every tensor in a torch.save checkpoint, reading no tensor
+    bytes: the pickle is checked as strictly as by `load_torch_bin`."""
+    return {name: (t.mx_dtype, t.shape) for name, t in _unpickle(Path(path), False).items()}
+
+
+def _check_entries(zf: zipfile.ZipFile, path: Path) -> None:
+    """Only stored entries that lie inside the file: nothing is inflated or over-read."""
+    size = path.stat().st_size
+    for info in zf.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _err(
+                path,
+                f"zip entry {_q(info.filename)} is compressed, which torch.save never does; "
+                f"refusing to inflate it (it could be a zip bomb) — {_SAFE_FIX}",
+            )
+        if info.compress_size != info.file_size or info.header_offset + info.file_size > size:
+            raise _err(
+                path,
+                f"zip entry {_q(info.filename)} claims {info.file_size} bytes, more than the "
+                "file holds; the file is truncated or corrupt — re-download it",
+            )
+
+
+def _unpickle(path: Path, read_data: bool) -> dict[str, _Tensor]:
     try:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
@@ -421,13 +497,12 @@ def load_torch_bin(path: Path) -> dict[str, mx.array]:
         raise _not_zip_error(path, head) from e
     with zf:
         try:
+            _check_entries(zf, path)
             prefix = _find_prefix(zf, path)
             big = _read_byteorder(zf, prefix, path)
             data = zf.read(f"{prefix}/data.pkl")
-            unpickler = _TorchUnpickler(data, zf, prefix, path, big)
-            obj = unpickler.load()
-            tensors = _check_state_dict(obj, path)
-            return {name: _to_mx(t) for name, t in tensors.items()}
+            unpickler = _TorchUnpickler(data, zf, prefix, path, big, read_data)
+            return _check_state_dict(unpickler.load(), path)
         except MlxLocalError:
             raise
         except Exception as e:  # a bad file must never escape as anything but MlxLocalError
