@@ -216,6 +216,14 @@ def test_hostile_adapter_config(case, tmp_path):
     assert_clean_failure(result, str(adapters / "adapter_config.json"), needle, out=out)
 
 
+def test_info_describes_a_hostile_tokenizer_as_unreadable(src):
+    (src / "tokenizer.json").write_bytes(HOSTILE_JSON["deep"][0])
+    (src / "tokenizer_config.json").write_bytes(HOSTILE_JSON["huge-int"][0])
+    result = run("info", src)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "unreadable tokenizer.json" in result.output
+
+
 ROWS = {
     "not-utf8": b'{"text": "\xff"}',
     "syntax": b'{"text": "broken',
