@@ -1,7 +1,9 @@
 """Recipes: one YAML file holds a whole fine-tuning run.
 
 Errors name the key, its line in the file and, for a typo, the key meant, because a recipe is
-edited by hand and a run that fails an hour in on a misspelt key wastes the hour.
+edited by hand and a run that fails an hour in on a misspelt key wastes the hour. YAML anchors
+and aliases are refused, in files and overrides alike (a few hundred bytes of them can name
+billions of nodes).
 
 Paths: `load_recipe` also takes a built-in recipe's name ("tiny-lora"); data paths come back
 absolute (or "builtin:NAME"), a relative model path that exists next to the recipe is made
