@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .checkpoint.inputs import JSONProblem, decode_json, regular_file
 from .errors import MlxLocalError
 
 __all__ = [
@@ -169,8 +169,7 @@ def data_file(spec: str | Path) -> Path:
 def iter_rows(path: Path) -> Iterator[Row]:
     """Every record of a .jsonl or .csv file, in order, readable or not (see the module notes)."""
     records = {".jsonl": _jsonl_rows, ".csv": _csv_rows}.get(path.suffix.lower())
-    if not path.is_file():
-        raise MlxLocalError(f"{path}: no such data file")
+    regular_file(path, "data file")
     if records is None:
         raise MlxLocalError(
             f"{path}: unsupported data file; use .jsonl (one JSON object a line) or .csv"
@@ -225,9 +224,9 @@ def _jsonl_rows(f: BinaryIO, name: str) -> Iterator[Row]:
             yield Row(name, number, None, NOT_UTF8)
             continue
         try:
-            values = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Row(name, number, None, f"not valid JSON ({e.msg} at column {e.colno})")
+            values = decode_json(line)
+        except JSONProblem as e:
+            yield Row(name, number, None, str(e))
             continue
         if isinstance(values, dict):
             yield Row(name, number, values)
@@ -339,9 +338,9 @@ class BadRow(Exception):
 
 def _json_cell(value: str, name: str) -> Any:
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise BadRow(f"{name!r} is not valid JSON ({e.msg})") from e
+        return decode_json(value)
+    except JSONProblem as e:
+        raise BadRow(f"{name!r} is {e}") from e
 
 
 def _messages(value: Any, key: str) -> list[dict[str, Any]]:

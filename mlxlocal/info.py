@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from .checkpoint.files import weight_files
+from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
 from .checkpoint.torch_bin import read_torch_bin_header
 from .models import check_quantization, context_length, read_config
@@ -105,9 +105,9 @@ def tokenizer_kind(path: Path) -> str | None:
     kinds = []
     if (path / "tokenizer.json").exists():
         try:
-            model = json.loads((path / "tokenizer.json").read_text()).get("model", {})
+            model = decode_json((path / "tokenizer.json").read_bytes()).get("model", {})
             kinds.append(f"{model.get('type', 'unknown')} (tokenizer.json)")
-        except (ValueError, AttributeError):
+        except (JSONProblem, AttributeError):
             kinds.append("unreadable tokenizer.json")
     if (path / "tokenizer.model").exists():
         kinds.append("SentencePiece (tokenizer.model)")
@@ -119,10 +119,10 @@ def has_chat_template(path: Path) -> bool:
     if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
         return True
     try:
-        cfg = json.loads((path / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
+        cfg = decode_json((path / "tokenizer_config.json").read_bytes())
+    except (OSError, JSONProblem):
         return False
-    return bool(cfg.get("chat_template"))
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
 
 
 def format_info(data: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ and mlx-lm's dataclasses (silent config drift) and turns mlx-lm's exceptions int
 from __future__ import annotations
 
 import copy
-import json
 import pkgutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapters.layers import load_adapters
 from .checkpoint.dtypes import DTYPES
+from .checkpoint.inputs import read_json
 from .checkpoint.safetensors import read_header
 from .errors import MlxLocalError
 
@@ -44,11 +44,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise MlxLocalError(
             f"{path}: no config.json — is this a Hugging Face or MLX model directory?"
         )
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxLocalError(f"{file}: not valid JSON ({e}); re-download the checkpoint") from e
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_json(file, "model config", "re-download the checkpoint")
+    if "model_type" not in config:
         raise MlxLocalError(f"{file}: no model_type; this does not look like a model config")
     return config
 

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import models
 from .calibration_text import CALIBRATION, EVALUATION
+from .checkpoint.inputs import read_bytes
 from .errors import MlxLocalError
 from .progress import progress
 from .verify import compare_logits
@@ -25,11 +26,7 @@ WINDOW = 256  # tokens per forward pass
 
 def read_text(path: str | Path) -> str:
     """A user's text file, refused with one line when it is empty or not text."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MlxLocalError(f"{path}: cannot read the text file ({e.strerror or e})") from e
+    data = read_bytes(path, "text file")
     try:
         if b"\x00" in data:
             raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")

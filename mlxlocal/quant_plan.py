@@ -12,8 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
+from .checkpoint.inputs import load_yaml, read_text
 from .errors import MlxLocalError
 
 # mode → (bits it takes, group sizes it takes, default group size), as MLX 0.32 supports them.
@@ -133,13 +132,7 @@ def _pattern(pattern: str) -> str:
 
 def read_rules(path: str | Path) -> list[tuple[str, str]]:
     """Rules from a YAML mapping of PATTERN: BITS[/GROUP], in file order."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise MlxLocalError(f"{path}: cannot read the rules file ({e.strerror or e})") from e
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MlxLocalError(f"{path}: not valid YAML ({e})") from e
+    data, _ = load_yaml(read_text(path, "rules file"), str(path), "rules files")
     if not isinstance(data, dict) or not data:
         raise MlxLocalError(
             f"{path}: a rules file is a YAML mapping of PATTERN: BITS[/GROUP], "

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.dtypes import check_dtype
+from .checkpoint.inputs import regular_file
 from .checkpoint.jsonout import strict_dumps
 from .checkpoint.shards import parse_size
 from .convert import Source, load_weights, open_source, write_checkpoint
@@ -163,6 +164,8 @@ def _check_request(
     rule_list = [parse_rule(r) for r in rules] + (read_rules(rules_file) if rules_file else [])
     for _, value in rule_list:
         rule_spec(value, spec)
+    if calib is not None:
+        regular_file(calib, "text file")  # before the model loads, not after
     return _Request(spec, rule_list, preset, target_bpw, calib)
 
 

@@ -1,7 +1,9 @@
 """Recipes: one YAML file holds a whole fine-tuning run.
 
 Errors name the key, its line in the file and, for a typo, the key meant, because a recipe is
-edited by hand and a run that fails an hour in on a misspelt key wastes the hour.
+edited by hand and a run that fails an hour in on a misspelt key wastes the hour. YAML anchors
+and aliases are refused, in files and overrides alike (a few hundred bytes of them can name
+billions of nodes).
 
 Paths: `load_recipe` also takes a built-in recipe's name ("tiny-lora"); data paths come back
 absolute (or "builtin:NAME"), a relative model path that exists next to the recipe is made
@@ -32,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .checkpoint.inputs import SafeYAML, load_yaml, read_text
 from .data import DataSection, describe_dataset
 from .errors import MlxLocalError
 from .resources import builtin_dir
@@ -180,7 +183,7 @@ def optimizer_arguments(name: str) -> list[str]:
 # --- reading YAML with line numbers -------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(SafeYAML):
     """YAML 1.1 reads `1e-4` as a string; a recipe means a number."""
 
 
@@ -195,18 +198,7 @@ Path_ = tuple[Any, ...]
 
 def _parse(text: str, where: str) -> tuple[Any, dict[Path_, int]]:
     """The YAML document and the line of every key and list item in it."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise MlxLocalError(f"{where}{line}: not valid YAML ({e.problem}); fix the syntax") from e
-    except yaml.YAMLError as e:
-        raise MlxLocalError(f"{where}: not valid YAML ({e}); fix the syntax") from e
-    finally:
-        loader.dispose()
+    data, node = load_yaml(text, where, "recipes", _Loader)
     lines: dict[Path_, int] = {}
     if node is not None:
         _index_lines(node, (), lines, where)
@@ -246,10 +238,9 @@ def _apply_override(data: dict[str, Any], override: str) -> Path_:
             dotted = ".".join(path[: i + 1])
             raise MlxLocalError(f"override {override!r}: {dotted} is a value, not a section")
         node = child
-    try:
-        node[path[-1]] = yaml.load(value, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise MlxLocalError(f"override {override!r}: the value is not valid YAML ({e})") from e
+    node[path[-1]] = load_yaml(value, f"override {override!r}", "overrides", _Loader, lines=False)[
+        0
+    ]
     return path
 
 
@@ -353,11 +344,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not file.exists():
         file = builtin_recipe_path(str(path), missing=f"{path}: no such recipe file")
         where = file.name
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MlxLocalError(f"{where}: cannot read the recipe ({e})") from e
-    data, lines = _parse(text, where)
+    data, lines = _parse(read_text(file, "recipe"), where)
     if data is None:
         data = {}
     if not isinstance(data, dict):

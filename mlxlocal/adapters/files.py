@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..checkpoint.files import weight_files
+from ..checkpoint.inputs import read_json
 from ..checkpoint.safetensors import load_lazy, read_header
 from ..errors import MlxLocalError
 from .formula import fuse, lora_alpha
@@ -103,24 +104,12 @@ def adapter_config(
     return config
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise MlxLocalError(f"{path.parent}: no {path.name}; is this an adapter directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxLocalError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise MlxLocalError(f"{path}: not a JSON object")
-    return data
-
-
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """The config of an adapter folder in mlx-lm's layout (LoRA, DoRA or full weights)."""
     path = Path(path)
     if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
         raise MlxLocalError(f"{path}: not an adapter folder (needs {CONFIG} and {WEIGHTS})")
-    return read_json(path / CONFIG)
+    return read_json(path / CONFIG, "adapter config")
 
 
 def read_adapter(path: str | Path) -> Adapter:

@@ -15,10 +15,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..checkpoint.inputs import read_json
 from ..checkpoint.safetensors import load_lazy
 from ..checkpoint.torch_bin import load_torch_bin
 from ..errors import MlxLocalError
-from .files import Adapter, check_modules, read_adapter, read_json, split_module
+from .files import Adapter, check_modules, read_adapter, split_module
 from .formula import lora_scale
 
 PREFIX = "base_model.model."
@@ -48,7 +49,7 @@ def read_any(path: str | Path) -> Adapter:
 def read_peft(path: str | Path) -> Adapter:
     """A PEFT LoRA/rsLoRA/DoRA adapter directory as an Adapter (tensors in mlx-lm's layout)."""
     path = Path(path)
-    config = read_json(path / "adapter_config.json")
+    config = read_json(path / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
         raise MlxLocalError(
             f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA, "

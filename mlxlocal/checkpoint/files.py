@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import MlxLocalError
+from .inputs import JSONProblem, decode_json, read_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,10 +36,7 @@ def weight_files(src: Path) -> tuple[str, list[Path]]:
     ):
         index = src / index_name
         if index.exists():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise MlxLocalError(f"{index}: not a valid index ({e}); re-download it") from e
+            names = _shard_names(index)
             missing = [n for n in names if not (src / n).exists()]
             if missing:
                 raise MlxLocalError(
@@ -52,6 +50,19 @@ def weight_files(src: Path) -> tuple[str, list[Path]]:
     raise MlxLocalError(
         f"{src}: no *.safetensors or pytorch_model*.bin weights found; is the download complete?"
     )
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index's `weight_map` names, checked to be plain file names."""
+    weight_map = read_json(index, "index", "re-download it").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+    ):
+        raise MlxLocalError(
+            f"{index}: not a valid index (weight_map must map tensor names to shard file names "
+            "in the same folder); re-download it"
+        )
+    return sorted(set(weight_map.values()))
 
 
 def is_gguf_file(src: str | Path) -> bool:
@@ -71,8 +82,8 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     settings = dst / "tokenizer_config.json"
     if settings.exists():
         try:
-            data = json.loads(settings.read_text())
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            data = decode_json(settings.read_bytes())
+        except JSONProblem:
             return  # left as it is: loading it says what is wrong
         if isinstance(data, dict) and data.pop("auto_map", None) is not None:
             settings.write_text(json.dumps(data, indent=2))

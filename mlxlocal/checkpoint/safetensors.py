@@ -7,7 +7,6 @@ lazily so a conversion reads one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import MlxLocalError
+from .inputs import JSONProblem, decode_json
 
 DTYPE_BYTES = {
     "BOOL": 1,
@@ -58,9 +58,9 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     except OSError as e:
         raise MlxLocalError(f"{path}: cannot read ({e.strerror or e})") from e
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"header is not JSON: {e}") from e
+        header = decode_json(raw)
+    except JSONProblem as e:
+        raise _bad(path, f"header is {e}") from e
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

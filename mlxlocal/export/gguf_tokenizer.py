@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 
 from ..checkpoint.gguf_tokenizer import PRE_TOKENIZERS, SPIECE_UNDERLINE
+from ..checkpoint.inputs import read_json
 from ..errors import MlxLocalError
 from ..models import hf_tokenizer
 
@@ -22,7 +23,9 @@ T = gguf.TokenType
 def add_tokenizer(writer: gguf.GGUFWriter, model: Path, rows: int, config: dict) -> list[str]:
     """Write the tokenizer of checkpoint `model` into `writer`; return warnings."""
     settings = (
-        _read(model / "tokenizer_config.json") if (model / "tokenizer_config.json").exists() else {}
+        read_json(model / "tokenizer_config.json", "tokenizer config")
+        if (model / "tokenizer_config.json").exists()
+        else {}
     )
     tokenizer_json = _effective_tokenizer(model)
     warnings: list[str] = []
@@ -79,18 +82,11 @@ def _effective_tokenizer(model: Path) -> dict | None:
     return json.loads(backend.to_str()) if backend else None
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxLocalError(f"{path}: not valid JSON ({e})") from e
-
-
 def chat_template(model: Path, settings: dict) -> str | None:
     if (model / "chat_template.jinja").exists():
         return (model / "chat_template.jinja").read_text()
     if (model / "chat_template.json").exists():
-        return _read(model / "chat_template.json").get("chat_template")
+        return read_json(model / "chat_template.json", "chat template").get("chat_template")
     template = settings.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         named = {t.get("name"): t.get("template") for t in template}
