@@ -9,7 +9,6 @@ input and continues. When every record is done, `OUT.partial` is renamed to OUT.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint.atomic import atomic_file, check_output
+from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.jsonout import finite, non_finite_at, strict_dumps
 from .choices import ON_ERROR
 from .data import Row, data_file, iter_rows
@@ -333,8 +333,8 @@ class ResumableOutput:
 
     def _check_written(self, rows: Iterator[Row], input: Path) -> int:
         try:
-            before = json.loads(self.settings_file.read_text())
-        except (OSError, json.JSONDecodeError):
+            before = decode_json(self.settings_file.read_bytes())
+        except (OSError, JSONProblem):
             before = None
         if before != self.settings:
             changed = sorted(
@@ -352,8 +352,8 @@ class ResumableOutput:
                     break  # torn by the interruption: cut off below
                 row = next(rows, None)
                 try:
-                    written = json.loads(raw).get("id")
-                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    written = decode_json(raw).get("id")
+                except (JSONProblem, AttributeError):
                     written = "(not a JSON object)"
                 if row is None or written != finite(_record_id(row)):
                     raise MlxLocalError(

@@ -13,13 +13,13 @@ or 128, as SmolLM2 and Qwen2.5 do); an id there cannot be decoded, so sampling n
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .checkpoint.inputs import read_json
 from .data import has_chat_template
 from .errors import MlxLocalError
 from .models import read_config
@@ -74,10 +74,7 @@ def declared_eos_ids(path: str | Path) -> set[int]:
     ids = _eos_field(read_config(path), path / "config.json")
     file = path / "generation_config.json"
     if file.exists():
-        try:
-            config = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MlxLocalError(f"{file}: not valid JSON ({e}); fix the file or delete it") from e
+        config = read_json(file, "generation config", "fix the file or delete it")
         ids |= _eos_field(config, file)
     return ids
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..adapters.layers import save_adapters
 from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.inputs import JSONProblem, decode_json, load_yaml, read_json, read_text
 from ..checkpoint.jsonout import strict_dumps
 from ..errors import MlxLocalError
 
@@ -175,15 +175,15 @@ class RunDir:
 def _metrics_record(line: bytes) -> dict[str, Any] | None:
     """One metrics line as a dict, or None where it is not one (torn or garbled)."""
     try:
-        record = json.loads(line)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        record = decode_json(line)
+    except JSONProblem:
         return None
     step = record.get("step", 0) if isinstance(record, dict) else None
     return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_position(ckpt: Path) -> Position:
-    return Position(**json.loads((ckpt / "state.json").read_text()))
+    return Position(**read_json(ckpt / "state.json", "checkpoint state"))
 
 
 def restore_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Position:
@@ -220,7 +220,8 @@ def rng_key() -> list[int]:
 
 
 def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
-    old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(recipe_yaml)
+    old = load_yaml(read_text(saved, "recipe"), str(saved), "recipes")[0]
+    new = yaml.safe_load(recipe_yaml)
     diff = _first_difference(old, new)
     if diff is not None:
         raise MlxLocalError(
