@@ -21,8 +21,7 @@ import numpy as np
 
 from .checkpoint.inputs import read_json
 from .data import has_chat_template
-from .errors import MlxLocalError
-from .models import read_config
+from .models import eos_token_ids, read_config
 
 # Stands in for an answer when rendering, so what the template puts after it can be found.
 ANSWER = "@@mlxlocal-answer@@"
@@ -71,26 +70,12 @@ def declared_eos_ids(path: str | Path) -> set[int]:
     """The `eos_token_id`s (an id or a list) a checkpoint's config.json and
     generation_config.json declare."""
     path = Path(path)
-    ids = _eos_field(read_config(path), path / "config.json")
+    ids = eos_token_ids(read_config(path), path / "config.json")
     file = path / "generation_config.json"
     if file.exists():
         config = read_json(file, "generation config", "fix the file or delete it")
-        ids |= _eos_field(config, file)
+        ids |= eos_token_ids(config, file)
     return ids
-
-
-def _eos_field(config: object, file: Path) -> set[int]:
-    eos = config.get("eos_token_id") if isinstance(config, dict) else None
-    ids = [] if eos is None else [eos] if _is_id(eos) else eos
-    if not isinstance(ids, list) or not all(map(_is_id, ids)):
-        raise MlxLocalError(
-            f"{file}: eos_token_id must be a token id or a list of them, not {eos!r}; fix the file"
-        )
-    return set(ids)
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def stop_ids(tokenizer, path: str | Path | None = None) -> frozenset[int]:

@@ -44,7 +44,8 @@ def info(path: str | Path) -> dict[str, Any]:
         "model_type": config["model_type"],
         "architectures": config.get("architectures"),
         "parameters": params,
-        "dtypes": {d: round(b / weight_bytes, 4) for d, b in dtypes.most_common()},
+        # Shares of the bytes; tensors that are all empty have none to share.
+        "dtypes": {d: round(b / weight_bytes, 4) for d, b in dtypes.most_common() if b},
         "quantization": None,
         "size_bytes": sum(f.stat().st_size for f in files),
         "shards": len(files),

@@ -7,7 +7,11 @@ and mlx-lm's dataclasses (silent config drift) and turns mlx-lm's exceptions int
 from __future__ import annotations
 
 import copy
+import json
+import math
 import pkgutil
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +51,154 @@ def read_config(path: Path) -> dict[str, Any]:
     config = read_json(file, "model config", "re-download the checkpoint")
     if "model_type" not in config:
         raise MlxLocalError(f"{file}: no model_type; this does not look like a model config")
+    check_config(config)
     return config
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse config values mlx-lm would misread silently or crash on much later.
+
+    Every field the architecture's ModelArgs declares as a bool, number, string, list or dict
+    must hold that JSON type (`tie_word_embeddings: "no"` would drop lm_head; `rope_theta:
+    "fast"` converts and fails at the first token); rope settings must be complete; the
+    model_type must name an architecture, not one of mlx-lm's building blocks.
+    """
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or (
+        MODEL_REMAPPING.get(model_type, model_type) in _NOT_ARCHITECTURES
+    ):
+        raise _unsupported(model_type)
+    eos_token_ids(config, "config.json")
+    for key in ("rope_parameters", "rope_scaling"):
+        _check_rope(key, config.get(key))
+    if model_type in supported_model_types():
+        _check_field_types(config, model_classes(config)[1])
+
+
+def _unsupported(model_type: object) -> MlxLocalError:
+    types_ = ", ".join(supported_model_types())
+    return MlxLocalError(
+        f"model_type {str(model_type)[:40]!r} is not supported by mlx-lm (supported: {types_})"
+    )
+
+
+def eos_token_ids(config: object, file: str | Path) -> set[int]:
+    """The `eos_token_id`s (an id or a list of them) a config declares."""
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = [] if eos is None else [eos] if _is_id(eos) else eos
+    if not isinstance(ids, list) or not all(map(_is_id, ids)):
+        raise MlxLocalError(
+            f"{file}: eos_token_id must be a token id or a list of them, not {_shown(eos)}; "
+            "fix the file"
+        )
+    return set(ids)
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The JSON values a ModelArgs annotation accepts (None is always accepted: "not set").
+_JSON_TYPES: dict[object, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: (
+        "a number",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    ),
+    str: ("a string", lambda v: isinstance(v, str)),
+    list: ("a list", lambda v: isinstance(v, list)),
+    tuple: ("a list", lambda v: isinstance(v, list)),
+    dict: ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def _json_types(hint: object) -> list[tuple[str, Any]] | None:
+    """What a field annotated `hint` may hold in JSON, or None when the annotation is not
+    plain data (Any, a nested ModelArgs class) and so cannot be checked."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        found = [_json_types(a) for a in typing.get_args(hint) if a is not type(None)]
+        return None if None in found else [t for f in found for t in f]
+    base = origin or hint
+    return [_JSON_TYPES[base]] if base in _JSON_TYPES else None
+
+
+def _check_field_types(config: dict[str, Any], args_class: type) -> None:
+    try:
+        hints = typing.get_type_hints(args_class)
+    except Exception:  # an annotation mlx-lm itself cannot resolve: nothing to check against
+        return
+    fields = getattr(args_class, "__dataclass_fields__", {})
+    for key in sorted(set(fields) & set(config)):
+        value, allowed = config[key], _json_types(hints.get(key))
+        if value is None or allowed is None or any(ok(value) for _, ok in allowed):
+            continue
+        wanted = " or ".join(dict.fromkeys(name for name, _ in allowed))
+        raise MlxLocalError(
+            f"config.json: {key} is {_shown(value)}, not {wanted}; "
+            "fix the config or re-download the checkpoint"
+        )
+
+
+def _shown(value: object) -> str:
+    """A config value as JSON, short enough for one line."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    try:
+        return json.dumps(value)[:40]
+    except ValueError:  # an integer past Python's digit limit
+        return "a huge number"
+
+
+# Rope types mlx-lm builds (rope_utils.initialize_rope, and Phi-3's own "su"), and the
+# settings each cannot do without.
+_ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor",),
+    "deepseek_yarn": ("factor",),
+    "telechat3-yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "su": ("short_factor", "long_factor"),
+    "proportional": (),
+    "mrope": (),
+}
+
+
+def _check_rope(key: str, value: object) -> None:
+    """`rope_scaling`/`rope_parameters`: absent, or one block (or one per layer type) with a
+    known rope_type, a numeric rope_theta and factors, and the settings that type needs."""
+    if value is None:
+        return
+    blocks = {key: value}
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        blocks = {f"{key}.{name}": block for name, block in value.items()}
+    for where, block in blocks.items():
+        fix = "fix the config or re-download the checkpoint"
+        if not isinstance(block, dict):
+            raise MlxLocalError(
+                f"config.json: {where} is {_shown(block)}, not an object like "
+                f'{{"rope_type": "linear", "factor": 2.0}}; {fix}'
+            )
+        rope_type = block.get("rope_type", block.get("type")) or "default"
+        if rope_type not in _ROPE_TYPES:
+            raise MlxLocalError(
+                f"config.json: {where} has rope_type {str(rope_type)[:40]!r}, which mlx-lm "
+                f"does not build (known: {', '.join(_ROPE_TYPES)}); {fix}"
+            )
+        for name in _ROPE_TYPES[rope_type]:
+            if name not in block:
+                raise MlxLocalError(f"config.json: {where} ({rope_type}) has no {name}; {fix}")
+        for name in ("rope_theta", "factor", "partial_rotary_factor"):
+            if name in block and not _JSON_TYPES[float][1](block[name]):
+                raise MlxLocalError(
+                    f"config.json: {where}.{name} is {_shown(block[name])}, not a number; {fix}"
+                )
 
 
 def supported_model_types() -> list[str]:
@@ -60,16 +211,15 @@ def supported_model_types() -> list[str]:
 
 def model_classes(config: dict[str, Any]) -> tuple[type, type]:
     """mlx-lm's (Model, ModelArgs) for a config, or an error listing what is supported."""
-    from mlx_lm.utils import _get_classes
+    from mlx_lm.utils import MODEL_REMAPPING, _get_classes
 
+    model_type = config.get("model_type")
+    if MODEL_REMAPPING.get(model_type, model_type) in _NOT_ARCHITECTURES:
+        raise _unsupported(model_type)
     try:
         return _get_classes(config)
     except ValueError as e:
-        types = ", ".join(supported_model_types())
-        raise MlxLocalError(
-            f"model_type {config.get('model_type')!r} is not supported by mlx-lm "
-            f"(supported: {types})"
-        ) from e
+        raise _unsupported(model_type) from e
 
 
 # Counts and dimensions every architecture that has them builds from: positive ints.
@@ -94,6 +244,7 @@ def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
     gigabytes. A config mlx-lm cannot take is an error that names the architecture rather than
     mlx-lm's bare exception.
     """
+    check_config(config)
     check_config_sizes(config, shapes)
     model_class, args_class = model_classes(config)
     try:
