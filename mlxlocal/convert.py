@@ -20,6 +20,7 @@ from . import __version__
 from .checkpoint.atomic import atomic_directory, check_output
 from .checkpoint.dtypes import DTYPES, check_dtype
 from .checkpoint.files import copy_tokenizer_files, file_sha256, is_gguf_file, weight_files
+from .checkpoint.fp8 import dequantize_fp8, fp8_scales
 from .checkpoint.safetensors import load_lazy, read_header
 from .checkpoint.shards import ShardWriter, parse_size
 from .checkpoint.torch_bin import load_torch_bin, read_torch_bin_header
@@ -66,6 +67,7 @@ class Source:
     shapes: dict[str, tuple[int, ...]]
     notes: list[str]
     warnings: list[str]
+    fp8_scales: dict[str, str] = field(default_factory=dict)
     model: Any = None
     weights: dict[str, mx.array] = field(default_factory=dict)
     dtype: str = "float32"
@@ -114,20 +116,27 @@ def open_source(src: str | Path, revision: str | None = None) -> Source:
     config, notes = normalize_config(read_config(src_dir))
     warnings = ignored_settings(config, model_classes(config)[1])
     kind, files = weight_files(src_dir)
-    shapes = _tensor_shapes(kind, files)
+    shapes, dtypes = _tensor_table(kind, files)
     check_config_sizes(config, shapes)
-    return Source(src, src_dir, config, kind, files, shapes, notes, warnings)
+    scales = fp8_scales(dtypes, shapes, config)
+    return Source(src, src_dir, config, kind, files, shapes, notes, warnings, scales)
 
 
-def _tensor_shapes(kind: str, files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """name → shape of every tensor in `files`, from their headers (no tensor data read)."""
+def _tensor_table(
+    kind: str, files: list[Path]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name → shape, name → safetensors dtype) of every tensor in `files`, from their
+    headers (no tensor data read); .bin files hold no dtype needing care, so none is listed."""
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for f in files:
         if kind == "bin":
             shapes.update({k: shape for k, (_, shape) in read_torch_bin_header(f).items()})
-        else:
-            shapes.update({k: tuple(e["shape"]) for k, e in read_header(f)[0].items()})
-    return shapes
+            continue
+        header = read_header(f)[0]
+        shapes.update({k: tuple(e["shape"]) for k, e in header.items()})
+        dtypes.update({k: e["dtype"] for k, e in header.items()})
+    return shapes, dtypes
 
 
 def load_weights(source: Source, staging: Path, dtype: str | None = None) -> None:
@@ -137,6 +146,10 @@ def load_weights(source: Source, staging: Path, dtype: str | None = None) -> Non
     for f in files:
         weights.update(load_lazy(f))
     config = source.config
+    if source.fp8_scales:
+        weights = dequantize_fp8(weights, source.fp8_scales, config)
+        config.pop("quantization_config", None)  # the weights are floats now
+        source.notes.append(f"{len(source.fp8_scales)} FP8 tensors dequantized with their scales")
     if "lm_head.weight" in weights and "tie_word_embeddings" not in config:
         # mlx-lm's Llama defaults to tied embeddings; HF's default is untied.
         config["tie_word_embeddings"] = False
@@ -199,6 +212,12 @@ def _check_weights(model, weights: dict[str, mx.array]) -> None:
             raise MlxLocalError(
                 f"tensor {k} has shape {tuple(weights[k].shape)} but the config implies "
                 f"{tuple(v.shape)}; is config.json from the same checkpoint?"
+            )
+        if not mx.issubdtype(weights[k].dtype, mx.floating):
+            # The built model is unquantized: every parameter it holds is a float.
+            raise MlxLocalError(
+                f"tensor {k} is stored as {str(weights[k].dtype).split('.')[-1]}, not as "
+                "floating-point weights; convert a float16, bfloat16 or float32 release"
             )
 
 

@@ -96,11 +96,26 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> None:
 
 
 def load_lazy(path: Path) -> dict[str, mx.array]:
-    """Validated, lazily-read tensors: each is read from disk only when evaluated."""
+    """Validated, lazily-read tensors: each is read from disk only when evaluated.
+
+    F8_E4M3 tensors come back as their exact bfloat16 values (MLX would give raw uint8 bytes);
+    applying their scales is the caller's job (checkpoint/fp8.py). F8_E5M2, which MLX cannot
+    read, is refused by name.
+    """
     header, _ = read_header(path)
     if not header:
         return {}
+    for name, entry in header.items():
+        if entry["dtype"] == "F8_E5M2":
+            raise MlxLocalError(
+                f"{path}: tensor {name!r} is F8_E5M2, which mlxlocal cannot read; "
+                "use a bfloat16 or F8_E4M3 release of the checkpoint"
+            )
     try:
-        return mx.load(str(path))
+        tensors = mx.load(str(path))
     except (RuntimeError, ValueError) as e:
         raise _bad(Path(path), str(e)) from e
+    for name, entry in header.items():
+        if entry["dtype"] == "F8_E4M3":
+            tensors[name] = mx.from_fp8(tensors[name], dtype=mx.bfloat16)
+    return tensors
