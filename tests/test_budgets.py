@@ -184,7 +184,7 @@ def test_gguf_tensor_with_a_zero_dimension_is_one_line(tmp_path):
     ("config", "says"),
     [
         ({"hidden_size": 0}, "hidden_size is '0', not a positive integer"),
-        ({"num_attention_heads": True}, "num_attention_heads is 'True'"),
+        ({"num_attention_heads": True}, "num_attention_heads is true, not an integer"),
         ({"vocab_size": 10**9}, "vocab_size is 1000000000 but no tensor"),
     ],
 )
