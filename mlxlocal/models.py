@@ -195,9 +195,10 @@ def _check_rope(key: str, value: object) -> None:
             if name not in block:
                 raise MlxLocalError(f"config.json: {where} ({rope_type}) has no {name}; {fix}")
         for name in ("rope_theta", "factor", "partial_rotary_factor"):
-            if name in block and not _JSON_TYPES[float][1](block[name]):
+            value = block.get(name, 1)
+            if not _JSON_TYPES[float][1](value) or value <= 0:
                 raise MlxLocalError(
-                    f"config.json: {where}.{name} is {_shown(block[name])}, not a number; {fix}"
+                    f"config.json: {where}.{name} is {_shown(value)}, not a positive number; {fix}"
                 )
 
 

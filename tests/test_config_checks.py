@@ -37,6 +37,9 @@ BAD_VALUES = [
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "has no low_freq_factor"),
     ("rope_scaling", {"type": "linear", "factor": "2"}, "factor"),
     ("rope_scaling", [1, 2], "rope_scaling"),
+    ("rope_scaling", {"type": "linear", "factor": 0}, "factor is 0"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps is NaN"),
+    ("rope_parameters", {"rope_theta": float("inf")}, "rope_theta is Infinity"),
 ]
 IDS = [f"{key}={json.dumps(value)[:30]}" for key, value, _ in BAD_VALUES]
 
@@ -59,8 +62,8 @@ def test_bad_config_value_refused_by_convert_and_info(key, value, needle, checkp
 
 @pytest.mark.parametrize(
     "key,value,needle",
-    [BAD_VALUES[0], BAD_VALUES[1], BAD_VALUES[6], BAD_VALUES[7], BAD_VALUES[13]],
-    ids=[IDS[i] for i in (0, 1, 6, 7, 13)],
+    [BAD_VALUES[i] for i in (0, 1, 6, 7, 13, 18)],
+    ids=[IDS[i] for i in (0, 1, 6, 7, 13, 18)],
 )
 def test_bad_config_value_refused_by_load(key, value, needle, tiny_mlx, tmp_path):
     model = _corrupt(tiny_mlx, tmp_path / "model", key, value)
