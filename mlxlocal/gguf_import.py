@@ -164,10 +164,10 @@ def _config(fields: dict, tensors: dict, model_type: str, arch: str) -> dict:
     heads = get("attention.head_count", "count")
     hidden = get("embedding_length", "count")
     head_dim = get("attention.key_length", "count", hidden // heads)
-    if head_dim % 2:
+    if head_dim < 1 or head_dim % 2:
         raise MlxLocalError(
-            f"the GGUF's heads are {head_dim} wide, an odd number that RoPE cannot rotate in "
-            "pairs; the file is corrupt — re-download it"
+            f"the GGUF's attention heads are {head_dim} wide, but RoPE rotates pairs: a "
+            "positive even width; the file is corrupt — re-download it"
         )
     config = {
         "model_type": model_type,

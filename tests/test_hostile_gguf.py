@@ -146,6 +146,11 @@ CASES = {
         None,
         "heads are 15 wide",
     ),
+    "more heads than width": (
+        {"llama.attention.head_count": (128, V.UINT32, None)},
+        None,
+        "heads are 0 wide",
+    ),
     "tensor of the wrong shape": ({}, _half_width, "attn_q.weight has shape [64, 32]"),
     "bytes that do not match the shape": ({}, _too_few_bytes, "needs 16384 bytes but 8192"),
     "unknown tensor type": ({}, _unknown_type, "not a valid GGMLQuantizationType"),
