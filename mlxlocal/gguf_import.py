@@ -25,6 +25,8 @@ from .checkpoint.gguf import (
     AFFINE_TYPES,
     FLOAT_DTYPES,
     FLOAT_TYPES,
+    REQUIRED,
+    get_field,
     ggml_to_mlx_affine,
     open_gguf,
 )
@@ -63,8 +65,7 @@ def convert_gguf(
     """Convert the GGUF file `src` into an MLX checkpoint directory `out`."""
     src, out = Path(src), Path(out)
     check_output(out, force)
-    reader = open_gguf(src)
-    fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    reader, fields = open_gguf(src)
     tensors = {t.name: t for t in reader.tensors}
     model_type, spec = _family(fields, src)
     config = _config(fields, tensors, model_type, spec["gguf_arch"])
@@ -83,6 +84,12 @@ def convert_gguf(
         t = tensors.pop(name)
         heads = permute_heads(spec, config, name)
         shape = tuple(value.shape)
+        stored = tuple(int(n) for n in reversed(t.shape))  # GGML lists the fastest axis first
+        if stored != shape:
+            raise MlxLocalError(
+                f"{src}: tensor {name} has shape {list(stored)[:8]} but the file's metadata makes "
+                f"it {list(shape)}; the file is corrupt — re-download it"
+            )
         module = key.rpartition(".")[0]
         if t.tensor_type in AFFINE_TYPES and len(shape) == 2:
             bits = AFFINE_TYPES[t.tensor_type][0]
@@ -132,18 +139,11 @@ def convert_gguf(
     )
 
 
-def _value(field):
-    """A GGUF metadata field as a Python value (lists for arrays)."""
-    if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
-        return [field.contents(i) for i in range(len(field.data))]
-    return field.contents()
-
-
 def _family(fields: dict, src: Path) -> tuple[str, dict]:
-    kind = fields.get("general.type", "model")
+    kind = get_field(fields, "general.type", "text", "model")
     if kind != "model":
         raise MlxLocalError(f"{src} is a GGUF {kind}, not a model; convert the base model instead")
-    arch = fields.get("general.architecture")
+    arch = get_field(fields, "general.architecture", "text")
     specs = {t: s for t, s in family_specs().items() if s and s.get("gguf_export")}
     matches = sorted(specs, key=lambda t: t != arch)
     for model_type in matches:
@@ -156,52 +156,48 @@ def _family(fields: dict, src: Path) -> tuple[str, dict]:
 
 
 def _config(fields: dict, tensors: dict, model_type: str, arch: str) -> dict:
-    def get(key: str, default=None):
-        value = fields.get(f"{arch}.{key}", default)
-        if value is None:
-            raise MlxLocalError(f"the GGUF lacks {arch}.{key}; is the file complete?")
-        return value
-
-    def count(key: str, default=None) -> int:
-        value = get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MlxLocalError(
-                f"the GGUF's {arch}.{key} is {str(value)[:40]!r}, not a positive integer; "
-                "the file is corrupt — re-download it"
-            )
-        return value
+    def get(key: str, kind: str, default=REQUIRED):
+        return get_field(fields, f"{arch}.{key}", kind, default)
 
     if "token_embd.weight" not in tensors:
         raise MlxLocalError("the GGUF has no token_embd.weight tensor; is the file complete?")
-    heads = count("attention.head_count")
-    hidden = count("embedding_length")
-    head_dim = count("attention.key_length", hidden // heads)
+    heads = get("attention.head_count", "count")
+    hidden = get("embedding_length", "count")
+    head_dim = get("attention.key_length", "count", hidden // heads)
+    if head_dim < 1 or head_dim % 2:
+        raise MlxLocalError(
+            f"the GGUF's attention heads are {head_dim} wide, but RoPE rotates pairs: a "
+            "positive even width; the file is corrupt — re-download it"
+        )
     config = {
         "model_type": model_type,
         "hidden_size": hidden,
-        "num_hidden_layers": count("block_count"),
-        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": get("block_count", "count"),
+        "intermediate_size": get("feed_forward_length", "count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": count("attention.head_count_kv", heads),
+        "num_key_value_heads": get("attention.head_count_kv", "count", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
-        "rope_theta": get("rope.freq_base", 10000.0),
-        "max_position_embeddings": get("context_length"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", "positive"),
+        "rope_theta": get("rope.freq_base", "positive", 10000.0),
+        "max_position_embeddings": get("context_length", "count"),
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
     }
     if model_type == "llama" and "blk.0.attn_q.bias" in tensors:
         config["attention_bias"] = True
-    if fields.get(f"{arch}.rope.scaling.type") == "linear":
-        config["rope_scaling"] = {
-            "rope_type": "linear",
-            "type": "linear",
-            "factor": fields[f"{arch}.rope.scaling.factor"],
-        }
+    scaling = get("rope.scaling.type", "text", "none")
+    if scaling == "linear":
+        factor = get("rope.scaling.factor", "positive")
+        config["rope_scaling"] = {"rope_type": "linear", "type": "linear", "factor": factor}
+    elif scaling != "none":
+        raise MlxLocalError(
+            f"the GGUF's rope scaling {scaling[:40]!r} is not supported for import "
+            "(supported: none, linear)"
+        )
     for key in ("bos", "eos", "padding"):
-        value = fields.get(f"tokenizer.ggml.{key}_token_id")
-        if isinstance(value, int):
+        value = get_field(fields, f"tokenizer.ggml.{key}_token_id", "integer", None)
+        if value is not None:
             config[f"{'pad' if key == 'padding' else key}_token_id"] = value
     return config
 

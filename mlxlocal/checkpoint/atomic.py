@@ -9,6 +9,7 @@ previous output nor disk space. Siblings of a live process are never touched.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -64,8 +65,9 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     check_output(out, force)
     _make_parent(out)
     with _sibling_in_use(out, "tmp") as tmp:
-        tmp.mkdir()
-        yield tmp
+        with disk_errors(out):
+            tmp.mkdir()
+            yield tmp
         _refuse(out, force)
         if not os.path.lexists(out):
             os.replace(tmp, out)
@@ -90,9 +92,40 @@ def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
     check_output(out, force)
     _make_parent(out)
     with _sibling_in_use(out, "tmp") as tmp:
-        yield tmp
+        with disk_errors(out):
+            yield tmp
         _refuse(out, force)
         os.replace(tmp, out)
+
+
+@contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """A write under `out` that fails for want of space is one line naming `out`.
+
+    Python says ENOSPC (or EDQUOT); MLX's writers (`mx.save_safetensors`, `mx.save`) say only
+    "[write] Unable to write N bytes to file", which on a file we just created means the same.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out, e.strerror) from e
+    except RuntimeError as e:
+        if not str(e).startswith("[write] "):
+            raise
+        raise _disk_full(out, str(e).removeprefix("[write] ").rstrip(".")) from e
+
+
+def _disk_full(out: Path, detail: str) -> MlxLocalError:
+    try:
+        free = f", {shutil.disk_usage(out.parent).free / 2**20:.1f} MB free there"
+    except OSError:
+        free = ""
+    return MlxLocalError(
+        f"cannot write {out}: the disk is full ({detail}{free}); free some space, then run "
+        "again — nothing was written"
+    )
 
 
 def _make_parent(out: Path) -> None:

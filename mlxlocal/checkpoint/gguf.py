@@ -9,10 +9,13 @@ all three move between the formats without touching a single weight.
 
 from __future__ import annotations
 
+import bisect
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from ..errors import MlxLocalError
 
@@ -25,29 +28,101 @@ AFFINE_TYPES = {Q.Q4_1: (4, None), Q.Q4_0: (4, -8), Q.Q8_0: (8, -128)}
 GROUP = 32
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    """A GGUF reader whose every tensor is non-empty and known to lie inside the file."""
+def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
+    """A GGUF reader whose every tensor is non-empty and fills exactly its own bytes of the file,
+    and its metadata as Python values (lists for arrays)."""
     path = Path(path)
     try:
         reader = GGUFReader(path)
+        fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise MlxLocalError(
-            f"{path}: not a readable GGUF file ({e}); is it complete? re-download it"
+            f"{path}: not a readable GGUF file ({_one_line(e)}); is it complete? re-download it"
         ) from e
     size = path.stat().st_size
+    starts = sorted(int(t.data_offset) for t in reader.tensors)
     for t in reader.tensors:
         if not all(int(n) > 0 for n in t.shape):
             raise MlxLocalError(
                 f"{path}: tensor {t.name} has shape {[int(n) for n in t.shape][:8]}, with an "
                 "empty dimension; the file is corrupt — re-download it"
             )
-        end = int(t.data_offset) + int(t.n_bytes)
+        start = int(t.data_offset)
+        end = start + int(t.n_bytes)
         if end > size or t.data.nbytes != t.n_bytes:
             raise MlxLocalError(
                 f"{path}: tensor {t.name} runs past the end of the file ({end} > {size} bytes); "
                 "the file is truncated, re-download it"
             )
-    return reader
+        # Writers pad each tensor to the alignment: any other gap or overlap means the bytes
+        # stored do not match the tensor's shape and type.
+        following = bisect.bisect_right(starts, start)
+        room = (starts[following] if following < len(starts) else size) - start
+        if following - bisect.bisect_left(starts, start) > 1:  # another tensor starts here too
+            room = 0
+        last = following == len(starts)  # trailing bytes after the last tensor are harmless
+        if room < int(t.n_bytes) or (not last and room >= int(t.n_bytes) + reader.alignment):
+            raise MlxLocalError(
+                f"{path}: tensor {t.name} ({t.tensor_type.name}, shape "
+                f"{[int(n) for n in t.shape][:8]}) needs {int(t.n_bytes)} bytes but {room} are "
+                "stored for it; the file is corrupt — re-download it"
+            )
+    return reader, fields
+
+
+def _value(field) -> Any:
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        return [field.contents(i) for i in range(len(field.data))]
+    return field.contents()
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+REQUIRED = object()
+# kind → (Python types, what one value should be, what a list should hold)
+_KINDS = {
+    "text": ((str,), "a string", "strings"),
+    "integer": ((int,), "an integer", "integers"),
+    "count": ((int,), "a positive integer", "positive integers"),
+    "number": ((int, float), "a number", "numbers"),
+    "positive": ((int, float), "a positive number", "positive numbers"),
+    "flag": ((bool,), "true or false", "booleans"),
+}
+
+
+def get_field(fields: dict[str, Any], key: str, kind: str, default: Any = REQUIRED) -> Any:
+    """GGUF metadata `key` checked to be of `kind` (a `_KINDS` name, or "list of <name>").
+
+    A value of the wrong type is the file's fault and gets one line here, before it can crash
+    or silently miswrite a config later; so does a missing key that has no default.
+    """
+    value = fields.get(key, default)
+    if value is REQUIRED:
+        raise MlxLocalError(f"the GGUF lacks {key}; is the file complete?")
+    if key not in fields:
+        return value
+    item = kind.removeprefix("list of ")
+    _, one, many = _KINDS[item]
+    if item == kind:
+        ok = _is(value, item)
+    else:
+        ok = isinstance(value, list) and all(_is(v, item) for v in value)
+    if not ok:
+        raise MlxLocalError(
+            f"the GGUF's {key} is {str(value)[:40]!r}, not "
+            f"{one if item == kind else 'a list of ' + many}; the file is corrupt — re-download it"
+        )
+    return value
+
+
+def _is(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) != (kind == "flag") or not isinstance(value, _KINDS[kind][0]):
+        return False
+    if kind in ("number", "positive") and not math.isfinite(value):
+        return False
+    return kind not in ("count", "positive") or value > 0
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

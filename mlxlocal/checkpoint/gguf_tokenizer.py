@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import MlxLocalError
+from .gguf import get_field
 
 T = gguf.TokenType
 # The pre-tokenizer regexes of tokenizer.json files llama.cpp knows by name.
@@ -32,14 +33,14 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
     """Rebuild tokenizer.json + tokenizer_config.json (what mlx-lm loads) from GGUF metadata."""
     from tokenizers import AddedToken, processors
 
-    kind = fields.get(gguf.Keys.Tokenizer.MODEL)
-    tokens = fields.get(gguf.Keys.Tokenizer.LIST)
-    types = fields.get(gguf.Keys.Tokenizer.TOKEN_TYPE) or [T.NORMAL] * len(tokens or [])
+    kind = get_field(fields, gguf.Keys.Tokenizer.MODEL, "text", None)
+    tokens = get_field(fields, gguf.Keys.Tokenizer.LIST, "list of text", None)
     if not tokens or kind not in ("gpt2", "llama"):
         raise MlxLocalError(
-            f"the GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' and "
-            "SentencePiece 'llama' are)"
+            f"the GGUF tokenizer model {str(kind)[:40]!r} is not supported (byte-level BPE "
+            "'gpt2' and SentencePiece 'llama' are)"
         )
+    types = _per_token(fields, gguf.Keys.Tokenizer.TOKEN_TYPE, "integer", T.NORMAL, tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
         tokenizer = _bpe_from_gguf(fields, vocab)
@@ -59,10 +60,10 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
         (gguf.Keys.Tokenizer.UNK_ID, "unk_token"),
         (gguf.Keys.Tokenizer.PAD_ID, "pad_token"),
     ):
-        i = fields.get(key)
-        if isinstance(i, int) and 0 <= i < len(tokens):
+        i = get_field(fields, key, "integer", None)
+        if i is not None and 0 <= i < len(tokens):
             special[name] = tokens[i]
-    add_bos = bool(fields.get(gguf.Keys.Tokenizer.ADD_BOS, kind == "llama"))
+    add_bos = get_field(fields, gguf.Keys.Tokenizer.ADD_BOS, "flag", kind == "llama")
     if add_bos and "bos_token" in special:
         bos = special["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -71,17 +72,20 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
     config["add_bos_token"] = add_bos
-    config["add_eos_token"] = bool(fields.get(gguf.Keys.Tokenizer.ADD_EOS, False))
-    if fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE):
-        config["chat_template"] = fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE]
+    config["add_eos_token"] = get_field(fields, gguf.Keys.Tokenizer.ADD_EOS, "flag", False)
+    template = get_field(fields, gguf.Keys.Tokenizer.CHAT_TEMPLATE, "text", None)
+    if template:
+        config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    pre = fields.get(gguf.Keys.Tokenizer.PRE, "gpt-2")
-    merges = [tuple(m.split(" ", 1)) for m in fields.get(gguf.Keys.Tokenizer.MERGES) or []]
+    pre = get_field(fields, gguf.Keys.Tokenizer.PRE, "text", "gpt-2")
+    merges = [
+        _merge(m, vocab) for m in get_field(fields, gguf.Keys.Tokenizer.MERGES, "list of text", [])
+    ]
     tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre == "llama-bpe"))
     patterns = {name: pattern for pattern, name in PRE_TOKENIZERS.items()}
     if pre in patterns:
@@ -95,7 +99,7 @@ def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         raise MlxLocalError(
-            f"the GGUF's BPE pre-tokenizer {pre!r} is not supported for import "
+            f"the GGUF's BPE pre-tokenizer {pre[:40]!r} is not supported for import "
             f"(supported: gpt-2, {', '.join(patterns)})"
         )
     if pre == "qwen2":
@@ -108,7 +112,7 @@ def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dic
     """SentencePiece's pieces and scores as a byte-fallback BPE, the way transformers does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    scores = fields.get(gguf.Keys.Tokenizer.SCORES) or [0.0] * len(tokens)
+    scores = _per_token(fields, gguf.Keys.Tokenizer.SCORES, "number", 0.0, tokens)
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (T.NORMAL, T.USER_DEFINED)}
     merges = []
     for piece, i in mergeable.items():
@@ -121,7 +125,7 @@ def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dic
     tokenizer = Tokenizer(
         models.BPE(vocab, [m[4:] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
     )
-    prefix = bool(fields.get(gguf.Keys.Tokenizer.ADD_PREFIX, True))
+    prefix = get_field(fields, gguf.Keys.Tokenizer.ADD_PREFIX, "flag", True)
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement=SPIECE_UNDERLINE, prepend_scheme="first" if prefix else "never", split=False
     )
@@ -130,3 +134,27 @@ def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dic
         steps.append(decoders.Strip(" ", 1, 0))
     tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer
+
+
+def _per_token(fields: dict, key: str, kind: str, default, tokens: list[str]) -> list:
+    """A list with one value per token (`default` each when the GGUF has none)."""
+    values = get_field(fields, key, f"list of {kind}", None)
+    if values is None:
+        return [default] * len(tokens)
+    if len(values) != len(tokens):
+        raise MlxLocalError(
+            f"the GGUF's {key} has {len(values)} entries for {len(tokens)} tokens; the file is "
+            "corrupt — re-download it"
+        )
+    return values
+
+
+def _merge(merge: str, vocab: dict[str, int]) -> tuple[str, str]:
+    """A BPE merge 'left right' as a pair of tokens the vocabulary holds."""
+    pair = tuple(merge.split(" ", 1))
+    if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab:
+        raise MlxLocalError(
+            f"the GGUF's BPE merge {merge[:40]!r} is not two tokens of its vocabulary separated "
+            "by a space; the file is corrupt — re-download it"
+        )
+    return pair

@@ -29,7 +29,7 @@ import yaml
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..adapters.layers import save_adapters
-from ..checkpoint.atomic import atomic_directory
+from ..checkpoint.atomic import atomic_directory, disk_errors
 from ..checkpoint.inputs import JSONProblem, decode_json, load_yaml, read_json, read_text
 from ..checkpoint.jsonout import strict_dumps
 from ..errors import MlxLocalError
@@ -243,5 +243,10 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small file atomically."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
+    try:
+        with disk_errors(path):
+            tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

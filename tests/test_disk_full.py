@@ -1,0 +1,112 @@
+"""A disk that fills up mid-write: every writer stops with one line that says the disk is full
+and where, leaves nothing half-written, and succeeds once space is freed.
+
+The disk is a real 2 MB tmpfs, mounted by the test; that needs root and a kernel that allows it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from click.testing import CliRunner
+from helpers import make_adapter
+
+from mlxlocal.cli import cli
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.train.checkpoints import Position, RunDir, restore_checkpoint
+
+
+@pytest.fixture
+def disk(tmp_path) -> Path:
+    """A 2 MB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("platform: mounting a tmpfs to fill needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"platform: cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of the disk."""
+    filler = disk / "filler"
+    filler.write_bytes(bytes(max(shutil.disk_usage(disk).free - leave, 0)))
+    return filler
+
+
+def _full(args: list[str], out: Path, filler: Path) -> None:
+    """The command fails with one line naming `out`; only the filler is left; with space freed,
+    the same command succeeds."""
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args, str(out)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}: the disk is full")
+    assert [p.name for p in filler.parent.iterdir()] == ["filler"]
+    filler.unlink()
+    again = runner.invoke(cli, [*args, str(out)])
+    assert again.exit_code == 0, again.output
+
+
+def test_convert_safetensors(checkpoints, disk):
+    _full(["convert", str(checkpoints("llama"))], disk / "out", _fill(disk, 200_000))
+
+
+def test_convert_bin_while_staging(checkpoints, disk):
+    """The .bin is staged as safetensors by MLX, whose write error is a bare RuntimeError."""
+    _full(["convert", str(checkpoints("llama", safe=False))], disk / "out", _fill(disk, 200_000))
+
+
+def test_quantize(tiny_mlx, disk):
+    args = ["quantize", str(tiny_mlx), "--no-eval"]
+    _full(args, disk / "out", _fill(disk, 40_000))
+
+
+def test_fuse(tiny_mlx, tmp_path, disk):
+    adapters = make_adapter(tiny_mlx, tmp_path / "adapters")
+    _full(["fuse", str(tiny_mlx), str(adapters)], disk / "out", _fill(disk, 200_000))
+
+
+def test_run_checkpoint_then_resume(disk):
+    """A checkpoint that does not fit leaves the previous one in force; freed, it is written."""
+    mx.random.seed(0)
+    model = nn.Linear(256, 256)
+    optimizer = optim.Adam(learning_rate=1e-3)
+    optimizer.init(model.trainable_parameters())
+    run = RunDir(disk / "run")
+    run.prepare("a: 1\n", None)
+    first = run.save_checkpoint(model, optimizer, Position(step=1, rng=[0, 1]), {}, keep=3)
+    filler = _fill(disk, 100_000)  # a checkpoint is ~0.8 MB: weights + Adam's two moments
+    with pytest.raises(MlxLocalError, match=f"cannot write {disk / 'run' / 'step-2'}: the disk"):
+        run.save_checkpoint(model, optimizer, Position(step=2, rng=[0, 1]), {}, keep=3)
+    assert run.latest() == first
+    assert sorted(p.name for p in run.path.iterdir()) == ["latest", "recipe.yaml", "step-1"]
+    filler.unlink()
+    second = run.save_checkpoint(model, optimizer, Position(step=2, rng=[0, 1]), {}, keep=3)
+    assert run.prepare("a: 1\n", True) == second
+    assert restore_checkpoint(second, model, optimizer).step == 2
+
+
+def test_small_file_write(disk):
+    """`latest`, recipe.yaml and metrics rewrites fail whole too, with nothing left behind."""
+    run = RunDir(disk / "run")
+    run.prepare("a: 1\n", None)
+    _fill(disk, 0)
+    with pytest.raises(MlxLocalError, match="the disk is full"):
+        run.prepare("a: 1\n" + "#" * 100_000 + "\n", None)
+    assert sorted(p.name for p in run.path.iterdir()) == ["recipe.yaml"]
