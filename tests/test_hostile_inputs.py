@@ -100,7 +100,7 @@ def cap():
     if sys.platform == "linux":
         resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
 
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=120, preexec_fn=cap)
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=300, preexec_fn=cap)
 peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 peak //= 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
 print(json.dumps({"rc": done.returncode, "stderr": done.stderr, "peak_mb": peak}))
@@ -114,7 +114,7 @@ def run_capped(args: list[str], *needles: str) -> int:
         [sys.executable, "-c", MEASURE, *CLI, *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=360,
     )
     assert done.returncode == 0, done.stderr  # the CLI finished within its timeout
     child = json.loads(done.stdout)
