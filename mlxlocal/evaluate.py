@@ -32,6 +32,7 @@ from .data import (
     DataSection,
     Example,
     Sample,
+    apply_chat_template,
     collate,
     data_format,
     has_chat_template,
@@ -309,7 +310,7 @@ def prompt_ids(tokenizer, sample: Sample) -> list[int]:
     """The tokens of a row's conversation up to its answer, as training renders them."""
     context = sample.messages[:-1]
     if has_chat_template(tokenizer):
-        return list(tokenizer.apply_chat_template(context, add_generation_prompt=True))
+        return list(apply_chat_template(tokenizer, context, add_generation_prompt=True))
     return list(tokenizer.encode("\n\n".join(m["content"] for m in context)))
 
 
