@@ -401,7 +401,7 @@ def generate(model, prompt, no_chat_template, truncate, ignore_eos, as_json, **f
     if prompt is None:
         raise MlxLocalError("give a prompt: -p TEXT, or -p - to read it from stdin")
     if prompt == "-":
-        prompt = utf8(click.get_binary_stream("stdin").read(), "stdin").rstrip("\n")
+        prompt = utf8(sys.stdin.buffer.read(), "stdin").rstrip("\n")
     answer = stream(
         model,
         prompt,
@@ -440,7 +440,7 @@ def chat(model, **flags) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(HELP, err=True)
-    stdin = click.get_binary_stream("stdin")
+    stdin = sys.stdin.buffer
 
     def read() -> str:
         if interactive:

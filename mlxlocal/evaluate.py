@@ -226,11 +226,14 @@ def _classify(
     gold = [str(s.messages[-1]["content"]).strip() for s in samples]
     labels = _check_labels(lm.tokenizer, section.train, gold, labels)
     chat = has_chat_template(lm.tokenizer)
-    candidates = [
-        tokenize_sample(_with_answer(s, label), lm.tokenizer, chat, False)
-        for s in samples
-        for label in labels
-    ]
+    try:
+        candidates = [
+            tokenize_sample(_with_answer(s, label), lm.tokenizer, chat, False)
+            for s in samples
+            for label in labels
+        ]
+    except BadRow as e:  # the chat template fails on a row
+        raise MlxLocalError(f"{section.train}: {e}") from e
     with progress_bar("classify", len(candidates), "candidate") as bar:
         scores = answer_logprobs(lm.model, candidates, batch_size, bar.update)
     k = len(labels)
