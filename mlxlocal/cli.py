@@ -145,7 +145,7 @@ def _quantize_options(f):
         ),
         click.option(
             "--target-bpw",
-            type=Finite(0, 32, min_open=True),
+            type=Finite(0, min_open=True),
             help="Choose affine bits per layer to hit this average bits per weight with the "
             "least damage measured on the calibration text (one model run per layer and width).",
         ),
