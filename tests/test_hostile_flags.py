@@ -64,7 +64,7 @@ def test_quantize_flag_out_of_range(flag, value, needle, tiny_mlx, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(seed=-1), dict(seed=2**64), dict(temp=float("nan")), dict(top_k=2.5)]
+    "bad", [dict(seed=-1), dict(seed=2**64), dict(repetition_penalty=float("inf")), dict(top_k=2.5)]
 )
 def test_library_sampling_refuses_what_mlx_cannot_take(bad):
     with pytest.raises(MlxLocalError):
