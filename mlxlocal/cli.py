@@ -57,8 +57,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
 class Finite(click.FloatRange):
     """A float range that also refuses nan and inf, which every comparison lets through."""
 
-    name = "finite float"
-
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
@@ -93,6 +91,11 @@ def utf8(data: bytes, where: str, fix: str = "convert it to UTF-8 first") -> str
         raise MlxLocalError(
             f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): {fix}"
         ) from e
+
+
+def _number(name: str, allowed: click.ParamType, default: float, help: str):
+    """A numeric option whose type says what is allowed, with its default shown."""
+    return click.option(name, type=allowed, default=default, show_default=True, help=help)
 
 
 def _with_options(f, options: list):
@@ -318,41 +321,16 @@ def _generation_options(f):
         click.option(
             "--system", type=TEXT, help="System prompt (needs the model's chat template)."
         ),
-        click.option(
-            "--max-tokens",
-            type=click.IntRange(1),
-            default=256,
-            show_default=True,
-            help="Longest answer.",
-        ),
-        click.option(
-            "--temp",
-            type=Finite(0),
-            default=0.0,
-            show_default=True,
-            help="Temperature; 0 is greedy.",
-        ),
-        click.option(
-            "--top-p",
-            type=Finite(0, 1, min_open=True),
-            default=1.0,
-            show_default=True,
-            help="Nucleus sampling mass; 1: off.",
-        ),
-        click.option(
+        _number("--max-tokens", click.IntRange(1), 256, "Longest answer."),
+        _number("--temp", Finite(0), 0.0, "Temperature; 0 is greedy."),
+        _number("--top-p", Finite(0, 1, min_open=True), 1.0, "Nucleus sampling mass; 1: off."),
+        _number(
             "--top-k",
-            type=click.IntRange(0),
-            default=0,
-            show_default=True,
-            help="Keep the k likeliest; 0 (or the vocabulary size and above): off.",
+            click.IntRange(0),
+            0,
+            "Keep the k likeliest; 0 (or the vocabulary size and above): off.",
         ),
-        click.option(
-            "--min-p",
-            type=Finite(0, 1, max_open=True),
-            default=0.0,
-            show_default=True,
-            help="Min prob. vs top; 0: off.",
-        ),
+        _number("--min-p", Finite(0, 1, max_open=True), 0.0, "Min prob. vs top; 0: off."),
         click.option(
             "--repetition-penalty",
             type=Finite(0, min_open=True),
@@ -469,13 +447,7 @@ def chat(model, **flags) -> None:
     "--field", type=TEXT, default="text", show_default=True, help="Prompt field (no --template)."
 )
 @_generation_options
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 65536),
-    default=32,
-    show_default=True,
-    help="Sequences generated at once.",
-)
+@_number("--batch-size", click.IntRange(1, 65536), 32, "Sequences generated at once.")
 @click.option(
     "--on-error",
     type=click.Choice(ON_ERROR),
