@@ -137,7 +137,8 @@ def repl(
     write: Callable[[str], None],
     note: Callable[[str], None],
 ) -> None:
-    """Answer messages until `/quit` or end of input; `read` raises EOFError at the end.
+    """Answer messages until `/quit` or end of input; `read` raises EOFError at the end, and
+    MlxLocalError for a line it cannot read (not UTF-8): that line is skipped with a note.
 
     Ctrl-C while answering stops that answer; at the prompt it only clears the line.
     """
@@ -148,6 +149,9 @@ def repl(
             return
         except KeyboardInterrupt:
             note("\n(/quit or Ctrl-D to leave)")
+            continue
+        except MlxLocalError as e:
+            note(f"error: {e}")
             continue
         if not line:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 
@@ -22,6 +23,10 @@ class Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad flag or argument is a user's error like any other
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            ctx.exit(1)
         except (MlxLocalError, OSError) as e:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
@@ -49,6 +54,50 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf, which every comparison lets through."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+class Text(click.ParamType):
+    """Text for the model: bytes that are not UTF-8 (on a POSIX command line they arrive as
+    lone surrogates) are refused here, before any tokenizer chokes on them."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail("the text has bytes that are not UTF-8: write it in UTF-8", param, ctx)
+        return value
+
+
+TEXT = Text()
+# MLX's seed is a uint64.
+SEED = click.IntRange(0, 2**64 - 1)
+
+
+def utf8(data: bytes, where: str, fix: str = "convert it to UTF-8 first") -> str:
+    """`data` decoded; bytes that are not UTF-8 are one error line naming the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MlxLocalError(
+            f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): {fix}"
+        ) from e
+
+
+def _number(name: str, allowed: click.ParamType, default: float, help: str):
+    """A numeric option whose type says what is allowed, with its default shown."""
+    return click.option(name, type=allowed, default=default, show_default=True, help=help)
+
+
 def _with_options(f, options: list):
     """`f` decorated with `options`, which appear in --help in list order."""
     for option in reversed(options):
@@ -60,8 +109,14 @@ def _quantize_options(f):
     """Flags shared by quantize and convert --quantize: what each layer becomes, what text
     measures it."""
     options = [
-        click.option("--bits", type=int, help="2, 3, 4, 5, 6 or 8 (default 4; mxfp8: 8)."),
-        click.option("--group-size", type=int, help="32, 64 or 128 (default: the mode's)."),
+        click.option(
+            "--bits", type=click.IntRange(2, 8), help="2, 3, 4, 5, 6 or 8 (default 4; mxfp8: 8)."
+        ),
+        click.option(
+            "--group-size",
+            type=click.IntRange(16, 128),
+            help="32, 64 or 128; nvfp4: 16 (default: the mode's).",
+        ),
         click.option(
             "--mode",
             type=click.Choice(list(MODES)),
@@ -93,7 +148,7 @@ def _quantize_options(f):
         ),
         click.option(
             "--target-bpw",
-            type=float,
+            type=Finite(0, min_open=True),
             help="Choose affine bits per layer to hit this average bits per weight with the "
             "least damage measured on the calibration text (one model run per layer and width).",
         ),
@@ -263,15 +318,31 @@ def _generation_options(f):
     """Flags shared by generate, chat and batch: the model's adapter, sampling, when to stop."""
     options = [
         click.option("--adapter", type=click.Path(), help="LoRA adapter folder to apply."),
-        click.option("--system", help="System prompt (needs the model's chat template)."),
-        click.option("--max-tokens", default=256, show_default=True, help="Longest answer."),
-        click.option("--temp", default=0.0, show_default=True, help="Temperature; 0 is greedy."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
-        click.option("--top-k", default=0, show_default=True, help="Keep the k likeliest; 0: off."),
-        click.option("--min-p", default=0.0, show_default=True, help="Min prob. vs top; 0: off."),
-        click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats."),
-        click.option("--seed", type=int, help="Random seed: same seed, same text."),
-        click.option("--stop", multiple=True, help="Stop at this text, not printed (repeatable)."),
+        click.option(
+            "--system", type=TEXT, help="System prompt (needs the model's chat template)."
+        ),
+        _number("--max-tokens", click.IntRange(1), 256, "Longest answer."),
+        _number("--temp", Finite(0), 0.0, "Temperature; 0 is greedy."),
+        _number("--top-p", Finite(0, 1, min_open=True), 1.0, "Nucleus sampling mass; 1: off."),
+        _number(
+            "--top-k",
+            click.IntRange(0),
+            0,
+            "Keep the k likeliest; 0 (or the vocabulary size and above): off.",
+        ),
+        _number("--min-p", Finite(0, 1, max_open=True), 0.0, "Min prob. vs top; 0: off."),
+        click.option(
+            "--repetition-penalty",
+            type=Finite(0, min_open=True),
+            help="Above 1 discourages repeats; 1: off.",
+        ),
+        click.option("--seed", type=SEED, help="Random seed: same seed, same text."),
+        click.option(
+            "--stop",
+            type=TEXT,
+            multiple=True,
+            help="Stop at this text, not printed (repeatable).",
+        ),
     ]
     return _with_options(f, options)
 
@@ -287,7 +358,7 @@ def _generation_kwargs(flags: dict) -> dict:
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("-p", "--prompt", help="The prompt; `-p -` reads it from stdin.")
+@click.option("-p", "--prompt", type=TEXT, help="The prompt; `-p -` reads it from stdin.")
 @_generation_options
 @click.option("--no-chat-template", is_flag=True, help="Send the prompt as plain text.")
 @click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
@@ -308,7 +379,7 @@ def generate(model, prompt, no_chat_template, truncate, ignore_eos, as_json, **f
     if prompt is None:
         raise MlxLocalError("give a prompt: -p TEXT, or -p - to read it from stdin")
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")
+        prompt = utf8(sys.stdin.buffer.read(), "stdin").rstrip("\n")
     answer = stream(
         model,
         prompt,
@@ -347,9 +418,19 @@ def chat(model, **flags) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(HELP, err=True)
+    stdin = sys.stdin.buffer
+
+    def read() -> str:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return utf8(line, "the line", "it was not sent; type it again")
+
     repl(
         session,
-        read=lambda: input("> " if interactive else ""),
+        read=read,
         write=lambda text: click.echo(text, nl=False),
         note=lambda text: click.echo(text, err=True),
     )
@@ -359,10 +440,14 @@ def chat(model, **flags) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(), help="JSONL or .csv.")
 @click.option("--output", required=True, type=click.Path(), help="JSONL, one line per record.")
-@click.option("--template", help="Prompt from the record's fields, e.g. 'Classify: {text}'.")
-@click.option("--field", default="text", show_default=True, help="Prompt field (no --template).")
+@click.option(
+    "--template", type=TEXT, help="Prompt from the record's fields, e.g. 'Classify: {text}'."
+)
+@click.option(
+    "--field", type=TEXT, default="text", show_default=True, help="Prompt field (no --template)."
+)
 @_generation_options
-@click.option("--batch-size", default=32, show_default=True, help="Sequences generated at once.")
+@_number("--batch-size", click.IntRange(1, 65536), 32, "Sequences generated at once.")
 @click.option(
     "--on-error",
     type=click.Choice(ON_ERROR),
@@ -520,7 +605,9 @@ def run(recipe, overrides, resume) -> None:
 @click.option("--adapter", type=click.Path(), help="Adapters folder (from `mlxlocal run`).")
 @click.option("--data", required=True, help="Data file (.jsonl/.csv) or builtin:NAME.")
 @click.option("--task", required=True, type=click.Choice(EVAL_TASKS))
-@click.option("--labels", help="classify: the labels, comma-separated (default: those in DATA).")
+@click.option(
+    "--labels", type=TEXT, help="classify: the labels, comma-separated (default: those in DATA)."
+)
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1))

@@ -40,6 +40,7 @@ __all__ = [
     "Example",
     "Row",
     "Sample",
+    "apply_chat_template",
     "builtin_dataset",
     "collate",
     "data_file",
@@ -371,6 +372,22 @@ def has_chat_template(tokenizer) -> bool:
     )
 
 
+def apply_chat_template(tokenizer, messages: list[dict[str, Any]], **options) -> Any:
+    """`tokenizer.apply_chat_template`, where whatever the template raises is one MlxLocalError.
+
+    A template is the checkpoint's code: besides jinja's TemplateError (`raise_exception`) it
+    can divide by zero, recurse without end or hit the sandbox's range limit.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
+    except Exception as e:
+        problem = " ".join(str(e).split())[:300]
+        raise MlxLocalError(
+            f"the model's chat template fails on this conversation ({type(e).__name__}: "
+            f"{problem}); change the messages, or fix chat_template in tokenizer_config.json"
+        ) from e
+
+
 def _chat_ids(tokenizer, renderings: list[tuple[list, bool]], tools) -> list[list[int]]:
     """Token ids of (messages, add_generation_prompt) renderings, tokenized in one batch.
 
@@ -380,7 +397,7 @@ def _chat_ids(tokenizer, renderings: list[tuple[list, bool]], tools) -> list[lis
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     texts = [
-        tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=g, tokenize=False)
+        apply_chat_template(tokenizer, m, tools=tools, add_generation_prompt=g, tokenize=False)
         if m or g
         else ""
         for m, g in renderings
@@ -414,8 +431,10 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     unique = list(dict.fromkeys(keys))
     try:
         ids = _chat_ids(tokenizer, [(messages[:n], g) for n, g in unique], tools)
-    except Exception as e:  # jinja's TemplateError and whatever a template raises
-        raise BadRow(f"the chat template rejects this conversation ({e})") from e
+    except MlxLocalError as e:
+        raise BadRow(str(e)) from e
+    except Exception as e:  # the tokenizer refusing the rendered text
+        raise BadRow(f"cannot tokenize this conversation ({e})") from e
     rendered = dict(zip(unique, ids, strict=True))
     tokens = rendered[full]
     weights = [1 if train_on_prompt else 0] * len(tokens)

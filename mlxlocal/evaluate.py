@@ -32,6 +32,7 @@ from .data import (
     DataSection,
     Example,
     Sample,
+    apply_chat_template,
     collate,
     data_format,
     has_chat_template,
@@ -225,11 +226,14 @@ def _classify(
     gold = [str(s.messages[-1]["content"]).strip() for s in samples]
     labels = _check_labels(lm.tokenizer, section.train, gold, labels)
     chat = has_chat_template(lm.tokenizer)
-    candidates = [
-        tokenize_sample(_with_answer(s, label), lm.tokenizer, chat, False)
-        for s in samples
-        for label in labels
-    ]
+    try:
+        candidates = [
+            tokenize_sample(_with_answer(s, label), lm.tokenizer, chat, False)
+            for s in samples
+            for label in labels
+        ]
+    except BadRow as e:  # the chat template fails on a row
+        raise MlxLocalError(f"{section.train}: {e}") from e
     with progress_bar("classify", len(candidates), "candidate") as bar:
         scores = answer_logprobs(lm.model, candidates, batch_size, bar.update)
     k = len(labels)
@@ -309,7 +313,7 @@ def prompt_ids(tokenizer, sample: Sample) -> list[int]:
     """The tokens of a row's conversation up to its answer, as training renders them."""
     context = sample.messages[:-1]
     if has_chat_template(tokenizer):
-        return list(tokenizer.apply_chat_template(context, add_generation_prompt=True))
+        return list(apply_chat_template(tokenizer, context, add_generation_prompt=True))
     return list(tokenizer.encode("\n\n".join(m["content"] for m in context)))
 
 

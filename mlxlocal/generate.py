@@ -8,13 +8,15 @@ cut exactly (also when one spans several tokens), and the timings of the summary
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .data import apply_chat_template
 from .decoding import decodable_only, stop_ids
 from .errors import MlxLocalError
 from .models import context_length, read_config
@@ -32,29 +34,67 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        penalty = self.repetition_penalty
         checks = [
-            (self.temp >= 0, "temp must be ≥ 0 (0 is greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)"),
-            (self.top_k >= 0, "top_k must be ≥ 0 (0 turns it off)"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 turns it off)"),
+            (_finite(self.temp) and self.temp >= 0, "temp must be ≥ 0 (0 is greedy)"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1] (1: off)"),
+            (_integer(self.top_k) and self.top_k >= 0, "top_k must be an integer ≥ 0 (0: off)"),
+            (_finite(self.min_p) and 0 <= self.min_p < 1, "min_p must be in [0, 1) (0: off)"),
             (
-                self.repetition_penalty is None or self.repetition_penalty > 0,
+                penalty is None or (_finite(penalty) and penalty > 0),
                 "repetition_penalty must be > 0 (1 turns it off)",
+            ),
+            (
+                self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**64),
+                "seed must be an integer from 0 to 2**64 - 1 (MLX's seed is a uint64)",
             ),
         ]
         for ok, message in checks:
             if not ok:
                 raise MlxLocalError(message)
 
-    def sampler(self):
+    def sampler(self) -> Callable:
+        """mlx-lm's sampler. A top_k at or above the vocabulary size keeps every token, as 0
+        does; mlx-lm refuses such a top_k, so it is turned off for logits that narrow."""
         from mlx_lm.sample_utils import make_sampler
 
-        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        made: dict[int, Callable] = {}
+
+        def sample(logprobs):
+            width = logprobs.shape[-1]
+            if width not in made:
+                top_k = self.top_k if self.top_k < width else 0
+                made[width] = make_sampler(
+                    self.temp, top_p=self.top_p, min_p=self.min_p, top_k=top_k
+                )
+            return made[width](logprobs)
+
+        return sample
+
+    def warnings(self, tokenizer) -> list[str]:
+        """What a person should know about these settings with this tokenizer."""
+        if not self.top_k:
+            return []
+        vocab = len(tokenizer.get_vocab())
+        if self.top_k < vocab:
+            return []
+        return [
+            f"top_k {self.top_k} is not below the vocabulary size ({vocab}): every token is "
+            "kept, as with top_k 0"
+        ]
 
     def logits_processors(self) -> list:
         from mlx_lm.sample_utils import make_logits_processors
 
         return make_logits_processors(repetition_penalty=self.repetition_penalty)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -106,12 +146,7 @@ def as_loaded(model: str | Path | LoadedModel, adapter: str | Path | None = None
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation in the model's chat template, ready for the next answer."""
-    from jinja2 import TemplateError
-
-    try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    except TemplateError as e:
-        raise MlxLocalError(f"the model's chat template refused the conversation: {e}") from e
+    return list(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
 
 
 def encode_prompt(
@@ -367,8 +402,10 @@ def stream(
     a list of token ids is used as is.
     """
     lm = as_loaded(model, adapter)
+    sampling = sampling or Sampling()
     ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)
     ids, max_tokens, warnings = fit_context(ids, max_tokens, lm.context, truncate)
+    warnings = sampling.warnings(lm.tokenizer) + warnings
     return Stream(
         lm,
         ids,

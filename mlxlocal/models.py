@@ -7,6 +7,7 @@ and mlx-lm's dataclasses (silent config drift) and turns mlx-lm's exceptions int
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import pkgutil
@@ -401,7 +402,27 @@ def context_length(config: dict[str, Any]) -> int | None:
 NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
+# The keys of tokenizer_config.json that mlx-lm turns into a module name and imports.
+_NAMED_MODULES = {
+    "tool_parser_type": "mlx_lm.tool_parsers",
+    "chat_template_type": "mlx_lm.chat_templates",
+}
+
+
+def _named_key(error: Exception) -> str | None:
+    """The tokenizer_config.json key whose module mlx-lm failed to import, if that failed."""
+    return next((k for k, pkg in _NAMED_MODULES.items() if f"{pkg}." in str(error)), None)
+
+
 def _cannot_load(path: str | Path, what: str, error: Exception) -> MlxLocalError:
+    if key := _named_key(error):
+        package = importlib.import_module(_NAMED_MODULES[key])
+        known = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+        return MlxLocalError(
+            f"{path}: tokenizer_config.json's {key} names nothing mlx-lm has "
+            f"({' '.join(str(error).split())}); use one of {', '.join(known)}, or "
+            "remove the key"
+        )
     if "trust_remote_code" in str(error):
         return MlxLocalError(
             f"{path}: its {what} needs code shipped with the checkpoint (auto_map), which "
@@ -419,7 +440,11 @@ def load_tokenizer(path: str | Path):
         return mlx_load_tokenizer(
             Path(path), NO_REMOTE_CODE, eos_token_ids=config.get("eos_token_id")
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise _cannot_load(path, "tokenizer", e) from e
+    except AttributeError as e:  # a tool_parser_type naming a module that is no parser
+        if _named_key(e) is None:
+            raise
         raise _cannot_load(path, "tokenizer", e) from e
 
 
@@ -452,7 +477,11 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     check_config_sizes(config, {k: e["shape"] for f in files for k, e in read_header(f)[0].items()})
     try:
         model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
+        raise _cannot_load(path, "model or tokenizer", e) from e
+    except AttributeError as e:  # a tool_parser_type naming a module that is no parser
+        if _named_key(e) is None:
+            raise
         raise _cannot_load(path, "model or tokenizer", e) from e
     if adapter:
         load_adapters(model, adapter)

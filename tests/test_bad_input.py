@@ -174,4 +174,4 @@ def test_debug_shows_traceback(tmp_path):
 
 def test_bad_dtype_is_a_usage_error(checkpoints, tmp_path):
     result = run("convert", checkpoints("llama"), tmp_path / "out", "--dtype", "int8")
-    assert result.exit_code == 2 and "float16" in result.output
+    assert_clean_failure(result, "--dtype", "float16")

@@ -214,7 +214,7 @@ def test_cli_streams_text_and_summarises_on_stderr(tiny_lm):
         (["generate", "{missing}", "-p", "hi"], "no such model folder"),
         (["generate", "{model}"], "give a prompt"),
         (["generate", "{model}", "-p", "word " * 400, "--no-chat-template"], "--truncate"),
-        (["generate", "{model}", "-p", "hi", "--top-p", "0"], "top_p"),
+        (["generate", "{model}", "-p", "hi", "--top-p", "0"], "--top-p"),
     ],
 )
 def test_cli_user_errors(tiny_mlx, tmp_path, args, needle):
