@@ -94,10 +94,15 @@ def stop_tokens(tokenizer, path: str | Path | None = None) -> list[str]:
     return sorted({tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer, path)})
 
 
-def decodable_only(tokenizer) -> Callable[[mx.array, mx.array], mx.array]:
+def decodable_only(
+    tokenizer, width: int | None = None
+) -> Callable[[mx.array, mx.array], mx.array] | None:
     """A logits processor (mlx-lm's signature) that gives every id the tokenizer cannot decode
-    a logit of -inf, so no sampler ever picks one."""
+    a logit of -inf, so no sampler ever picks one; None when logits `width` wide hold no such
+    id (any processor makes mlx-lm's batch generator process each sequence on its own)."""
     known = np.fromiter(tokenizer.get_vocab().values(), dtype=np.int64)
+    if width is not None and np.isin(np.arange(width), known).all():
+        return None
     masks: dict[int, mx.array | None] = {}
 
     def processor(tokens: mx.array, logits: mx.array) -> mx.array:

@@ -113,12 +113,14 @@ class LoadedModel:
 
     @cached_property
     def decodable_only(self):
-        """The logits processor that keeps sampling to ids the tokenizer can decode."""
-        return decodable_only(self.tokenizer)
+        """The logits processor that keeps sampling to ids the tokenizer can decode, if needed."""
+        width = getattr(getattr(self.model, "args", None), "vocab_size", None)
+        return decodable_only(self.tokenizer, width)
 
     def logits_processors(self, sampling: Sampling) -> list:
         """What shapes the logits before `sampling` picks: the vocabulary, then its penalties."""
-        return [self.decodable_only, *sampling.logits_processors()]
+        vocabulary = [self.decodable_only] if self.decodable_only else []
+        return [*vocabulary, *sampling.logits_processors()]
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None) -> LoadedModel:
