@@ -14,7 +14,8 @@ import pkgutil
 import types
 import typing
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -436,16 +437,23 @@ def load_tokenizer(path: str | Path):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     config = read_config(Path(path))
-    try:
+    with _loading(path, "tokenizer"):
         return mlx_load_tokenizer(
             Path(path), NO_REMOTE_CODE, eos_token_ids=config.get("eos_token_id")
         )
+
+
+@contextmanager
+def _loading(path: str | Path, what: str) -> Iterator[None]:
+    """mlx-lm's and transformers' load failures as one-line errors naming `what`."""
+    try:
+        yield
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _cannot_load(path, "tokenizer", e) from e
+        raise _cannot_load(path, what, e) from e
     except AttributeError as e:  # a tool_parser_type naming a module that is no parser
         if _named_key(e) is None:
             raise
-        raise _cannot_load(path, "tokenizer", e) from e
+        raise _cannot_load(path, what, e) from e
 
 
 def hf_tokenizer(path: str | Path):
@@ -475,14 +483,8 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
             f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
         )
     check_config_sizes(config, {k: e["shape"] for f in files for k, e in read_header(f)[0].items()})
-    try:
+    with _loading(path, "model or tokenizer"):
         model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        raise _cannot_load(path, "model or tokenizer", e) from e
-    except AttributeError as e:  # a tool_parser_type naming a module that is no parser
-        if _named_key(e) is None:
-            raise
-        raise _cannot_load(path, "model or tokenizer", e) from e
     if adapter:
         load_adapters(model, adapter)
         model.eval()
