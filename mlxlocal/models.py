@@ -251,12 +251,32 @@ def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
     check_config_sizes(config, shapes)
     model_class, args_class = model_classes(config)
     try:
-        return model_class(args_class.from_dict(config))
+        model = model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError, AssertionError, ArithmeticError) as e:
         raise MlxLocalError(
             f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
             "check the config"
         ) from e
+    own_rope(model, config)
+    return model
+
+
+def own_rope(model: nn.Module, config: dict[str, Any]) -> None:
+    """Put our rope where mlx-lm's differs from transformers' (the reference) for `config`.
+
+    mlx-lm's SuScaledRoPE (Phi-3 `longrope`/`su`) always rotates with the long factors;
+    transformers uses the short ones while the sequence fits original_max_position_embeddings
+    (every prompt under 4096 tokens on Phi-3.5-mini): logits off by up to 24 on real configs.
+    """
+    from mlx_lm.models.rope_utils import SuScaledRoPE
+
+    from .rope import LongRoPE
+
+    scaling = config.get("rope_scaling") or {}
+    for _, module in model.named_modules():
+        rope = module.get("rope") if isinstance(module, dict) else getattr(module, "rope", None)
+        if isinstance(rope, SuScaledRoPE) and "short_factor" in scaling:
+            module.rope = LongRoPE(rope, config)
 
 
 def check_config_sizes(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> None:
@@ -485,6 +505,7 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     check_config_sizes(config, {k: e["shape"] for f in files for k, e in read_header(f)[0].items()})
     with _loading(path, "model or tokenizer"):
         model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
+    own_rope(model, config)
     if adapter:
         load_adapters(model, adapter)
         model.eval()
