@@ -144,7 +144,11 @@ def _family(fields: dict, src: Path) -> tuple[str, dict]:
     if kind != "model":
         raise MlxLocalError(f"{src} is a GGUF {kind}, not a model; convert the base model instead")
     arch = get_field(fields, "general.architecture", "text")
-    specs = {t: s for t, s in family_specs().items() if s and s.get("gguf_export")}
+    specs = {
+        t: s
+        for t, s in family_specs().items()
+        if s and s.get("gguf_export") and s.get("gguf_import", True)
+    }
     matches = sorted(specs, key=lambda t: t != arch)
     for model_type in matches:
         if specs[model_type]["gguf_arch"] == arch:

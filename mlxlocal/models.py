@@ -249,6 +249,7 @@ def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
     """
     check_config(config)
     check_config_sizes(config, shapes)
+    check_rope_built(config)
     model_class, args_class = model_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
@@ -259,6 +260,32 @@ def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
         ) from e
     own_rope(model, config)
     return model
+
+
+# Rope types each architecture's mlx-lm model builds, where that is not every type mlx-lm knows:
+# gemma2 has no rope scaling at all and phi3 prints a warning and rotates without any.
+_ARCH_ROPE_TYPES = {"gemma2": ("default",), "phi3": ("default", "linear", "longrope", "su")}
+_YARN = ("yarn", "deepseek_yarn", "telechat3-yarn")
+
+
+def check_rope_built(config: dict[str, Any]) -> None:
+    """Refuse rope settings mlx-lm would drop without a word (wrong logits, not an error)."""
+    scaling = config.get("rope_scaling") or {}
+    if not isinstance(scaling, dict) or all(isinstance(v, dict) for v in scaling.values()):
+        return  # per-layer-type blocks: the architectures that have them read them
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    model_type = config.get("model_type")
+    built = _ARCH_ROPE_TYPES.get(model_type)
+    if built and kind not in built:
+        raise MlxLocalError(
+            f"config.json: mlx-lm's {model_type} model ignores rope_scaling {str(kind)[:40]!r} "
+            f"and would give wrong logits; {model_type} converts with {', '.join(built)} only"
+        )
+    if kind in _YARN and "attention_factor" in scaling:
+        raise MlxLocalError(
+            f"config.json: mlx-lm's {kind} rope ignores rope_scaling.attention_factor and "
+            "would give wrong logits; remove it only if it equals yarn's default"
+        )
 
 
 def own_rope(model: nn.Module, config: dict[str, Any]) -> None:
@@ -503,6 +530,7 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
             f"{path}: no model*.safetensors; convert it first with `mlxlocal convert`"
         )
     check_config_sizes(config, {k: e["shape"] for f in files for k, e in read_header(f)[0].items()})
+    check_rope_built(config)
     with _loading(path, "model or tokenizer"):
         model, tokenizer = mlx_load(str(path), tokenizer_config=NO_REMOTE_CODE, lazy=lazy)
     own_rope(model, config)

@@ -21,11 +21,11 @@ SHRINK = {
     "Llama-3.2-1B-Instruct": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=1),
     "Llama-3.2-3B-Instruct": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1),
     "Qwen2.5-0.5B-Instruct": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
-    "Qwen2.5-1.5B-Instruct": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1),
-    "Qwen2.5-7B-Instruct": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1),
+    "Qwen2.5-1.5B-Instruct": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
+    "Qwen2.5-7B-Instruct": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
     "Phi-3.5-mini-instruct": dict(hidden_size=192, num_attention_heads=2, num_key_value_heads=2),
     "gemma-2-2b-it": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
-    "Mistral-7B-Instruct-v0.3": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1),
+    "Mistral-7B-Instruct-v0.3": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
 }
 ALWAYS = dict(num_hidden_layers=2, intermediate_size=256, initializer_range=0.15)
 MODELS = sorted(SHRINK)

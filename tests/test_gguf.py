@@ -315,8 +315,12 @@ def test_bad_gguf_files_are_refused(models, tmp_path):
         with pytest.raises(MlxLocalError, match=message):
             convert_gguf(path, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+    other = tmp_path / "other"  # a family mlxlocal has no GGUF spec for
+    shutil.copytree(models("llama"), other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"model_type": "starcoder2"}))
     with pytest.raises(MlxLocalError, match="not supported yet"):
-        export_gguf(models("gemma2"), tmp_path / "g.gguf")
+        export_gguf(other, tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

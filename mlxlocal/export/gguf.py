@@ -239,6 +239,8 @@ def _plan_tensors(
         shape = tuple(w.shape)
         qtype = _target(shape, _FLOAT_TYPES.get(w.dtype, Q.F32), requested, notes)
         value = adapt(w) if adapt else w
+        if key.endswith("norm.weight") and spec.get("gguf_norm_offset"):
+            value = value.astype(mx.float32) + spec["gguf_norm_offset"]  # Gemma: 1 + w
         plan.append(_Planned(name, qtype, shape, _f32(value, heads)))
     plan += _rope_freqs(config)
     return plan
@@ -298,9 +300,16 @@ def _target(shape: tuple, native, requested: str, notes: set[str]):
 
 
 def _rope_freqs(config: dict) -> list[_Planned]:
-    """Llama 3 rope scaling lives in a `rope_freqs` tensor of per-frequency divisors."""
+    """Llama 3 rope scaling lives in a `rope_freqs` tensor of per-frequency divisors; Phi-3's
+    longrope in `rope_factors_short`/`_long`, which llama.cpp picks between by context size."""
     scaling = config.get("rope_scaling") or {}
-    if (scaling.get("rope_type") or scaling.get("type")) != "llama3":
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in _LONGROPE:
+        return [
+            _Planned(f"rope_factors_{n}.weight", Q.F32, (len(f),), _f32(mx.array(f)))
+            for n, f in (("long", scaling["long_factor"]), ("short", scaling["short_factor"]))
+        ]
+    if kind != "llama3":
         return []
     from mlx_lm.models.rope_utils import initialize_rope
 
@@ -310,6 +319,9 @@ def _rope_freqs(config: dict) -> list[_Planned]:
     plain = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     factors = rope._freqs / plain
     return [_Planned("rope_freqs.weight", Q.F32, (dims // 2,), _f32(factors))]
+
+
+_LONGROPE = ("longrope", "su")
 
 
 def _head_dim(config: dict) -> int:
@@ -337,10 +349,27 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind in _LONGROPE:
+        original = config.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings"
+        )
+        factor = config["max_position_embeddings"] / original
+        default = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        writer.add_rope_scaling_attn_factors(scaling.get("attention_factor") or default)
+        writer.add_rope_scaling_orig_ctx_len(original)
     elif kind not in ("default", "llama3"):
         raise MlxLocalError(
-            f"rope scaling {kind!r} is not supported by GGUF export yet (default, linear, llama3)"
+            f"rope scaling {kind!r} is not supported by GGUF export yet "
+            "(default, linear, llama3, longrope)"
         )
+    for key, add in (
+        ("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+        ("final_logit_softcapping", writer.add_final_logit_softcapping),
+    ):
+        if config.get(key):
+            add(config[key])
+    if config["model_type"] == "gemma2" and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
 
 
 def _natural(key: str) -> tuple:

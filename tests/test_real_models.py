@@ -1,0 +1,198 @@
+"""Every built-in recipe's model, as its real config (tests/real_models.py says what shrinks),
+converts to transformers' logits, quantizes as mlx-lm does, generates what transformers'
+greedy decoding gives through its chat template, and exports to a GGUF llama.cpp runs with
+transformers' logits."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import hf_logits
+from real_models import MODELS, make_real_checkpoint, real_config
+
+from mlxlocal import convert
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.export.gguf import export_gguf
+from mlxlocal.generate import generate, load_model
+from mlxlocal.models import load, load_tokenizer
+from mlxlocal.quantize import quantize
+
+FP32 = 1e-4  # max |Δlogit| against transformers, fp32
+GGUF_REL = 1e-4  # max |Δlogit| / max |logit|, F32 GGUF and KV cache (as tests/test_gguf.py)
+# …except where llama.cpp's CPU GELU (Gemma's activation) reads an fp16 table: 1.6e-4 measured.
+GGUF_REL_GELU = 1e-3
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """name → (transformers checkpoint, its fp32 MLX conversion), built once per module."""
+    root = tmp_path_factory.mktemp("real")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            src = make_real_checkpoint(name, root / name)
+            cache[name] = src, convert(src, root / f"{name}-mlx", dtype="float32").out
+        return cache[name]
+
+    return get
+
+
+def probe(folder, n: int = 40, seed: int = 1) -> list[int]:
+    size = len(load_tokenizer(folder).get_vocab())
+    return np.random.default_rng(seed).integers(0, size, n).tolist()
+
+
+def our_logits(model, ids: list[int]) -> np.ndarray:
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converts_to_transformers_logits(real, name):
+    src, out = real(name)
+    ids = probe(src)
+    ref, got = hf_logits(src, ids), our_logits(load(out)[0], ids)
+    assert np.abs(ref - got).max() <= FP32
+    assert ref.std() > 0.5
+
+
+def test_phi35_past_its_original_context_takes_the_long_factors(real):
+    """Phi-3.5-mini's longrope: short factors up to 4096 tokens, long ones past it."""
+    src, out = real("Phi-3.5-mini-instruct")
+    assert real_config("Phi-3.5-mini-instruct")["original_max_position_embeddings"] == 4096
+    model = load(out)[0]
+    ids = probe(src, 4100)
+    ref, got = hf_logits(src, ids), our_logits(model, ids)
+    assert np.abs(ref - got).max() <= 1e-3  # 4100 positions of fp32 rounding
+    # …and the two regimes really differ: the first 40 positions alone took the short ones.
+    assert np.abs(got[:40] - our_logits(model, ids[:40])).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "rope,error",
+    [
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, None),
+        ({"rope_type": "dynamic", "factor": 2.0}, None),
+        ({"rope_type": "linear", "factor": 2.0}, None),
+        (
+            {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "attention_factor": 1.3,
+            },
+            "attention_factor",
+        ),
+    ],
+    ids=["yarn", "dynamic", "linear", "yarn-attention-factor"],
+)
+def test_each_rope_type_converts_right_or_is_refused(rope, error, checkpoints, tmp_path):
+    """Past max_position_embeddings (32) too, where dynamic and yarn differ from plain rope."""
+    rope = {"rope_theta": 5e4, **rope}
+    src = checkpoints("llama", max_position_embeddings=32, rope_parameters=rope)
+    if error:
+        with pytest.raises(MlxLocalError, match=error):
+            convert(src, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return
+    convert(src, tmp_path / "out")
+    ids = probe(src, 48)
+    assert np.abs(hf_logits(src, ids) - our_logits(load(tmp_path / "out")[0], ids)).max() <= FP32
+
+
+@pytest.mark.parametrize("arch,rope", [("gemma2", "linear"), ("phi3", "dynamic")])
+def test_a_rope_the_architecture_drops_is_refused(arch, rope, tmp_path):
+    """mlx-lm's gemma2 has no rope scaling and its phi3 falls back to plain rope."""
+    config = real_config("gemma-2-2b-it" if arch == "gemma2" else "Phi-3.5-mini-instruct")
+    config["rope_scaling"] = {"rope_type": rope, "factor": 2.0}
+    from mlxlocal.models import check_rope_built
+
+    with pytest.raises(MlxLocalError, match=f"ignores rope_scaling '{rope}'"):
+        check_rope_built(config)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_quantizes_as_mlx_lm_does(real, name, tmp_path):
+    """4-bit group 32: the layers we quantize, quantized by nn.quantize, give our logits."""
+    _, out = real(name)
+    quantize(out, tmp_path / "q", bits=4, group_size=32, evaluate=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+    ours = load(tmp_path / "q")[0]
+    quantized = {p: m for p, m in ours.named_modules() if hasattr(m, "scales")}
+    assert any("mlp" in p for p in quantized) and any("attn" in p for p in quantized)
+    reference = load(out)[0]
+
+    def same(path, module):  # each layer as ours has it: kept, or at its bits and group
+        q = quantized.get(path)
+        return q is not None and {"group_size": q.group_size, "bits": q.bits}
+
+    nn.quantize(reference, class_predicate=same)
+    ids = probe(out)
+    assert np.abs(our_logits(ours, ids) - our_logits(reference, ids)).max() <= FP32
+
+
+def hf_greedy(src, ids: list[int], n: int, size: int) -> list[int]:
+    """transformers' greedy tokens over the ids the tokenizer can decode (padding rows masked)."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(hf_logits(src, ids + out)[-1, :size].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generates_through_its_chat_template(real, name):
+    src, out = real(name)
+    lm = load_model(out)
+    messages = [{"role": "user", "content": "Translate the sentence"}]
+    ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    from transformers import AutoTokenizer
+
+    assert ids == AutoTokenizer.from_pretrained(src).apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=False
+    )
+    size = len(lm.tokenizer.get_vocab())
+    result = generate(lm, "Translate the sentence", max_tokens=6, ignore_eos=True)
+    assert result.tokens == hf_greedy(src, ids, 6, size)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama_cpp with weight repacking off (see tests/test_gguf.py)."""
+    import llama_cpp
+
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    yield llama_cpp
+    llama_cpp.llama_cpp.llama_model_default_params = default
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exports_to_a_gguf_llama_cpp_runs_with_transformers_logits(real, name, llama_cpp, tmp_path):
+    src, out = real(name)
+    export_gguf(out, tmp_path / "m.gguf", type="f32")
+    llm = llama_cpp.Llama(
+        str(tmp_path / "m.gguf"),
+        n_ctx=128,
+        logits_all=True,
+        type_k=0,  # F32 KV cache
+        type_v=0,
+        n_threads=2,
+        verbose=False,
+    )
+    ids = probe(src)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    ref = hf_logits(src, ids)
+    tolerance = GGUF_REL_GELU if "gelu" in real_config(name).get("hidden_act", "") else GGUF_REL
+    assert np.abs(ref - got).max() / np.abs(ref).max() <= tolerance
