@@ -117,6 +117,7 @@ class DataReport:
     dropped: int = 0
     bad_lines: int = 0
     notes: list[str] = field(default_factory=list)  # "file:line: what happened", first few
+    system_merged: bool = False  # see SYSTEM_MERGED
 
     def note(self, where: str, what: str) -> None:
         if len(self.notes) < NOTES_KEPT:
@@ -130,6 +131,8 @@ class DataReport:
         for name in ("truncated", "dropped", "bad_lines"):
             if getattr(self, name):
                 parts.append(f"{getattr(self, name):,} {name.replace('_', ' ')}")
+        if self.system_merged:
+            parts.append(SYSTEM_MERGED)
         return f"{self.file}: " + ", ".join(parts)
 
 
@@ -446,6 +449,49 @@ def render_chat(tokenizer, messages, tools=None, train_on_prompt=False) -> Examp
     return Example(tokens, weights)
 
 
+_DROPS_SYSTEM: dict[int, tuple[Any, bool]] = {}  # id(tokenizer) → (tokenizer, verdict)
+SYSTEM_MERGED = (
+    "system prompts merged into the first user turn (the chat template refuses or drops them)"
+)
+
+
+def drops_system(tokenizer) -> bool:
+    """Whether the chat template refuses a system message (Gemma 2 raises) or renders a
+    conversation that ends with an answer without it (Mistral v0.3 keeps it only when a user
+    turn comes last), while it takes the same conversation without one; asked once per
+    tokenizer."""
+    known = _DROPS_SYSTEM.get(id(tokenizer))
+    if known is not None and known[0] is tokenizer:
+        return known[1]
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    probe = "mlxlocal-system-probe"
+    try:
+        tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:
+        verdict = False  # a template that fails either way: render_chat says how
+    else:
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": probe}, *turns], tokenize=False
+            )
+            verdict = probe not in text
+        except Exception:
+            verdict = True
+    _DROPS_SYSTEM[id(tokenizer)] = (tokenizer, verdict)
+    return verdict
+
+
+def merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A leading system message folded into the first user turn (system, blank line, user), as
+    models without a system role are prompted."""
+    system, rest = messages[0], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system['content']}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system["content"]}, *rest]
+
+
 def _answer_start(before: list[int], prompted: list[int], full: list[int]) -> int:
     """Where the answer begins in `full`, given the ids before it without and with the header."""
     header = prompted[_common_prefix(before, prompted) :]
@@ -469,7 +515,10 @@ def tokenize_sample(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool
         tokens = _text_ids(tokenizer, sample.text)
         return Example(tokens, [1] * len(tokens))
     if chat:
-        return render_chat(tokenizer, sample.messages, sample.tools, train_on_prompt)
+        messages = sample.messages
+        if messages[0]["role"] == "system" and drops_system(tokenizer):
+            messages = merge_system(messages)
+        return render_chat(tokenizer, messages, sample.tools, train_on_prompt)
     # No chat template: prompt + completion verbatim (a system prompt first, on its own).
     *head, answer = [m["content"] for m in sample.messages]
     if len(head) == 2:
@@ -534,6 +583,8 @@ def load_examples(
         )
     examples = []
     for row, sample in parse_rows(rows, report.format, data, skip):
+        if chat and sample.messages and sample.messages[0]["role"] == "system":
+            report.system_merged = report.system_merged or drops_system(tokenizer)
         try:
             example = tokenize_sample(sample, tokenizer, chat, data.train_on_prompt)
         except BadRow as e:
