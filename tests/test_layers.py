@@ -36,7 +36,7 @@ LAYERS: dict[str, list[str]] = {
         "export.*",
         "quickstart",
     ],
-    "mid": ["recipe", "data", "decoding", "choices"],
+    "mid": ["recipe", "data", "decoding", "choices", "constraints"],
     "core": [
         "models",
         "sources",
