@@ -117,7 +117,7 @@ def record_constraint(
     choices: Sequence[str] | str | None = None,
     regex: str | None = None,
     json_schema: dict | str | Path | None = None,
-    json: bool = False,
+    json_object: bool = False,
 ) -> tuple[Constraint | None, Callable[[dict[str, Any]], Constraint] | None, Any]:
     """(the run's constraint, or a function giving each record's, and what settings record).
 
@@ -126,9 +126,9 @@ def record_constraint(
     """
     field = re.fullmatch(r"\{(\w+)\}", choices.strip()) if isinstance(choices, str) else None
     if field is None:
-        constraint = from_options(choices, regex, json_schema, json)
+        constraint = from_options(choices, regex, json_schema, json_object)
         return constraint, None, constraint.to_json() if constraint else None
-    if regex is not None or json_schema is not None or json:
+    if regex is not None or json_schema is not None or json_object:
         raise MlxLocalError("give one constraint: per-record choices or another, not both")
     name = field.group(1)
 
@@ -172,13 +172,13 @@ def batch(
     choices: Sequence[str] | str | None = None,
     regex: str | None = None,
     json_schema: dict | str | Path | None = None,
-    json: bool = False,
+    json_object: bool = False,
 ) -> BatchResult:
     """Generate for every record of `input`, one output record per input record, in order.
 
     Each output record is the input's fields plus `id` (the record's own, or its line number),
     `output`, `finish_reason` and `generated_tokens`; a bad record (with `on_error="skip"`)
-    gets `error` instead. A constraint (`choices`, `regex`, `json_schema`, `json`: see
+    gets `error` instead. A constraint (`choices`, `regex`, `json_schema`, `json_object`: see
     `generate.stream`; `choices="{field}"` reads each record's labels from that field) adds
     `valid`: false when max_tokens cut the answer short of it. Re-running after an
     interruption continues where it stopped.
@@ -194,7 +194,7 @@ def batch(
     input, output = data_file(input), Path(output)
     sampling = sampling or Sampling()
     build_prompt = prompt_builder(template, field)
-    constraint, per_record, setting = record_constraint(choices, regex, json_schema, json)
+    constraint, per_record, setting = record_constraint(choices, regex, json_schema, json_object)
     constrained = constraint is not None or per_record is not None
     check_constraint(constrained, stop, ignore_eos)
     total = sum(1 for _ in iter_rows(input))

@@ -45,7 +45,7 @@ _META = set("\\.+*?()|[]{}^$#&-~")
 
 @dataclass(frozen=True)
 class Constraint:
-    """What an answer must look like: build with `choices`, `regex`, `json_schema` or `json`."""
+    """What an answer must look like (made by `from_options`)."""
 
     kind: str
     spec: Any  # the labels, the pattern, the schema (a dict), or None for any JSON object
@@ -112,7 +112,7 @@ def from_options(
     choices: Sequence[str] | str | None = None,
     regex: str | None = None,
     json_schema: dict | str | Path | None = None,
-    json: bool = False,
+    json_object: bool = False,
 ) -> Constraint | None:
     """The one constraint the options ask for (the CLI's flags, the Python API's parameters), or
     None. `choices` may be a comma-separated string."""
@@ -120,7 +120,7 @@ def from_options(
         n
         for n, v in [("choices", choices), ("regex", regex), ("json_schema", json_schema)]
         if v is not None
-    ] + (["json"] if json else [])
+    ] + (["json_object"] if json_object else [])
     if len(given) > 1:
         raise MlxLocalError(f"give one constraint, not {' and '.join(given)}")
     if choices is not None:
@@ -129,7 +129,7 @@ def from_options(
         return regex_constraint(regex)
     if json_schema is not None:
         return schema_constraint(json_schema)
-    return json_constraint() if json else None
+    return json_constraint() if json_object else None
 
 
 def split_choices(text: str) -> list[str]:

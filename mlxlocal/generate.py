@@ -431,7 +431,7 @@ def stream(
     choices: Sequence[str] | str | None = None,
     regex: str | None = None,
     json_schema: dict | str | Path | None = None,
-    json: bool = False,
+    json_object: bool = False,
 ) -> Stream:
     """Start generating: iterate the result for text pieces, then read its `.result`.
 
@@ -439,9 +439,9 @@ def stream(
     A `prompt` string goes through the model's chat template unless `chat_template=False`;
     a list of token ids is used as is. At most one constraint shapes the answer: `choices`
     (labels, or "a,b,c"), `regex` (the whole answer matches), `json_schema` (a dict or a file)
-    or `json` (any JSON object); the result's `valid` then says whether it was met.
+    or `json_object` (any JSON object); the result's `valid` then says whether it was met.
     """
-    constraint = from_options(choices, regex, json_schema, json)
+    constraint = from_options(choices, regex, json_schema, json_object)
     lm = as_loaded(model, adapter)
     sampling = sampling or Sampling()
     ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)

@@ -75,16 +75,15 @@ def test_every_sampled_answer_satisfies_the_constraint(lm, kind):
 
 
 def test_any_json_object(lm):
-    stopped = 0
     for seed in SEEDS:
-        g = generate(lm, "json please", json=True, max_tokens=48, sampling=Sampling(1.0, seed=seed))
+        sampling = Sampling(1.0, seed=seed)
+        g = generate(lm, "json please", json_object=True, max_tokens=48, sampling=sampling)
         assert g.text.startswith("{")
         if g.finish_reason == "stop":
-            stopped += 1
             assert g.valid and isinstance(json.loads(g.text), dict), g.text
         else:
             assert g.finish_reason == "length" and not g.valid
-    assert generate(lm, "x", json=True, max_tokens=2).to_json()["valid"] is False
+    assert generate(lm, "x", json_object=True, max_tokens=2).to_json()["valid"] is False
 
 
 def test_max_tokens_before_completion_is_length_and_invalid(tiny_lm):
@@ -167,7 +166,7 @@ BAD = {
     "Unknown format": {"json_schema": {"type": "string", "format": "weird"}},
     "at least one label": {"choices": ","},
     "is empty": {"choices": ["a", ""]},
-    "give one constraint": {"choices": "a,b", "json": True},
+    "give one constraint": {"choices": "a,b", "json_object": True},
 }
 
 
@@ -182,7 +181,7 @@ def test_bad_combinations_and_files(tiny_lm, tmp_path):
     with pytest.raises(MlxLocalError, match="stop strings cannot"):
         generate(tiny_lm, "hi", choices="a,b", stop=["x"])
     with pytest.raises(MlxLocalError, match="ignore-eos cannot"):
-        generate(tiny_lm, "hi", json=True, ignore_eos=True)
+        generate(tiny_lm, "hi", json_object=True, ignore_eos=True)
     bad = tmp_path / "schema.json"
     bad.write_text("{not json")
     with pytest.raises(MlxLocalError, match="schema.json"):
@@ -205,3 +204,56 @@ def test_response_format():
     for bad in [{"type": "xml"}, {"type": "json_schema"}, "json"]:
         with pytest.raises(MlxLocalError):
             constraint_from_response_format(bad)
+
+
+def test_cli_label_a_csv_and_one_line_errors(tiny_mlx, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxlocal.cli import cli
+
+    csv = tmp_path / "tickets.csv"
+    csv.write_text('text,labels\napp crashes,"bug,question"\nhow to log in,"yes,no"\n')
+    out = tmp_path / "labels.jsonl"
+    run = CliRunner().invoke(
+        cli,
+        ["batch", str(tiny_mlx), "--input", str(csv), "--output", str(out),
+         "--template", "Label: {text}", "--choices", "{labels}"],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["output"] in r["labels"].split(",") and r["valid"] for r in rows] == [True] * 2
+    run = CliRunner().invoke(
+        cli, ["generate", str(tiny_mlx), "-p", "ok?", "--choices", "yes,no", "--json"]
+    )
+    answer = json.loads(run.stdout.splitlines()[-1])
+    assert answer["text"] in ("yes", "no") and answer["valid"] is True
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    run = CliRunner().invoke(
+        cli,
+        ["eval", str(tiny_mlx), "--data", "builtin:sentiment-test.jsonl", "--task", "generate",
+         "--limit", "2", "--max-tokens", "120", "--json-schema", str(schema)],
+    )  # fmt: skip
+    assert run.exit_code == 0 and "valid 100.0%" in run.output, run.output
+    bad = {
+        "unclosed group": ["generate", str(tiny_mlx), "-p", "x", "--regex", "a(b"],
+        "give one constraint": ["chat", str(tiny_mlx), "--choices", "a", "--json-object"],
+        "--task generate only": ["eval", str(tiny_mlx), "--data", "builtin:sentiment-test.jsonl",
+                                 "--task", "classify", "--regex", "a"],
+        "JSON schema": ["batch", str(tiny_mlx), "--input", str(csv), "--output",
+                        str(tmp_path / "o.jsonl"), "--json-schema", str(csv)],
+    }  # fmt: skip
+    for message, args in bad.items():
+        run = CliRunner().invoke(cli, args)
+        assert run.exit_code == 1 and message in run.output, (args, run.output)
+        assert len(run.output.strip().splitlines()) == 1 and "Traceback" not in run.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_chat_answers_under_a_constraint(tiny_lm):
+    from mlxlocal.chat import ChatSession
+
+    session = ChatSession(tiny_lm, choices=["yes", "no"], max_tokens=8)
+    for message in ["hi", "again?"]:
+        answer = session.send(message)
+        assert "".join(answer) in ("yes", "no") and answer.result.valid
