@@ -12,13 +12,14 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import batch, convert, data, generate, quantize, train
+from . import batch, constrained, convert, data, generate, quantize, train
 from .common import machine
 
 SUITES = {
     "convert": convert,
     "generate": generate,
     "batch": batch,
+    "constrained": constrained,
     "quantize": quantize,
     "data": data,
     "train": train,

@@ -10,6 +10,7 @@ input and continues. When every record is done, `OUT.partial` is renamed to OUT.
 from __future__ import annotations
 
 import os
+import re
 import string
 import time
 from collections import deque
@@ -23,6 +24,13 @@ from .checkpoint.atomic import atomic_file, check_output
 from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.jsonout import finite, non_finite_at, strict_dumps
 from .choices import ON_ERROR
+from .constraints import (
+    ConstrainedAnswer,
+    Constraint,
+    choice_constraint,
+    from_options,
+    split_choices,
+)
 from .data import Row, data_file, iter_rows
 from .errors import MlxLocalError
 from .generate import (
@@ -30,6 +38,7 @@ from .generate import (
     LoadedModel,
     Sampling,
     as_loaded,
+    check_constraint,
     encode_prompt,
     fit_context,
 )
@@ -104,6 +113,43 @@ def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str,
     return from_template
 
 
+def record_constraint(
+    choices: Sequence[str] | str | None = None,
+    regex: str | None = None,
+    json_schema: dict | str | Path | None = None,
+    json_object: bool = False,
+) -> tuple[Constraint | None, Callable[[dict[str, Any]], Constraint] | None, Any]:
+    """(the run's constraint, or a function giving each record's, and what settings record).
+
+    `choices="{labels}"` takes each record's labels from its field `labels`: a list of
+    strings, or one string "a,b,c".
+    """
+    field = re.fullmatch(r"\{(\w+)\}", choices.strip()) if isinstance(choices, str) else None
+    if field is None:
+        constraint = from_options(choices, regex, json_schema, json_object)
+        return constraint, None, constraint.to_json() if constraint else None
+    if regex is not None or json_schema is not None or json_object:
+        raise MlxLocalError("give one constraint: per-record choices or another, not both")
+    name = field.group(1)
+
+    def labels_of(fields: dict[str, Any]) -> Constraint:
+        if name not in fields:
+            raise MlxLocalError(
+                f"--choices {{{name}}}: the record has no field {name!r} (fields: "
+                f"{', '.join(fields) or 'none'})"
+            )
+        value = fields[name]
+        if isinstance(value, str):
+            value = split_choices(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MlxLocalError(
+                f'field {name!r} must hold the labels as a list of strings or as "a,b,c"'
+            )
+        return choice_constraint(value)
+
+    return None, labels_of, {"kind": "choices", "field": name}
+
+
 def batch(
     model: str | Path | LoadedModel,
     input: str | Path,
@@ -123,12 +169,19 @@ def batch(
     ignore_eos: bool = False,
     force: bool = False,
     note: Callable[[str], None] = lambda _: None,
+    choices: Sequence[str] | str | None = None,
+    regex: str | None = None,
+    json_schema: dict | str | Path | None = None,
+    json_object: bool = False,
 ) -> BatchResult:
     """Generate for every record of `input`, one output record per input record, in order.
 
     Each output record is the input's fields plus `id` (the record's own, or its line number),
     `output`, `finish_reason` and `generated_tokens`; a bad record (with `on_error="skip"`)
-    gets `error` instead. Re-running after an interruption continues where it stopped.
+    gets `error` instead. A constraint (`choices`, `regex`, `json_schema`, `json_object`: see
+    `generate.stream`; `choices="{field}"` reads each record's labels from that field) adds
+    `valid`: false when max_tokens cut the answer short of it. Re-running after an
+    interruption continues where it stopped.
     `note` receives progress messages meant for a person.
     """
     import mlx.core as mx
@@ -141,6 +194,9 @@ def batch(
     input, output = data_file(input), Path(output)
     sampling = sampling or Sampling()
     build_prompt = prompt_builder(template, field)
+    constraint, per_record, setting = record_constraint(choices, regex, json_schema, json_object)
+    constrained = constraint is not None or per_record is not None
+    check_constraint(constrained, stop, ignore_eos)
     total = sum(1 for _ in iter_rows(input))
     check_output(output, force)
     lm = as_loaded(model, adapter)
@@ -157,6 +213,7 @@ def batch(
         "stop": list(stop),
         "truncate": truncate,
         "ignore_eos": ignore_eos,
+        **({"constraint": setting} if constrained else {}),
     }
     out = ResumableOutput(output, settings, force)
     rows = iter_rows(input)
@@ -164,8 +221,9 @@ def batch(
     if resumed:
         note(f"resuming: {resumed} of {total} records already in {out.partial}")
 
-    def prepare(row: Row) -> tuple[list[int], int, list[str]]:
-        """(prompt ids, max_tokens, warnings) for a record, or an MlxLocalError saying why not."""
+    def prepare(row: Row) -> tuple[list[int], int, list[str], ConstrainedAnswer | None]:
+        """(prompt ids, max_tokens, warnings, the answer's matcher) for a record, or an
+        MlxLocalError saying why not."""
         if row.problem:
             raise MlxLocalError(row.problem)
         for name, value in row.values.items():
@@ -174,14 +232,16 @@ def batch(
                     f"{where} is NaN or Infinity, which JSON output cannot hold; write a "
                     "number, a string or null"
                 )
-        clash = [k for k in ADDED_FIELDS if k in row.values]
+        clash = [k for k in ADDED_FIELDS + ("valid",) * constrained if k in row.values]
         if clash:
             raise MlxLocalError(
                 f"the record already has a field {clash[0]!r}, which the output would "
                 "overwrite; rename that field"
             )
         ids = encode_prompt(lm.tokenizer, build_prompt(row.values), system, chat_template)
-        return fit_context(ids, max_tokens, lm.context, truncate)
+        wanted = per_record(row.values) if per_record else constraint
+        answer = lm.constrained(wanted) if wanted else None
+        return *fit_context(ids, max_tokens, lm.context, truncate), answer
 
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
@@ -208,7 +268,7 @@ def batch(
             read += 1
             item = _Item(row, lm.tokenizer, stop)
             try:
-                ids, record_max, warnings = prepare(row)
+                ids, record_max, warnings, item.answer = prepare(row)
             except MlxLocalError as e:
                 message = f"{input}:{row.line}: {e}"
                 if on_error == "stop":
@@ -239,7 +299,16 @@ def batch(
                     fresh, exhausted, failure = read_chunk(chunk)
                     fresh.sort(key=lambda f: len(f[0]))
                     if fresh:
-                        uids = gen.insert([f[0] for f in fresh], [f[1] for f in fresh])
+                        # A processor per sequence only under a constraint: any processor
+                        # sends mlx-lm's generator down its (slower) per-sequence path.
+                        processors = [
+                            lm.logits_processors(sampling, f[2].answer) for f in fresh
+                        ] if constrained else None  # fmt: skip
+                        uids = gen.insert(
+                            [f[0] for f in fresh],
+                            [f[1] for f in fresh],
+                            logits_processors=processors,
+                        )
                         active.update((uid, f[2]) for uid, f in zip(uids, fresh, strict=True))
                 for response in gen.next_generated() if active else []:
                     item = active[response.uid]
@@ -274,18 +343,22 @@ class _Item:
         self.tokens: list[int] = []
         self.text = Detokenized(tokenizer, stop)
         self.result: dict[str, Any] | None = None
+        self.answer: ConstrainedAnswer | None = None
 
     def step(self, token: int, finish_reason: str | None) -> bool:
         """Take the next token; True when this record is finished."""
         self.tokens.append(token)
+        if self.answer:
+            self.answer.feed(len(self.tokens) - 1, token)
         if finish_reason != "stop":  # "stop" from the generator means a stop id: not shown
             self.text.add(token)
-        if self.text.stopped:
+        if self.text.stopped or (self.answer and self.answer.complete):
             finish_reason = "stop"
         if finish_reason is None:
             return False
         self.text.finish()
-        self.finish(output=self.text.text, finish_reason=finish_reason)
+        valid = {"valid": self.answer.valid} if self.answer else {}
+        self.finish(output=self.text.text, finish_reason=finish_reason, **valid)
         return True
 
     def finish(self, **added: Any) -> None:

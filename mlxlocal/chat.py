@@ -11,8 +11,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .checkpoint.atomic import atomic_file
+from .constraints import from_options
 from .errors import MlxLocalError
-from .generate import LoadedModel, Sampling, Stream, fit_context, render_chat
+from .generate import (
+    LoadedModel,
+    Sampling,
+    Stream,
+    check_constraint,
+    fit_context,
+    render_chat,
+)
 
 HELP = "commands: /reset  /system TEXT  /save FILE [--force]  /quit  (Ctrl-C stops an answer)"
 
@@ -28,7 +36,14 @@ class ChatSession:
         max_tokens: int = 512,
         sampling: Sampling | None = None,
         stop: Iterable[str] = (),
+        choices: list[str] | str | None = None,
+        regex: str | None = None,
+        json_schema: dict | str | Path | None = None,
+        json_object: bool = False,
     ):
+        """The constraint options (see `generate.stream`) shape every answer."""
+        self.constraint = from_options(choices, regex, json_schema, json_object)
+        check_constraint(self.constraint is not None, list(stop), ignore_eos=False)
         if not lm.tokenizer.has_chat_template:
             raise MlxLocalError(
                 f"{lm.path}: the tokenizer has no chat template, so it cannot hold a "
@@ -81,6 +96,7 @@ class ChatSession:
             sampling=self.sampling,
             stop=self.stop,
             cache=self._cache,
+            constraint=self.constraint,
         )
         return self._answer
 

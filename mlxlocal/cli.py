@@ -343,8 +343,29 @@ def _generation_options(f):
             multiple=True,
             help="Stop at this text, not printed (repeatable).",
         ),
+        *_CONSTRAINT_OPTIONS,
     ]
     return _with_options(f, options)
+
+
+# Constrained decoding (one at a time): the answer must have this shape.
+_CONSTRAINT_OPTIONS = [
+    click.option(
+        "--choices",
+        type=TEXT,
+        help="Answer exactly one of these labels, comma-separated (batch: '{FIELD}' reads "
+        "each record's labels from FIELD).",
+    ),
+    click.option("--regex", type=TEXT, help="The whole answer matches this regular expression."),
+    click.option(
+        "--json-schema", type=click.Path(), help="Answer JSON valid under this schema file."
+    ),
+    click.option("--json-object", is_flag=True, help="Answer any JSON object."),
+]
+
+
+def _with_constraint_options(f):
+    return _with_options(f, _CONSTRAINT_OPTIONS)
 
 
 def _generation_kwargs(flags: dict) -> dict:
@@ -613,7 +634,10 @@ def run(recipe, overrides, resume) -> None:
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--output", type=click.Path(), help="Write metrics and per-example predictions.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, output, force) -> None:
+@_with_constraint_options
+def eval_(
+    model, adapter, data, task, labels, limit, batch_size, max_tokens, output, force, **constraint
+) -> None:
     """Score MODEL (optionally with --adapter) on a task, to see what fine-tuning changed.
 
     Rows are read like training data (prompt/completion, chat or instruction); the last
@@ -623,7 +647,8 @@ def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, out
     perplexity  exp(mean NLL) of the tokens training learns (answers, or all of text data)
     classify    each label scored by the model's log-likelihood as the answer to the prompt;
                 accuracy, macro-F1, per-class precision/recall, confusion matrix
-    generate    greedy answers (up to --max-tokens) vs references: exact match, chrF, BLEU
+    generate    greedy answers (up to --max-tokens) vs references: exact match, chrF, BLEU;
+                --choices/--regex/--json-schema/--json-object constrain them (+ valid rate)
     \b
       mlxlocal eval ./tiny-mlx --adapter runs/sentiment/adapters \\
           --data builtin:sentiment-test.jsonl --task classify --output results.json
@@ -641,6 +666,7 @@ def eval_(model, adapter, data, task, labels, limit, batch_size, max_tokens, out
         limit=limit,
         batch_size=batch_size,
         max_tokens=max_tokens,
+        **constraint,
     )
     click.echo(result.table())
     if output:

@@ -27,6 +27,7 @@ import mlx.nn as nn
 from .checkpoint.atomic import atomic_file
 from .checkpoint.jsonout import strict_dumps
 from .choices import EVAL_TASKS
+from .constraints import from_options
 from .data import (
     BadRow,
     DataSection,
@@ -82,6 +83,8 @@ class EvalResult:
             lines.append(
                 f"exact match {m['exact_match']:.1%}   chrF {m['chrf']:.1f}   BLEU {m['bleu']:.1f}"
             )
+            if "valid" in m:
+                lines[-1] += f"   valid {m['valid']:.1%}"
         else:
             lines.append(f"accuracy {m['accuracy']:.1%}   macro-F1 {m['macro_f1']:.3f}")
             lines += _format_grid(
@@ -121,14 +124,20 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     max_tokens: int = 64,
+    **constraint: Any,
 ) -> EvalResult:
     """Score `model` (a folder or a `load_model()` result) on `data` for `task`.
 
     `data` is a data file (or `builtin:NAME`), or a recipe data section whose `train` names the
-    file (so field mappings and the system prompt apply as in training).
+    file (so field mappings and the system prompt apply as in training). For `generate`, a
+    constraint (`choices`, `regex`, `json_schema`, `json_object`: see `generate.stream`) shapes
+    every answer, and the metrics add the fraction that satisfied it (`valid`).
     """
     if task not in EVAL_TASKS:
         raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(EVAL_TASKS)}")
+    if task != "generate" and any(v not in (None, False) for v in constraint.values()):
+        raise MlxLocalError("constraints (--choices, --regex...) apply to --task generate only")
+    from_options(**constraint)  # a bad constraint fails before the model loads
     if batch_size < 1 or (limit is not None and limit < 1):
         raise MlxLocalError("batch size and limit must be ≥ 1")
     section = data if isinstance(data, DataSection) else DataSection(train=str(data))
@@ -142,7 +151,7 @@ def evaluate(
         samples = _answered_samples(section, task, limit)
         if task == "classify":
             return _classify(lm, section, samples, labels, batch_size)
-        return _generate(lm, section, samples, max_tokens)
+        return _generate(lm, section, samples, max_tokens, constraint)
     finally:
         lm.model.train(training)
 
@@ -318,7 +327,11 @@ def prompt_ids(tokenizer, sample: Sample) -> list[int]:
 
 
 def _generate(
-    lm: LoadedModel, section: DataSection, samples: list[Sample], max_tokens: int
+    lm: LoadedModel,
+    section: DataSection,
+    samples: list[Sample],
+    max_tokens: int,
+    constraint: dict[str, Any],
 ) -> EvalResult:
     import sacrebleu
 
@@ -328,8 +341,10 @@ def _generate(
         progress_bar("generate", len(samples), "ex", samples), references, strict=True
     ):
         ids = prompt_ids(lm.tokenizer, sample)
-        answer = generate(lm, ids, max_tokens=max_tokens).text.strip()
+        result = generate(lm, ids, max_tokens=max_tokens, **constraint)
+        answer = result.text.strip()
         answers.append(answer)
+        valid = {} if result.valid is None else {"valid": result.valid}
         examples.append(
             {
                 "prompt": sample.messages[-2]["content"],
@@ -337,6 +352,7 @@ def _generate(
                 "answer": answer,
                 "exact_match": answer == ref,
                 "chrf": sacrebleu.sentence_chrf(answer, [ref]).score,
+                **valid,
             }
         )
     metrics = {
@@ -345,6 +361,8 @@ def _generate(
         "chrf": sacrebleu.corpus_chrf(answers, [references]).score,
         "bleu": sacrebleu.corpus_bleu(answers, [references]).score,
     }
+    if examples and "valid" in examples[0]:
+        metrics["valid"] = sum(e["valid"] for e in examples) / len(examples)
     return EvalResult("generate", section.train, metrics, examples)
 
 

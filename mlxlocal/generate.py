@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .constraints import ConstrainedAnswer, Constraint, from_options
 from .data import apply_chat_template
 from .decoding import decodable_only, stop_ids
 from .errors import MlxLocalError
@@ -112,13 +113,27 @@ class LoadedModel:
         return stop_ids(self.tokenizer, self.path)
 
     @cached_property
+    def width(self) -> int | None:
+        """How many logits the model gives (its embedding rows; may exceed the tokenizer)."""
+        return getattr(getattr(self.model, "args", None), "vocab_size", None)
+
+    @cached_property
     def decodable_only(self):
         """The logits processor that keeps sampling to ids the tokenizer can decode, if needed."""
-        width = getattr(getattr(self.model, "args", None), "vocab_size", None)
-        return decodable_only(self.tokenizer, width)
+        return decodable_only(self.tokenizer, self.width)
 
-    def logits_processors(self, sampling: Sampling) -> list:
-        """What shapes the logits before `sampling` picks: the vocabulary, then its penalties."""
+    def constrained(self, constraint: Constraint) -> ConstrainedAnswer:
+        """A fresh matcher for one answer under `constraint`."""
+        width = self.width or len(self.tokenizer.get_vocab())
+        return constraint.start(self.tokenizer, width, self.stop_ids)
+
+    def logits_processors(
+        self, sampling: Sampling, answer: ConstrainedAnswer | None = None
+    ) -> list:
+        """What shapes the logits before `sampling` picks: the vocabulary, its penalties, then
+        the constraint's mask (which also rules out ids the tokenizer cannot decode)."""
+        if answer is not None:
+            return [*sampling.logits_processors(), answer.processor()]
         vocabulary = [self.decodable_only] if self.decodable_only else []
         return [*vocabulary, *sampling.logits_processors()]
 
@@ -260,6 +275,7 @@ class Generation:
     generation_seconds: float
     peak_memory_gb: float
     warnings: list[str] = field(default_factory=list)
+    valid: bool | None = None  # under a constraint: whether the text satisfies it
 
     @property
     def generation_tokens(self) -> int:
@@ -283,9 +299,11 @@ class Generation:
         )
 
     def to_json(self) -> dict[str, Any]:
+        valid = {} if self.valid is None else {"valid": self.valid}
         return {
             "text": self.text,
             "finish_reason": self.finish_reason,
+            **valid,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
             "prompt_tps": round(self.prompt_tps, 2),
@@ -316,8 +334,11 @@ class Stream:
         ignore_eos: bool = False,
         cache: list | None = None,
         warnings: Sequence[str] = (),
+        constraint: Constraint | None = None,
     ):
+        check_constraint(constraint is not None, stop, ignore_eos)
         self.lm, self.ids, self.max_tokens = lm, ids, max_tokens
+        self.answer = lm.constrained(constraint) if constraint else None
         self.sampling = sampling or Sampling()
         self.ignore_eos, self.cache = ignore_eos, cache
         self.warnings = list(warnings)
@@ -346,7 +367,7 @@ class Stream:
             self.lm.model,
             max_tokens=self.max_tokens,
             sampler=self.sampling.sampler(),
-            logits_processors=self.lm.logits_processors(self.sampling),
+            logits_processors=self.lm.logits_processors(self.sampling, self.answer),
             prompt_cache=self.cache,
         )
         finish = "length"
@@ -358,13 +379,15 @@ class Stream:
                     last = time.perf_counter()
                     first = first or last
                     self.tokens.append(token)
+                    if self.answer:
+                        self.answer.feed(len(self.tokens) - 1, token)
                     if token in stop:  # the end of the turn: kept in tokens, never shown
                         finish = "stop"
                         break
                     piece = self._text.add(token)
                     if piece:
                         yield piece
-                    if self._text.stopped:
+                    if self._text.stopped or (self.answer and self.answer.complete):
                         finish = "stop"
                         break
             finally:
@@ -381,7 +404,16 @@ class Stream:
             generation_seconds=time.perf_counter() - first if first else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             warnings=self.warnings,
+            valid=self.answer.valid if self.answer else None,
         )
+
+
+def check_constraint(constrained: bool, stop: Sequence[str], ignore_eos: bool) -> None:
+    """A constraint decides where an answer ends: stop strings and ignore_eos would fight it."""
+    if constrained and any(stop):
+        raise MlxLocalError("stop strings cannot be combined with a constraint: it ends answers")
+    if constrained and ignore_eos:
+        raise MlxLocalError("--ignore-eos cannot be combined with a constraint: it ends answers")
 
 
 def stream(
@@ -396,13 +428,20 @@ def stream(
     stop: Sequence[str] = (),
     truncate: bool = False,
     ignore_eos: bool = False,
+    choices: Sequence[str] | str | None = None,
+    regex: str | None = None,
+    json_schema: dict | str | Path | None = None,
+    json_object: bool = False,
 ) -> Stream:
     """Start generating: iterate the result for text pieces, then read its `.result`.
 
     `model` is an MLX checkpoint folder or a `load_model()` result (load once, generate often).
     A `prompt` string goes through the model's chat template unless `chat_template=False`;
-    a list of token ids is used as is.
+    a list of token ids is used as is. At most one constraint shapes the answer: `choices`
+    (labels, or "a,b,c"), `regex` (the whole answer matches), `json_schema` (a dict or a file)
+    or `json_object` (any JSON object); the result's `valid` then says whether it was met.
     """
+    constraint = from_options(choices, regex, json_schema, json_object)
     lm = as_loaded(model, adapter)
     sampling = sampling or Sampling()
     ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)
@@ -416,6 +455,7 @@ def stream(
         stop=stop,
         ignore_eos=ignore_eos,
         warnings=warnings,
+        constraint=constraint,
     )
 
 

@@ -192,3 +192,44 @@ def make_adapter(model_dir, out, kind="lora", rank=4, scale=2.0, num_layers=2, k
     config = {"fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": params}
     (out / "adapter_config.json").write_text(json.dumps({**config, **extra}))
     return out
+
+
+def sentencepiece_checkpoint(hf: Path, out: Path) -> Path:
+    """The tiny Llama with a SentencePiece tokenizer (BPE + byte fallback, as Llama 2's)."""
+    import io
+    import json
+    import shutil
+
+    import sentencepiece as spm
+
+    from mlxlocal.tiny import CORPUS
+
+    shutil.copytree(hf, out)
+    (out / "tokenizer.json").unlink()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 20),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    settings = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "legacy": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(settings))
+    return out

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import LLAMA3_ROPE, make_adapter, mlx_logits, probe_ids
+from helpers import LLAMA3_ROPE, make_adapter, mlx_logits, probe_ids, sentencepiece_checkpoint
 
 from mlxlocal import convert
 from mlxlocal.checkpoint.gguf_names import permute_qk
@@ -204,47 +202,10 @@ def test_adapters_fused_and_as_gguf_adapter(models, llama_cpp, tmp_path):
     assert not (tmp_path / "dora-adapter.gguf").exists()
 
 
-def _sentencepiece_checkpoint(hf, out):
-    """The tiny Llama with a SentencePiece tokenizer (BPE + byte fallback, as Llama 2's)."""
-    import sentencepiece as spm
-
-    from mlxlocal.tiny import CORPUS
-
-    shutil.copytree(hf, out)
-    (out / "tokenizer.json").unlink()
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 20),
-        model_writer=model,
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        remove_extra_whitespaces=False,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
-    settings = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "add_bos_token": True,
-        "legacy": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(settings))
-    return out
-
-
 def test_sentencepiece_tokenizer(checkpoints, llama_cpp, tmp_path):
     from mlx_lm import load
 
-    hf = _sentencepiece_checkpoint(checkpoints("llama"), tmp_path / "hf")
+    hf = sentencepiece_checkpoint(checkpoints("llama"), tmp_path / "hf")
     src = convert(hf, tmp_path / "mlx").out
     path = export_gguf(src, tmp_path / "m.gguf", type="f32").out
     fields = gguf.GGUFReader(path).fields

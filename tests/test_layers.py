@@ -36,7 +36,7 @@ LAYERS: dict[str, list[str]] = {
         "export.*",
         "quickstart",
     ],
-    "mid": ["recipe", "data", "decoding", "choices"],
+    "mid": ["recipe", "data", "decoding", "choices", "constraints"],
     "core": [
         "models",
         "rope",  # rotary embeddings models.own_rope puts into mlx-lm's models
