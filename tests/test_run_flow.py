@@ -15,8 +15,10 @@ import subprocess
 import time
 
 import pytest
+from click.testing import CliRunner
 from helpers import CLI, assert_same_run, compiling_env, read_metrics, run_cli, write_recipe
 
+from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
 from mlxlocal.recipe import load_recipe
 from mlxlocal.train.run import rerun_command, run_recipe
@@ -95,20 +97,21 @@ def test_ctrl_c_saves_the_step_and_prints_the_command_that_continues_exactly(
 
 
 def test_a_finished_run_continues_exactly_with_extend_or_more_steps(
-    recipe, uninterrupted, tmp_path
+    recipe, uninterrupted, tmp_path, compiled
 ):
     run = tmp_path / "run"
-    same = [str(recipe), f"output={run}"]
-    assert run_cli("run", *same, "training.steps=6").returncode == 0
-    again = run_cli("run", *same, "training.steps=6")
-    assert again.returncode == 1
-    assert "holds a finished run" in again.stderr and "--extend N (it stopped at 6)" in again.stderr
-    raised = run_cli("run", *same, "training.steps=8")  # a higher training.steps continues it
-    assert raised.returncode == 0, raised.stderr
-    assert "resumed at step 6" in raised.stdout
-    extended = run_cli("run", *same, "training.steps=6", "--extend", "2")  # 8 + 2
-    assert extended.returncode == 0, extended.stderr
-    assert "trained lora for 10 steps (resumed at step 8)" in extended.stdout
+    same = ["run", str(recipe), f"output={run}"]
+    assert CliRunner().invoke(cli, [*same, "training.steps=6"]).exit_code == 0
+    with pytest.raises(
+        MlxLocalError, match=r"holds a finished run.*--extend N \(it stopped at 6\)"
+    ):
+        run_recipe(load_recipe(recipe, [f"output={run}", "training.steps=6"]))
+    raised = CliRunner().invoke(cli, [*same, "training.steps=8"])  # a higher training.steps
+    assert raised.exit_code == 0, raised.output
+    assert "resumed at step 6" in raised.output
+    extended = CliRunner().invoke(cli, [*same, "training.steps=6", "--extend", "2"])  # 8 + 2
+    assert extended.exit_code == 0, extended.output
+    assert "trained lora for 10 steps (resumed at step 8)" in extended.output
     assert_same_run(uninterrupted, run, STEPS)
     assert json.loads((run / "summary.json").read_text())["total_steps"] == STEPS
 
@@ -177,10 +180,8 @@ def test_a_qlora_runs_evaluation_is_reproduced_from_its_run_folder(qlora_run, tm
     recorded = json.loads((run / "evaluation.json").read_text())["after"]
     evaluation = next(c for c in commands if c.startswith("mlxlocal eval "))
     out = tmp_path / "eval.json"
-    done = subprocess.run(
-        [*as_run(evaluation), "--output", str(out)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(cli, [*shlex.split(evaluation)[1:], "--output", str(out)])
+    assert done.exit_code == 0, done.output
     again = json.loads(out.read_text())
     assert again["metrics"]["examples"] == recorded["metrics"]["examples"] == 24
     assert again["metrics"]["nll"] == pytest.approx(recorded["metrics"]["nll"], abs=1e-4)
