@@ -595,28 +595,46 @@ def recipes_validate(file, overrides) -> None:
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Insist on continuing from the last checkpoint.")
-def run(recipe, overrides, resume) -> None:
+@click.option(
+    "--extend",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Continue the finished run in `output` for N more steps.",
+)
+def run(recipe, overrides, resume, extend) -> None:
     """Fine-tune as the RECIPE file (or built-in recipe name) says.
 
     OVERRIDES are key.path=value settings that win over the file, e.g.
     training.learning_rate=2e-4 output=runs/try2. The run directory (`output`) gets the
-    resolved recipe, metrics.jsonl, checkpoints step-N/ (with checkpoint.every) and the final
-    adapters/. A run killed mid-way continues exactly where its last checkpoint left off when
-    started again (same optimizer state, schedule and data order); --resume insists on that.
+    resolved recipe, metrics.jsonl, checkpoints step-N/ (with checkpoint.every, and always the
+    last step) and the final adapters/. A run killed mid-way continues exactly where its last
+    checkpoint left off when started again (same optimizer state, schedule and data order);
+    --resume insists on that. Ctrl-C stops after the step under way, saves it and prints the
+    command that continues. --extend N (or a higher training.steps) continues a finished run.
+    Outside a terminal a progress line is printed every 30 s ($MLXLOCAL_PROGRESS_SECONDS).
 
     \b
       mlxlocal run tiny-lora
       mlxlocal run my-recipe.yaml training.steps=200
-      mlxlocal generate runs/base-model -p "Hi" --adapter runs/my-run/adapters
+      mlxlocal run my-recipe.yaml --extend 100
     """
     from .recipe import load_recipe
-    from .train.run import run_recipe
+    from .train.run import rerun_command, run_recipe
 
-    summary = run_recipe(
-        load_recipe(recipe, list(overrides)),
-        resume=True if resume else None,
-        echo=lambda text: click.echo(text, err=True),
-    )
+    loaded = load_recipe(recipe, list(overrides))
+    try:
+        summary = run_recipe(
+            loaded,
+            resume=True if resume else None,
+            echo=lambda text: click.echo(text, err=True),
+            extend=extend,
+        )
+    except KeyboardInterrupt as e:
+        step = getattr(e, "step", None)
+        where = f" after step {step} (saved in {e.checkpoint})" if step else ""
+        command = rerun_command(loaded, recipe, list(overrides), resume, extend)
+        click.echo(f"stopped{where}; to continue:\n  {command}", err=True)
+        raise
     for line in summary.lines():
         click.echo(line)
 

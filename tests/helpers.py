@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,6 +143,44 @@ SCHEDULED_RUN = {
 def compiling_env() -> dict[str, str]:
     """The environment for a child process that compiles, as users' runs do (see `compiled`)."""
     return {k: v for k, v in os.environ.items() if k != "MLX_DISABLE_COMPILE"}
+
+
+# The `mlxlocal` command in a child process (this interpreter, whatever is on PATH).
+CLI = [
+    sys.executable,
+    "-c",
+    "import sys; from mlxlocal.cli import main; sys.argv[0] = 'mlxlocal'; main()",
+]
+
+
+def run_cli(*args, **env) -> subprocess.CompletedProcess:
+    """The CLI in a child that compiles its training step, as users' runs do."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env={**compiling_env(), **env}
+    )
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run directory's metrics.jsonl, one dict per step."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(expected: Path, got: Path, steps: int) -> None:
+    """Run `got` trained as `expected` did: losses, rates and tokens per step, final adapters."""
+    import mlx.core as mx
+    import pytest
+
+    theirs, ours = read_metrics(expected), read_metrics(got)
+    assert [m["step"] for m in ours] == list(range(1, steps + 1))
+    for a, b in zip(theirs, ours, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), f"step {b['step']}"
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)
+        assert b["trained_tokens"] == a["trained_tokens"]
+    final = mx.load(str(got / "adapters" / "adapters.safetensors"))
+    for name, value in mx.load(str(expected / "adapters" / "adapters.safetensors")).items():
+        np.testing.assert_allclose(np.array(final[name]), np.array(value), atol=1e-6)
 
 
 def write_recipe(folder: Path, model: Path, **overrides) -> Path:

@@ -4,15 +4,13 @@ Every run here compiles its training step (`mx.compile`), as users' runs do."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 
-import mlx.core as mx
-import numpy as np
 import pytest
-from helpers import SCHEDULED_RUN, compiling_env, write_recipe
+from helpers import SCHEDULED_RUN, assert_same_run, compiling_env, read_metrics, write_recipe
+from helpers import run_cli as mlxlocal
 
 from mlxlocal.recipe import dump_recipe, load_recipe
 
@@ -42,18 +40,6 @@ from mlxlocal.cli import main
 sys.argv = ["mlxlocal", *sys.argv[1:]]
 main()
 """
-
-
-def mlxlocal(*args) -> subprocess.CompletedProcess:
-    """The CLI in a child that compiles its training step, as users' runs do."""
-    code = "import sys; from mlxlocal.cli import main; sys.argv[0] = 'mlxlocal'; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=compiling_env()
-    )
-
-
-def metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +88,14 @@ def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, k
             "optimizer.safetensors",
             "state.json",
         }
-    assert metrics(run)[-1]["step"] == kill_at
+    assert read_metrics(run)[-1]["step"] == kill_at
 
     resumed = mlxlocal("run", str(recipe), f"output={run}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed at step {resumes_at}" in resumed.stdout
     assert not list(run.glob(".*tmp*"))  # the half-written checkpoint was swept away
 
-    expected, got = metrics(uninterrupted), metrics(run)
-    assert [m["step"] for m in got] == list(range(1, 11))
-    for a, b in zip(expected, got, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), f"step {b['step']}"
-        assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)
-        assert b["trained_tokens"] == a["trained_tokens"]
-    for name, value in mx.load(str(uninterrupted / "adapters" / "adapters.safetensors")).items():
-        theirs = mx.load(str(run / "adapters" / "adapters.safetensors"))[name]
-        np.testing.assert_allclose(np.array(theirs), np.array(value), atol=1e-6)
+    assert_same_run(uninterrupted, run, 10)
 
 
 def test_resume_without_a_checkpoint_or_with_another_recipe_is_refused(recipe, tmp_path):

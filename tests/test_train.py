@@ -11,7 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from helpers import SCHEDULED_RUN, write_recipe
+from helpers import SCHEDULED_RUN, read_metrics, write_recipe
 from mlx.utils import tree_flatten
 
 from mlxlocal import MlxLocalError
@@ -140,10 +140,6 @@ def test_schedules_warm_up_then_decay():
     linear = build_schedule(1.0, "linear", 10, min_learning_rate=0.0)
     assert [lr(linear, i) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
     assert lr(build_schedule(0.3, "constant", 10), 7) == pytest.approx(0.3)
-
-
-def read_metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_recipe_run_learns_and_leaves_a_complete_run_directory(

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..checkpoint.dtypes import DTYPES
 from ..errors import MlxLocalError
 from ..resources import family_spec
 from .files import CONFIG, WEIGHTS, Adapter, read_adapter, read_adapter_config
@@ -25,6 +26,7 @@ from .formula import fuse
 from .peft import check_targets, is_peft_dir, read_peft
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def dense_weight(linear: nn.Module) -> mx.array:
@@ -185,7 +187,9 @@ def save_adapters(model: nn.Module, out: Path, config: dict[str, Any]) -> None:
 def load_adapters(model: nn.Module, path: str | Path) -> None:
     """Put the adapters saved at `path` into `model`, in memory: ours, mlx-lm's or PEFT's.
 
-    A full fine-tune's folder holds whole weights, which replace the model's.
+    A full fine-tune's folder holds whole weights, which replace the model's. Adapters trained
+    on a base that the run quantized itself (QLoRA) get that base back: a float model is cast
+    and quantized exactly as in training first (see `base_quantization`).
     """
     path = Path(path)
     if is_peft_dir(path):
@@ -193,10 +197,59 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
         linear = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
         check_targets(adapter, linear, str(path), "this model")
         apply_adapter(model, adapter)
-    elif read_adapter_config(path).get("fine_tune_type") == "full":
+        return
+    config = read_adapter_config(path)
+    if config.get("fine_tune_type") == "full":
         _load_full(model, path)
     else:
+        base = (config.get("mlxlocal") or {}).get("base")
+        if isinstance(base, dict) and base.get("quantization"):
+            quantize_base(model, base["quantization"], base.get("dtype"), path)
         apply_adapter(model, read_adapter(path))
+
+
+def base_quantization(model: nn.Module) -> dict[str, Any]:
+    """mlx-lm's `quantization` block (as config.json holds it) for `model`'s quantized layers:
+    the commonest setting, an entry for each layer that differs and `false` for each layer
+    that could be quantized but is not. Recorded with QLoRA adapters, so that loading them
+    over the float base quantizes it as training did (the same weights, bit for bit)."""
+    specs = {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode} if quantized else False
+        for path, m in model.named_modules()
+        if (quantized := isinstance(m, QUANTIZED_TYPES)) or hasattr(m, "to_quantized")
+    }
+    used = [tuple(s.items()) for s in specs.values() if s]
+    if not used:
+        return {}
+    default = dict(max(set(used), key=used.count))
+    return {**default, **{p: s for p, s in specs.items() if s != default}}
+
+
+def quantize_base(
+    model: nn.Module, block: dict[str, Any], dtype: str | None, where: str | Path
+) -> None:
+    """Quantize a float `model` as `block` (from `base_quantization`) says, in `dtype` first.
+
+    A model that is already quantized is left as it is: someone quantized it on purpose."""
+    if any(isinstance(m, QUANTIZED_TYPES) for _, m in model.named_modules()):
+        return
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MlxLocalError(f"{where}/{CONFIG}: mlxlocal.base.dtype {dtype!r} is unknown")
+        model.set_dtype(DTYPES[dtype])
+    default = {k: block[k] for k in ("group_size", "bits", "mode") if k in block}
+
+    def spec(path: str, module: nn.Module):
+        chosen = block.get(path, default if hasattr(module, "to_quantized") else False)
+        return dict(chosen) if chosen else False
+
+    try:
+        nn.quantize(model, class_predicate=spec)
+    except (ValueError, TypeError) as e:
+        raise MlxLocalError(
+            f"{where}/{CONFIG}: the base quantization it records does not fit this model ({e}); "
+            "is the adapter for another model?"
+        ) from e
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter) -> None:

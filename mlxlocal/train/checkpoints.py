@@ -1,14 +1,15 @@
 """A training run's directory, its atomic checkpoints, and exact resume.
 
-<run>/recipe.yaml     the resolved recipe (a resumed run must match it)
+<run>/recipe.yaml     the resolved recipe (a resumed run must match it, but for its length)
 <run>/metrics.jsonl   one JSON line per optimizer step (a NaN or infinite value is written as
                       null: see checkpoint/jsonout.py)
 <run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
                       optimizer.safetensors, state.json (step, data position, RNG key, ...)
 <run>/latest          the name of the newest complete checkpoint, replaced only after it is
-                      whole, so a kill at any moment leaves the previous one in force
+                      whole, so a kill at any moment leaves the previous one in force; the
+                      last step and a step stopped by Ctrl-C are always checkpointed
 <run>/adapters/       the final adapters
-<run>/summary.json    written last: the run finished
+<run>/summary.json    written last: the run finished (until a longer recipe continues it)
 """
 
 from __future__ import annotations
@@ -66,16 +67,28 @@ class RunDir:
         ckpt = self.path / pointer.read_text().strip()
         return ckpt if (ckpt / "state.json").exists() else None
 
+    def recipe_steps(self) -> int | None:
+        """`training.steps` of the recipe the run holds, if it has one."""
+        saved = self.path / "recipe.yaml"
+        if not saved.exists():
+            return None
+        recipe = load_yaml(read_text(saved, "recipe"), str(saved), "recipes")[0]
+        training = recipe.get("training") if isinstance(recipe, dict) else None
+        return training.get("steps") if isinstance(training, dict) else None
+
     def prepare(
         self,
         recipe_yaml: str,
         resume: bool | None,
         note: Callable[[str], None] = lambda _: None,
+        steps: int | None = None,
     ) -> Path | None:
         """Create or reopen the run directory; return the checkpoint to resume from, if any.
 
         `resume` None resumes when a complete checkpoint exists; True insists on one. `note`
-        hears what was repaired (a metrics line torn by a kill or a full disk).
+        hears what was repaired (a metrics line torn by a kill or a full disk). The recipe may
+        differ from the run's in its length only (`training.steps`/`epochs`); `steps` above a
+        finished run's own continues it (it is no longer finished).
         """
         p = self.path
         if p.exists() and not p.is_dir():
@@ -84,13 +97,10 @@ class RunDir:
             raise MlxLocalError(
                 f"output {p} exists and is not a training run: choose another output"
             )
-        if (p / "summary.json").exists():
-            raise MlxLocalError(
-                f"output {p} holds a finished run (see {p / 'summary.json'}): choose another "
-                "output or delete it"
-            )
         if (p / "recipe.yaml").exists():
             _check_same_recipe(p / "recipe.yaml", recipe_yaml)
+        if (p / "summary.json").exists():
+            self._continue_finished(steps, note)
         for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         ckpt = self.latest()
@@ -103,6 +113,18 @@ class RunDir:
         step = read_position(ckpt).step if ckpt else 0
         self._truncate_metrics(step, note)
         return ckpt
+
+    def _continue_finished(self, steps: int | None, note: Callable[[str], None]) -> None:
+        ckpt = self.latest()
+        done = read_position(ckpt).step if ckpt else None
+        if steps is None or done is None or steps <= done:
+            how = "" if done is None else f", continue it with --extend N (it stopped at {done})"
+            raise MlxLocalError(
+                f"output {self.path} holds a finished run (see {self.path / 'summary.json'})"
+                f"{how}, choose another output, or delete it"
+            )
+        note(f"continuing the finished run {self.path} from step {done} to step {steps}")
+        (self.path / "summary.json").unlink()
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line; a failed write (a full disk) leaves the file as it was."""
@@ -220,8 +242,14 @@ def rng_key() -> list[int]:
 
 
 def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
+    """The run's recipe and `recipe_yaml` may differ only in how long they train."""
     old = load_yaml(read_text(saved, "recipe"), str(saved), "recipes")[0]
     new = yaml.safe_load(recipe_yaml)
+    for recipe in (old, new):
+        if isinstance(recipe, dict) and isinstance(recipe.get("training"), dict):
+            recipe["training"] = {
+                k: v for k, v in recipe["training"].items() if k not in ("steps", "epochs")
+            }
     diff = _first_difference(old, new)
     if diff is not None:
         raise MlxLocalError(

@@ -2,7 +2,8 @@
 
 Each adapted layer becomes its fused weight (`mlxlocal.adapters.formula.fuse`); a
 quantized layer is quantized again with its own bits, group size and mode unless `dequantize`
-asks for a float model. The output is an MLX checkpoint written atomically.
+asks for a float model. QLoRA adapters over their float base are fused into the base quantized
+as in training. The output is an MLX checkpoint written atomically.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def fuse(
 
     model_path, adapters, out = Path(model_path), Path(adapters), Path(out)
     check_output(out, force)
-    read_adapter_config(adapters)
+    base = (read_adapter_config(adapters).get("mlxlocal") or {}).get("base")
     config = read_config(model_path)
     model, _ = load(model_path, adapters, lazy=True)
+    if "quantization" not in config and isinstance(base, dict) and base.get("quantization"):
+        # QLoRA over a float MODEL: load quantized it as training did; so is the output.
+        config["quantization"] = config["quantization_config"] = base["quantization"]
     fused = [
         (name, fused_linear(m, dequantize))
         for name, m in model.named_modules()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..adapters.formula import lora_scale
 from ..adapters.layers import (
     adapter_keys,
     add_adapters,
+    base_quantization,
     default_modules,
     resolve_layers,
     save_adapters,
@@ -34,7 +36,14 @@ from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
 from .batches import iterate_batches, num_batches
-from .checkpoints import Position, RunDir, restore_checkpoint, rng_key, write_text_atomic
+from .checkpoints import (
+    Position,
+    RunDir,
+    read_position,
+    restore_checkpoint,
+    rng_key,
+    write_text_atomic,
+)
 from .loss import check_output_head
 from .optim import build_optimizer
 from .trainer import BatchStream, TrainResult, train
@@ -53,6 +62,7 @@ class RunSummary:
     data: list[str] = field(default_factory=list)  # what was read from each data file
     before: EvalResult | None = None  # the recipe's task evaluation, when it has one
     after: EvalResult | None = None
+    next: list[str] = field(default_factory=list)  # commands that use what the run made
 
     def lines(self) -> list[str]:
         """What the CLI prints when the run ends."""
@@ -68,6 +78,7 @@ class RunSummary:
             f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
             f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
             *(side_by_side(self.before, self.after) if self.before and self.after else []),
+            *(["next:", *(f"  {command}" for command in self.next)] if self.next else []),
         ]
 
     def to_json(self) -> dict[str, Any]:
@@ -142,7 +153,10 @@ def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, An
     n = len(model.layers)
     layers = resolve_layers(m.layers, n)
     q = recipe.model.quantize
-    extra = {"model": str(base), "quantize": q.model_dump() if q else None}
+    extra: dict[str, Any] = {"model": str(base), "quantize": q.model_dump() if q else None}
+    if q is not None:  # what loading these adapters over the float base must redo (QLoRA)
+        base_quant = base_quantization(model)
+        extra["base"] = {"dtype": compute_dtype(recipe.model.dtype), "quantization": base_quant}
     if m.type == "full":
         if any(isinstance(x, nn.QuantizedLinear) for _, x in model.named_modules()):
             raise MlxLocalError(
@@ -176,18 +190,26 @@ def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, An
 
 
 def run_recipe(
-    recipe: Recipe, resume: bool | None = None, echo: Callable[[str], None] = lambda _: None
+    recipe: Recipe,
+    resume: bool | None = None,
+    echo: Callable[[str], None] = lambda _: None,
+    extend: int | None = None,
 ) -> RunSummary:
     """Train what `recipe` says into its output directory, resuming a killed run exactly.
 
     `resume` None continues from the newest complete checkpoint when there is one; True
     insists on one; False is not offered (delete the output directory to start over).
+    `extend` N continues the finished run in the output for N more steps, as if its
+    `training.steps` had been N higher (raising `training.steps` does the same). Ctrl-C stops
+    after the step under way, checkpointed (`trainer.Interrupted`).
     """
     from mlx_lm.utils import get_total_parameters, maybe_set_recommended_wired_limit
 
-    t = recipe.training
     run = RunDir(Path(recipe.output).expanduser())
-    ckpt = run.prepare(dump_recipe(recipe), resume, note=echo)
+    if extend is not None:
+        recipe = extended(recipe, run, extend)
+    t = recipe.training
+    ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=t.steps)
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
     model, tokenizer, base = load_base(recipe, run.path, echo)
@@ -211,6 +233,11 @@ def run_recipe(
     optimizer.init(model.trainable_parameters())
     if ckpt is not None:
         position = restore_checkpoint(ckpt, model, optimizer)
+        if position.step > total_steps:
+            raise MlxLocalError(
+                f"{run.path} has trained {position.step} steps, more than the recipe's "
+                f"{total_steps}: raise training.steps (or use another output)"
+            )
         echo(f"resuming {run.path} from {ckpt.name} (step {position.step} of {total_steps})")
     else:
         position = Position(rng=rng_key())
@@ -249,9 +276,73 @@ def run_recipe(
         data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
         before=before,
         after=after,
+        next=next_commands(recipe, base, run.path),
     )
     write_text_atomic(run.path / "summary.json", strict_dumps(summary.to_json(), indent=2))
     return summary
+
+
+def extended(recipe: Recipe, run: RunDir, steps: int) -> Recipe:
+    """`recipe` trained `steps` past where the finished run in `run` stopped (`--extend`)."""
+    ckpt = run.latest()
+    if not (run.path / "summary.json").exists():
+        where = f" (it stopped at {ckpt.name})" if ckpt else ""
+        raise MlxLocalError(
+            f"--extend: {run.path} holds no finished run{where}; run without --extend to "
+            "finish or start it"
+        )
+    if ckpt is None:
+        raise MlxLocalError(
+            f"--extend: {run.path} finished without a final checkpoint (made by an older "
+            "mlxlocal), so it cannot be continued exactly; start a new run with more steps"
+        )
+    total = read_position(ckpt).step + steps
+    return recipe.model_copy(
+        update={"training": recipe.training.model_copy(update={"steps": total, "epochs": None})}
+    )
+
+
+def rerun_command(
+    recipe: Recipe,
+    recipe_arg: str,
+    overrides: list[str],
+    resume: bool = False,
+    extend: int | None = None,
+) -> str:
+    """The `mlxlocal run` line that continues a run stopped by Ctrl-C: the one given, except
+    that an extension under way goes on by its new length (`--extend` would add again)."""
+    run = RunDir(Path(recipe.output).expanduser())
+    args = ["mlxlocal", "run", recipe_arg, *overrides]
+    if extend is not None and (run.path / "summary.json").exists():
+        args += ["--extend", str(extend)]  # stopped before the extension began
+    elif extend is not None:
+        steps = run.recipe_steps()
+        args += ["training.epochs=null"] if recipe.training.epochs is not None else []
+        args += [f"training.steps={steps}"] if steps is not None else []
+    if resume and run.latest() is not None:
+        args.append("--resume")
+    return shlex.join(args)
+
+
+def next_commands(recipe: Recipe, base: Path, run: Path) -> list[str]:
+    """What to do with a finished run's adapters, as command lines that work as printed."""
+    adapters, fused = run / "adapters", run / "fused"
+    with_adapters = [str(base), "--adapter", str(adapters)]
+    commands = [["mlxlocal", "chat", *with_adapters]]
+    e = recipe.eval
+    data = e.data or recipe.data.valid
+    if e.task is not None and data is not None:
+        evaluation = ["mlxlocal", "eval", *with_adapters, "--data", data, "--task", e.task]
+        if e.labels and not any("," in label for label in e.labels):
+            evaluation += ["--labels", ",".join(e.labels)]
+        commands.append(evaluation + (["--limit", str(e.limit)] if e.limit else []))
+    elif data is not None:
+        perplexity = ["--data", data, "--task", "perplexity"]
+        commands.append(["mlxlocal", "eval", *with_adapters, *perplexity])
+    commands.append(["mlxlocal", "fuse", str(base), str(adapters), str(fused)])
+    if (family_spec(read_config(base)["model_type"]) or {}).get("gguf_export"):
+        commands.append(["mlxlocal", "export", "gguf", str(fused), str(run / "model.gguf")])
+    return [shlex.join(c) for c in commands]
 
 
 def _epoch_steps(examples: list, recipe: Recipe, capacity: int) -> int:

@@ -10,11 +10,15 @@ as inputs and outputs, and evaluated once.
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -27,6 +31,14 @@ from ..progress import bar as progress_bar
 from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
 from .loss import loss_sums
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step under way finished and `checkpoint` holds it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped after step {step}; {checkpoint} holds it")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class Batch(Protocol):
@@ -170,6 +182,28 @@ def gradient_checkpointing(model: nn.Module) -> Iterator[None]:
             cls.__call__ = call
 
 
+@contextmanager
+def stop_after_step() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks training to stop once the step under way is done and saved (a
+    step cut in half cannot be resumed exactly); a second one stops at once, as usual."""
+    asked: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():  # only it gets signals
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        asked.append(True)
+        signal.signal(signal.SIGINT, previous)
+        sys.stderr.write("\nstopping after this step (Ctrl-C again to stop now)\n")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -187,7 +221,9 @@ def train(
 ) -> TrainResult:
     """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
 
-    `packed` says the batches hold several examples per row (their segments mask attention).
+    The last step is always checkpointed, so a finished run can be continued exactly; Ctrl-C
+    checkpoints the step under way and raises `Interrupted`. `packed` says the batches hold
+    several examples per row (their segments mask attention).
     """
     t = training
     step_fn = make_step(
@@ -205,7 +241,11 @@ def train(
     bar = progress_bar("training", total_steps, "step")
     bar.initial = bar.n = bar.last_print_n = position.step  # a resumed run's ETA counts on
     model.train()
-    with gradient_checkpointing(model) if t.grad_checkpoint else nullcontext(), bar:
+    with (
+        gradient_checkpointing(model) if t.grad_checkpoint else nullcontext(),
+        bar,
+        stop_after_step() as stop_asked,
+    ):
         while position.step < total_steps:
             tic = time.perf_counter()
             micro = []
@@ -261,10 +301,15 @@ def train(
                 mx.clear_cache()  # validation's buffers are not the training step's shapes
             run.log(record)
             every = checkpoints.every
-            if every and (position.step % every == 0 or last):
-                run.save_checkpoint(model, optimizer, position, adapter_config, checkpoints.keep)
+            saved = None
+            if (every and position.step % every == 0) or last or stop_asked():
+                saved = run.save_checkpoint(
+                    model, optimizer, position, adapter_config, checkpoints.keep
+                )
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
+            if stop_asked() and saved is not None:
+                raise Interrupted(position.step, saved)
     trained = position.trained_tokens - start_tokens
     return TrainResult(
         steps=position.step - start_step,
