@@ -110,7 +110,7 @@ def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
 
 def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dict[str, int]):
     """SentencePiece's pieces and scores as a byte-fallback BPE, the way transformers does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = _per_token(fields, gguf.Keys.Tokenizer.SCORES, "number", 0.0, tokens)
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (T.NORMAL, T.USER_DEFINED)}
@@ -125,10 +125,12 @@ def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dic
     tokenizer = Tokenizer(
         models.BPE(vocab, [m[4:] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
     )
+    # As SentencePiece (and Llama 2's tokenizer.json) do: the word marker is prepended even to a
+    # text that starts with a space (" " → "▁▁"); a Metaspace pre-tokenizer would not.
     prefix = get_field(fields, gguf.Keys.Tokenizer.ADD_PREFIX, "flag", True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPIECE_UNDERLINE, prepend_scheme="first" if prefix else "never", split=False
-    )
+    steps = [normalizers.Prepend(SPIECE_UNDERLINE)] if prefix else []
+    steps.append(normalizers.Replace(" ", SPIECE_UNDERLINE))
+    tokenizer.normalizer = normalizers.Sequence(steps)
     steps = [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))
