@@ -154,6 +154,29 @@ def test_gguf_vocabulary_imports_as_the_real_tokenizer(family, hf_tokenizers):
     assert hf.encode("Hello")[:1] == ([1] if family != "gpt-2" else [15496])
 
 
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_special_tokens_split_as_in_llama_cpp(family, hf_tokenizers):
+    """Text around special tokens (chat turns), with llama.cpp on its own GGUF as the
+    reference: the word marker after a special token, Phi-3's tokens that swallow the spaces
+    after them (rstrip)."""
+    import llama_cpp
+
+    hf = hf_tokenizer(hf_tokenizers(family))
+    llm = llama_cpp.Llama(str(DATA / f"ggml-vocab-{family}.gguf"), vocab_only=True, verbose=False)
+    messages = [
+        {"role": "user", "content": "Hi there,  how are you?"},
+        {"role": "assistant", "content": " Fine.\n"},
+        {"role": "user", "content": "\nGood"},
+    ]
+    texts = [f"{hf.bos_token or ''}{hf.eos_token} a{hf.eos_token}b\n  c{hf.eos_token}"]
+    if hf.chat_template:
+        texts.append(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert len(texts) == (2 if family == "phi-3" else 1)
+    for text in texts:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert hf.encode(text, add_special_tokens=False) == ids
+
+
 @pytest.mark.parametrize("family", TIKTOKEN_FAMILIES)
 def test_tiktoken_vocabulary_through_our_gguf_and_back(family, hf_tokenizers, exported, tmp_path):
     """The reference first (transformers' conversion of the real ranks gives the `.out` ids),

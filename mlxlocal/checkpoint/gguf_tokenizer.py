@@ -46,9 +46,10 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
         tokenizer = _bpe_from_gguf(fields, vocab)
     else:
         tokenizer = _sentencepiece_from_gguf(fields, tokens, types, vocab)
+    rstrip = _rstrip_tokens(fields, tokens, types)
     tokenizer.add_tokens(
         [
-            AddedToken(t, special=ty == T.CONTROL, normalized=False)
+            AddedToken(t, special=ty == T.CONTROL, normalized=False, rstrip=t in rstrip)
             for t, ty in zip(tokens, types, strict=True)
             if ty in (T.CONTROL, T.USER_DEFINED)
         ]
@@ -77,6 +78,17 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
     if template:
         config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _rstrip_tokens(fields: dict, tokens: list, types: list) -> set[str]:
+    """Special tokens that swallow the spaces after them. GGUF does not record it; llama.cpp
+    sets it by model name, for Phi-3 (whose tokenizer.json marks them rstrip), and so do we."""
+    name = str(get_field(fields, "general.name", "text", "")).lower()
+    arch = get_field(fields, "general.architecture", "text", "")
+    if arch != "phi3" and "phi-3" not in name and "phi3" not in name:
+        return set()
+    found = {t for t, ty in zip(tokens, types, strict=True) if ty in (T.CONTROL, T.USER_DEFINED)}
+    return (found | {"</s>"}) - {"<unk>", "<s>", "<|endoftext|>"}
 
 
 def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
