@@ -108,10 +108,7 @@ def convert_gguf(
             layout[key] = _Layout(shape, DTYPES[target])
         plan[key] = (t, heads, shape)
     if "rope_freqs.weight" in tensors:
-        raise MlxLocalError(
-            f"{src}: carries rope_freqs (Llama 3 rope scaling), whose parameters GGUF does not "
-            "record; importing it is not supported"
-        )
+        _llama3_rope(config, tensors.pop("rope_freqs.weight"), src)
     if tensors:
         raise MlxLocalError(
             f"{src}: unexpected tensors {sorted(tensors)[:3]}; is the architecture right?"
@@ -204,6 +201,64 @@ def _config(fields: dict, tensors: dict, model_type: str, arch: str) -> dict:
         if value is not None:
             config[f"{'pad' if key == 'padding' else key}_token_id"] = value
     return config
+
+
+def _llama3_rope(config: dict, tensor, src: Path) -> None:
+    """Llama 3 rope scaling back from llama.cpp's `rope_freqs` (one divisor per frequency).
+
+    GGUF records no scaling parameters, only their result: 1 for short wavelengths λ, `factor`
+    for long ones, and between them 1/f = (1-s)/factor + s with s = (old/λ - low)/(high - low),
+    linear in 1/λ. Only that line matters, so low_freq_factor = 1 loses nothing; with fewer
+    than two points on it, high_freq_factor = 4 (Meta's value) is taken. The result is checked
+    by recomputing the divisors as mlx-lm does.
+    """
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    dims, base = config["head_dim"], config["rope_theta"]
+    found = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type), float)
+    found = found.reshape(-1)
+    wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    if found.shape != wavelen.shape or not np.all(np.isfinite(found)) or found.min() <= 0:
+        raise MlxLocalError(
+            f"{src}: rope_freqs has {found.size} values, not {wavelen.size} positive ones; the "
+            "file is corrupt — re-download it"
+        )
+    factor = float(found.max())
+    if factor - 1 < 1e-6:
+        return  # no scaling at all
+    middle = (found > 1 + 1e-6) & (found < factor * (1 - 1e-6))
+    s = (1 / found[middle] - 1 / factor) / (1 - 1 / factor)
+    low, high = 1.0, 4.0
+    if middle.sum() >= 2:
+        slope, intercept = np.polyfit(1 / wavelen[middle], s, 1)
+        span = -1 / intercept if intercept < 0 else 0.0
+        high, old = low + span, slope * span
+    elif middle.sum() == 1:
+        old = float(wavelen[middle][0] * ((high - low) * s[0] + low))
+    else:  # a sharp step: any old context between the two bands
+        longest_short = wavelen[found <= 1 + 1e-6].max(initial=0.0)
+        old = float(wavelen[found >= factor * (1 - 1e-6)].min()) * (1 - 1e-6)
+        high = max(min(high, old / max(longest_short, 1e-9) * (1 - 1e-6)), low + 1e-3)
+    plain = base ** (np.arange(0, dims, 2) / dims)
+    # The fit gives 8191.9998 for Meta's 8192: the round values first, if they reproduce.
+    for f, h, o in ((round(factor, 3), round(high, 3), round(old)), (factor, high, old)):
+        scaling = {
+            "rope_type": "llama3",
+            "type": "llama3",
+            "factor": f,
+            "low_freq_factor": low,
+            "high_freq_factor": float(h),
+            "original_max_position_embeddings": o if isinstance(o, int) else float(o),
+        }
+        if h > low and o > 0:
+            rope = initialize_rope(dims, base, False, scaling, config["max_position_embeddings"])
+            if np.allclose(np.array(rope._freqs) / plain, found, rtol=1e-4, atol=0):
+                config["rope_scaling"] = scaling
+                return
+    raise MlxLocalError(
+        f"{src}: its rope_freqs are not Llama 3 rope scaling (no factor, low/high frequency "
+        "factors and original context reproduce them); importing it is not supported"
+    )
 
 
 def _float_dtype(tensors: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import gguf
 import mlx.core as mx
@@ -169,6 +170,68 @@ def test_llama3_rope_scaling_writes_rope_freqs(models, llama_cpp, tmp_path):
     assert rel(cpp_logits(llama_cpp, path, ids)[0], mlx_logits(src, ids)) <= F32_REL
 
 
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_llama3_gguf_imports_with_its_rope_scaling(qtype, models, llama_cpp, tmp_path):
+    """A Llama 3.2-style GGUF (tied embeddings, rope_freqs as llama.cpp's converter writes
+    them) imports with the rope scaling recovered, and gives llama.cpp's logits on that file.
+    Imported as float32, so the only gap is llama.cpp's own rounding of activations (F16 for
+    F16 weights, 8 bits for Q8_0/Q4_0)."""
+    src = models("llama", rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)
+    path = export_gguf(src, tmp_path / "m.gguf", type=qtype).out
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    result = convert_gguf(path, tmp_path / "imported", dtype="float32")
+    scaling = json.loads((result.out / "config.json").read_text())["rope_scaling"]
+    expected = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert {k: scaling[k] for k in expected} == expected
+    ids = probe_ids(96)
+    theirs, _ = cpp_logits(llama_cpp, path, ids)
+    ours = mlx_logits(result.out, ids)
+    # Measured: f32 ~1e-6, f16 1.5e-3, q8_0 0.051, q4_0 0.038 (top-1 ≥ 92 %); 0.1 as in
+    # test_quantized_export.
+    bound = {"f32": F32_REL, "f16": 3e-3, "q8_0": 0.1, "q4_0": 0.1}[qtype]
+    gap = rel(ours, theirs)
+    assert gap <= bound and (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    # Without the scaling (what importing rope_freqs as plain RoPE would give) it is far off.
+    config = json.loads((result.out / "config.json").read_text())
+    del config["rope_scaling"]
+    (result.out / "config.json").write_text(json.dumps(config))
+    assert rel(mlx_logits(result.out, ids), theirs) > max(5 * gap, 0.5)  # measured 1.17
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_rope_freqs_of_real_llama3_configs_give_their_parameters(factor):
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) sizes: the divisors transformers computes for
+    them, as llama.cpp stores them, give back the exact parameters."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mlxlocal.gguf_import import _llama3_rope
+
+    real = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    real["original_max_position_embeddings"] = 8192
+    parameters = {"rope_type": "llama3", "rope_theta": 500000.0, **real}
+    config = LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, head_dim=128, rope_parameters=parameters
+    )
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 500000.0 ** -(torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    f32 = gguf.GGMLQuantizationType.F32
+    tensor = SimpleNamespace(data=(plain / inv_freq).numpy(), tensor_type=f32)
+    ours = {"head_dim": 128, "rope_theta": 500000.0, "max_position_embeddings": 131072}
+    _llama3_rope(ours, tensor, "x.gguf")
+    assert {k: ours["rope_scaling"][k] for k in real} == real
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(models, tmp_path):
+    good = export_gguf(models("llama", rope_parameters=LLAMA3_ROPE), tmp_path / "m.gguf").out
+    ramp = np.linspace(1.0, 3.0, 8, dtype=np.float32)
+    _rewrite(good, tmp_path / "bad.gguf", change={"rope_freqs.weight": ramp})
+    with pytest.raises(MlxLocalError, match="not Llama 3 rope scaling"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tied_embeddings_omit_output_weight(models, llama_cpp, tmp_path):
     src = models("qwen2", tie_word_embeddings=True)
     path = export_gguf(src, tmp_path / "m.gguf", type="f32").out
@@ -237,8 +300,9 @@ def test_import_of_our_export_gives_the_same_model(arch, models, tmp_path):
     )
 
 
-def _rewrite(src, out, arch=None, int_tensor=None):
-    """Copy a GGUF, optionally renaming its architecture or turning a tensor into I32."""
+def _rewrite(src, out, arch=None, int_tensor=None, change=None):
+    """Copy a GGUF, optionally renaming its architecture, turning a tensor into I32 or
+    replacing tensors (`change`: name → array)."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(out, arch or reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
@@ -253,6 +317,7 @@ def _rewrite(src, out, arch=None, int_tensor=None):
         data = np.asarray(t.data)
         if t.name == int_tensor:
             data = data.astype(np.int32)
+        data = (change or {}).get(t.name, data)
         writer.add_tensor(t.name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

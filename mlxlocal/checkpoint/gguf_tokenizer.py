@@ -46,9 +46,10 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
         tokenizer = _bpe_from_gguf(fields, vocab)
     else:
         tokenizer = _sentencepiece_from_gguf(fields, tokens, types, vocab)
+    rstrip = _rstrip_tokens(fields, tokens, types)
     tokenizer.add_tokens(
         [
-            AddedToken(t, special=ty == T.CONTROL, normalized=False)
+            AddedToken(t, special=ty == T.CONTROL, normalized=False, rstrip=t in rstrip)
             for t, ty in zip(tokens, types, strict=True)
             if ty in (T.CONTROL, T.USER_DEFINED)
         ]
@@ -77,6 +78,17 @@ def write_tokenizer_files(fields: dict, out: Path) -> None:
     if template:
         config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _rstrip_tokens(fields: dict, tokens: list, types: list) -> set[str]:
+    """Special tokens that swallow the spaces after them. GGUF does not record it; llama.cpp
+    sets it by model name, for Phi-3 (whose tokenizer.json marks them rstrip), and so do we."""
+    name = str(get_field(fields, "general.name", "text", "")).lower()
+    arch = get_field(fields, "general.architecture", "text", "")
+    if arch != "phi3" and "phi-3" not in name and "phi3" not in name:
+        return set()
+    found = {t for t, ty in zip(tokens, types, strict=True) if ty in (T.CONTROL, T.USER_DEFINED)}
+    return (found | {"</s>"}) - {"<unk>", "<s>", "<|endoftext|>"}
 
 
 def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
@@ -110,7 +122,7 @@ def _bpe_from_gguf(fields: dict, vocab: dict[str, int]):
 
 def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dict[str, int]):
     """SentencePiece's pieces and scores as a byte-fallback BPE, the way transformers does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = _per_token(fields, gguf.Keys.Tokenizer.SCORES, "number", 0.0, tokens)
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (T.NORMAL, T.USER_DEFINED)}
@@ -125,10 +137,12 @@ def _sentencepiece_from_gguf(fields: dict, tokens: list, types: list, vocab: dic
     tokenizer = Tokenizer(
         models.BPE(vocab, [m[4:] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
     )
+    # As SentencePiece (and Llama 2's tokenizer.json) do: the word marker is prepended even to a
+    # text that starts with a space (" " → "▁▁"); a Metaspace pre-tokenizer would not.
     prefix = get_field(fields, gguf.Keys.Tokenizer.ADD_PREFIX, "flag", True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPIECE_UNDERLINE, prepend_scheme="first" if prefix else "never", split=False
-    )
+    steps = [normalizers.Prepend(SPIECE_UNDERLINE)] if prefix else []
+    steps.append(normalizers.Replace(" ", SPIECE_UNDERLINE))
+    tokenizer.normalizer = normalizers.Sequence(steps)
     steps = [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(" ", 1, 0))

@@ -32,13 +32,16 @@ def add_tokenizer(writer: gguf.GGUFWriter, model: Path, rows: int, config: dict)
     if (model / "tokenizer.model").exists():
         tokens, types = _sentencepiece(writer, model / "tokenizer.model", tokenizer_json, rows)
         add_bos = settings.get("add_bos_token", True)
+    elif tokenizer_json and _is_sentencepiece_bpe(tokenizer_json):
+        tokens, types = _sentencepiece_json(writer, tokenizer_json, rows)
+        add_bos = settings.get("add_bos_token", _post_processor_adds_bos(tokenizer_json))
     elif tokenizer_json and tokenizer_json.get("model", {}).get("type") == "BPE":
         tokens, types = _bpe(writer, tokenizer_json, rows, warnings)
         add_bos = settings.get("add_bos_token", _post_processor_adds_bos(tokenizer_json))
     else:
         raise MlxLocalError(
-            f"{model}: no tokenizer.model (SentencePiece) or byte-level BPE tokenizer.json; "
-            "GGUF export needs one of them"
+            f"{model}: no tokenizer.model (SentencePiece) or BPE tokenizer.json (byte-level, or "
+            "SentencePiece-style with byte fallback); GGUF export needs one of them"
         )
     if len(tokens) > rows:
         raise MlxLocalError(
@@ -128,8 +131,8 @@ def _pre_tokenizer_name(pre: dict | None, warnings: list[str]) -> str:
     splits = [s for s in steps if s.get("type") == "Split"]
     if not byte_level:
         raise MlxLocalError(
-            "tokenizer.json is BPE but not byte-level (SentencePiece style?); GGUF export needs "
-            "its tokenizer.model next to it"
+            "tokenizer.json is BPE but neither byte-level nor SentencePiece-style (byte "
+            "fallback); llama.cpp has no tokenizer for it"
         )
     if len(steps) == 1 and byte_level[0].get("use_regex", True):
         return "gpt-2"
@@ -189,3 +192,64 @@ def _sentencepiece(writer, path: Path, data: dict | None, rows: int):
     writer.add_token_scores(scores)
     writer.add_add_space_prefix(sp.encode_as_pieces("a")[0].startswith(SPIECE_UNDERLINE))
     return tokens, [int(t) for t in types]
+
+
+def _is_sentencepiece_bpe(data: dict) -> bool:
+    """A tokenizer.json converted from a SentencePiece BPE model: byte fallback, no ByteLevel."""
+    model = data.get("model") or {}
+    text = json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    fallback = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    return fallback and "ByteLevel" not in text
+
+
+def _sentencepiece_json(writer, data: dict, rows: int):
+    """SentencePiece (`llama` model) from a tokenizer.json that has no tokenizer.model beside it.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores
+    highest, so each piece's score is minus the rank of the first merge that makes it: the same
+    order the BPE merges give (llama.cpp's own converter writes -1000 for every piece).
+    """
+    model = data["model"]
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    size = max([*model["vocab"].values(), *added, -1]) + 1
+    tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
+    types = [T.UNUSED] * size
+    for token, i in model["vocab"].items():
+        byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        tokens[i], types[i] = token, T.BYTE if byte else T.NORMAL
+    for i, t in added.items():
+        tokens[i], types[i] = t["content"], T.CONTROL if t.get("special") else T.USER_DEFINED
+    unk = model.get("unk_token")
+    if unk in model["vocab"]:
+        types[model["vocab"][unk]] = T.UNKNOWN
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    lowest = -float(len(merges) + 1)
+    rank: dict[str, float] = {}
+    for n, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, -float(n))
+    scores = [
+        rank.get(t, lowest) if ty == T.NORMAL else 0.0 for t, ty in zip(tokens, types, strict=True)
+    ]
+    _padded(tokens, types, rows)
+    scores += [lowest] * (len(tokens) - len(scores))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_add_space_prefix(_prepends_word_marker(data))
+    return tokens, [int(t) for t in types]
+
+
+def _prepends_word_marker(data: dict) -> bool:
+    """Whether the tokenizer puts SentencePiece's word marker before the text."""
+    norm = data.get("normalizer") or {}
+    for step in norm.get("normalizers", [norm]):
+        if step.get("type") == "Prepend" and step.get("prepend") == SPIECE_UNDERLINE:
+            return True
+    pre = data.get("pre_tokenizer") or {}
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get(
+                "add_prefix_space", True
+            )
+    return False
