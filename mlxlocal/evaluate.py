@@ -121,25 +121,32 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     max_tokens: int = 64,
+    fields: dict[str, str] | None = None,
+    encoding: str | None = None,
+    note: Callable[[str], None] = lambda _: None,
 ) -> EvalResult:
     """Score `model` (a folder or a `load_model()` result) on `data` for `task`.
 
-    `data` is a data file (or `builtin:NAME`), or a recipe data section whose `train` names the
-    file (so field mappings and the system prompt apply as in training).
+    `data` is a data file (or `builtin:NAME`) read with `fields` (a `data.fields` mapping) and
+    `encoding`, or a recipe data section whose `train` names the file (so field mappings and
+    the system prompt apply as in training). `note` hears how an ambiguous format was decided.
     """
     if task not in EVAL_TASKS:
         raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(EVAL_TASKS)}")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise MlxLocalError("batch size and limit must be ≥ 1")
-    section = data if isinstance(data, DataSection) else DataSection(train=str(data))
+    if isinstance(data, DataSection):
+        section = data
+    else:
+        section = DataSection(train=str(data), fields=fields or {}, encoding=encoding)
     section = section.model_copy(update={"valid": None, "valid_fraction": None, "packing": False})
     lm = as_loaded(model, adapter)
     training = lm.model.training
     lm.model.eval()
     try:
         if task == "perplexity":
-            return _perplexity(lm, section, limit, batch_size)
-        samples = _answered_samples(section, task, limit)
+            return _perplexity(lm, section, limit, batch_size, note)
+        samples = answered_samples(section, task, limit, note)
         if task == "classify":
             return _classify(lm, section, samples, labels, batch_size)
         return _generate(lm, section, samples, max_tokens)
@@ -168,8 +175,10 @@ def answer_logprobs(
     return scores
 
 
-def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -> EvalResult:
-    examples, _ = load_examples(section, lm.tokenizer, "train")
+def _perplexity(
+    lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
+) -> EvalResult:
+    examples, _ = load_examples(section, lm.tokenizer, "train", note)
     examples = examples[:limit]
     with progress_bar("perplexity", len(examples), "ex") as bar:
         scores = answer_logprobs(lm.model, examples, batch_size, bar.update)
@@ -184,14 +193,16 @@ def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -
     return EvalResult("perplexity", section.train, metrics, per_example)
 
 
-def _answered_samples(section: DataSection, task: str, limit: int | None) -> list[Sample]:
+def answered_samples(
+    section: DataSection, task: str, limit: int | None, note: Callable[[str], None] = lambda _: None
+) -> list[Sample]:
     """Rows as conversations whose last message is the assistant's answer (label/reference).
 
     Bad rows stop the evaluation or are skipped (data.bad_lines), as in training.
     """
-    rows, _ = read_rows(section.train, section.bad_lines == "skip")
+    rows, _ = read_rows(section.train, section.bad_lines == "skip", section.encoding)
     rows = rows[:limit]
-    fmt = data_format(rows, section, section.train)
+    fmt = data_format(rows, section, section.train, note)
     what = "label" if task == "classify" else "reference answer"
     if fmt == "text":
         raise MlxLocalError(
