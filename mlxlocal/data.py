@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Literal, get_args
 import mlx.core as mx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from .checkpoint.inputs import JSONProblem, decode_json, regular_file
 from .errors import MlxLocalError
@@ -124,7 +125,10 @@ class DataSection(BaseModel):
     @classmethod
     def _known_encoding(cls, value: str | None) -> str | None:
         if value is not None:
-            check_encoding(value)
+            try:
+                check_encoding(value)
+            except MlxLocalError as e:  # pydantic names the key and its line
+                raise PydanticCustomError("encoding", str(e)) from None
         return value
 
 
