@@ -89,10 +89,21 @@ class RunDir:
                 f"output {p} holds a finished run (see {p / 'summary.json'}): choose another "
                 "output or delete it"
             )
-        if (p / "recipe.yaml").exists():
-            _check_same_recipe(p / "recipe.yaml", recipe_yaml)
         for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        if (p / "recipe.yaml").exists():
+            diff = _recipe_difference(p / "recipe.yaml", recipe_yaml)
+            if diff is not None and self.latest() is None:
+                note(
+                    f"replacing {p}: it holds only a failed attempt ({diff or 'the recipe'} "
+                    "differed; no checkpoint was written)"
+                )
+                self._clear_attempt(keep_model=diff != "model" and not diff.startswith("model."))
+            elif diff is not None:
+                raise MlxLocalError(
+                    f"output {p} holds a run of a different recipe ({diff or 'the recipe'} "
+                    "differs): choose another output, or delete it to start over"
+                )
         ckpt = self.latest()
         if resume and ckpt is None:
             raise MlxLocalError(
@@ -103,6 +114,23 @@ class RunDir:
         step = read_position(ckpt).step if ckpt else 0
         self._truncate_metrics(step, note)
         return ckpt
+
+    # What a run writes into its directory: a failed attempt's are replaced, nothing else.
+    ATTEMPT_FILES = ("recipe.yaml", "metrics.jsonl", "latest", "evaluation.json")
+    ATTEMPT_DIRS = ("adapters",)
+
+    def _clear_attempt(self, keep_model: bool) -> None:
+        """Remove what a failed attempt wrote (no complete checkpoint, no summary): its files,
+        torn step folders, and the converted base unless the model is the same."""
+        p = self.path
+        for name in self.ATTEMPT_FILES:
+            (p / name).unlink(missing_ok=True)
+        folders = [*self.ATTEMPT_DIRS, *(d.name for d in p.iterdir() if STEP_DIR.match(d.name))]
+        if not keep_model:
+            folders.append("model")
+        for name in folders:
+            if (p / name).is_dir():
+                shutil.rmtree(p / name)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line; a failed write (a full disk) leaves the file as it was."""
@@ -219,15 +247,10 @@ def rng_key() -> list[int]:
     return mx.random.state[0].tolist()
 
 
-def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
+def _recipe_difference(saved: Path, recipe_yaml: str) -> str | None:
+    """The first key where the saved recipe and this one differ ("" for the whole), or None."""
     old = load_yaml(read_text(saved, "recipe"), str(saved), "recipes")[0]
-    new = yaml.safe_load(recipe_yaml)
-    diff = _first_difference(old, new)
-    if diff is not None:
-        raise MlxLocalError(
-            f"output {saved.parent} holds a run of a different recipe ({diff or 'the recipe'} "
-            "differs): choose another output, or delete it to start over"
-        )
+    return _first_difference(old, yaml.safe_load(recipe_yaml))
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
