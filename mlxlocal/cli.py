@@ -590,9 +590,10 @@ def recipes_validate(file, overrides) -> None:
     with `mlxlocal run`, e.g. training.learning_rate=2e-4 data.train=other.jsonl. A Hub
     model is looked for in the local cache only; nothing is downloaded.
     """
-    from .recipe import validate_recipe
+    from .train.preflight import validate_recipe
 
-    for line in validate_recipe(file, list(overrides)):
+    note = lambda text: click.echo(f"note: {text}", err=True)  # noqa: E731
+    for line in validate_recipe(file, list(overrides), note):
         click.echo(line)
     click.echo("ok")
 

@@ -235,7 +235,7 @@ def _classify(
     lm: LoadedModel, section: DataSection, samples: list[Sample], labels, batch_size: int
 ) -> EvalResult:
     gold = [str(s.messages[-1]["content"]).strip() for s in samples]
-    labels = _check_labels(lm.tokenizer, section.train, gold, labels)
+    labels = check_labels(lm.tokenizer, section.train, gold, labels)
     chat = has_chat_template(lm.tokenizer)
     try:
         candidates = [
@@ -266,7 +266,7 @@ def _classify(
     return EvalResult("classify", section.train, metrics, examples, labels)
 
 
-def _check_labels(tokenizer, where: str, gold: list[str], labels) -> list[str]:
+def check_labels(tokenizer, where: str, gold: list[str], labels) -> list[str]:
     if labels:
         labels = [str(label).strip() for label in labels]
         for label in labels:

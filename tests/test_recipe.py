@@ -15,9 +15,9 @@ from mlxlocal.recipe import (
     copy_recipe,
     dump_recipe,
     load_recipe,
-    validate_recipe,
 )
 from mlxlocal.sources import REPO_ID, resolve_source
+from mlxlocal.train.preflight import validate_recipe
 
 RECIPE = """\
 # purpose: a test
@@ -222,7 +222,8 @@ def test_every_builtin_recipe_validates():
         assert load_recipe(name) == r
     report = validate_recipe("tiny-lora")
     assert any(line.startswith("model builtin:tiny: found (llama") for line in report)
-    assert any("72 examples (chat)" in line for line in report)
+    assert any("65 examples (chat)" in line for line in report)  # 72, 7 held out
+    assert any(line.startswith("data valid:") and "7 examples" in line for line in report)
 
 
 def test_validate_checks_model_layers_and_data(recipe, tmp_path):
@@ -238,7 +239,8 @@ def test_validate_checks_model_layers_and_data(recipe, tmp_path):
     skipping = validate_recipe(
         path, [f"data.train={tmp_path / 'bad.jsonl'}", "data.bad_lines=skip"]
     )
-    assert skipping[-1].endswith("bad.jsonl: 1 examples (text), 1 bad lines skipped")
+    assert "bad.jsonl: 1 examples (text)" in skipping[-1]
+    assert skipping[-1].endswith("1 bad lines")
     with pytest.raises(MlxLocalError, match="not in the Hugging Face cache and HF_HUB_OFFLINE"):
         validate_recipe("qwen2.5-0.5b-lora")
 

@@ -66,17 +66,9 @@ class RunDir:
         ckpt = self.path / pointer.read_text().strip()
         return ckpt if (ckpt / "state.json").exists() else None
 
-    def prepare(
-        self,
-        recipe_yaml: str,
-        resume: bool | None,
-        note: Callable[[str], None] = lambda _: None,
-    ) -> Path | None:
-        """Create or reopen the run directory; return the checkpoint to resume from, if any.
-
-        `resume` None resumes when a complete checkpoint exists; True insists on one. `note`
-        hears what was repaired (a metrics line torn by a kill or a full disk).
-        """
+    def check(self, recipe_yaml: str, resume: bool | None) -> str | None:
+        """What `prepare` would refuse, raised, without touching anything; or, when the
+        directory holds only a failed attempt of another recipe, the note on replacing it."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise MlxLocalError(f"output {p} is a file: choose a directory for the run")
@@ -89,26 +81,47 @@ class RunDir:
                 f"output {p} holds a finished run (see {p / 'summary.json'}): choose another "
                 "output or delete it"
             )
-        for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        replace = None
         if (p / "recipe.yaml").exists():
             diff = _recipe_difference(p / "recipe.yaml", recipe_yaml)
             if diff is not None and self.latest() is None:
-                note(
+                replace = (
                     f"replacing {p}: it holds only a failed attempt ({diff or 'the recipe'} "
                     "differed; no checkpoint was written)"
                 )
-                self._clear_attempt(keep_model=diff != "model" and not diff.startswith("model."))
             elif diff is not None:
                 raise MlxLocalError(
                     f"output {p} holds a run of a different recipe ({diff or 'the recipe'} "
                     "differs): choose another output, or delete it to start over"
                 )
-        ckpt = self.latest()
-        if resume and ckpt is None:
+        if resume and self.latest() is None:
             raise MlxLocalError(
                 f"--resume: {p} has no complete checkpoint; run without --resume to start over"
             )
+        return replace
+
+    def prepare(
+        self,
+        recipe_yaml: str,
+        resume: bool | None,
+        note: Callable[[str], None] = lambda _: None,
+    ) -> Path | None:
+        """Create or reopen the run directory; return the checkpoint to resume from, if any.
+
+        `resume` None resumes when a complete checkpoint exists; True insists on one. `note`
+        hears what was repaired (a metrics line torn by a kill or a full disk) or replaced (a
+        failed attempt of another recipe).
+        """
+        p = self.path
+        replace = self.check(recipe_yaml, resume)
+        for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        if replace:
+            note(replace)
+            model = yaml.safe_load(recipe_yaml).get("model")
+            old = load_yaml(read_text(p / "recipe.yaml", "recipe"), str(p), "recipes")[0]
+            self._clear_attempt(keep_model=isinstance(old, dict) and old.get("model") == model)
+        ckpt = self.latest()
         p.mkdir(parents=True, exist_ok=True)
         write_text_atomic(p / "recipe.yaml", recipe_yaml)
         step = read_position(ckpt).step if ckpt else 0
