@@ -312,7 +312,8 @@ def read_rows(
 
 
 def bad_line(where: str, problem: object, fix: str | None = None) -> MlxLocalError:
-    return MlxLocalError(f"{where}: {problem}; {fix or 'fix the line or set data.bad_lines: skip'}")
+    fix = f"{fix}, or" if fix else "fix the line or"
+    return MlxLocalError(f"{where}: {problem}; {fix} set data.bad_lines: skip")
 
 
 @dataclass

@@ -91,7 +91,14 @@ CASES = [
         "already quantized",
     ),
     ("full fine-tuning of a quantized model", lambda d: ["model.path=@q8", "@full"], "quantized"),
-    ("max_length above the context", lambda d: ["data.max_length=100000"], "context of 256"),
+    (
+        "examples longer than the context",
+        lambda d: [
+            "data.max_length=100000",
+            f"data.train={_jsonl(d / 'long.jsonl', [{'text': 'fox ' * 400}])}",
+        ],
+        "above the model's context of 256",
+    ),
     ("no such data file", lambda d: [f"data.train={d / 'missing.jsonl'}"], "no such data file"),
     (
         "a broken line",

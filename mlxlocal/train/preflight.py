@@ -18,6 +18,7 @@ from typing import Any
 from ..data import DataReport, Example, describe_dataset, load_examples
 from ..errors import MlxLocalError
 from ..evaluate import answered_samples, check_labels
+from ..models import context_length
 from ..recipe import Recipe, dump_recipe, load_recipe
 from .batches import num_batches
 from .checkpoints import RunDir
@@ -35,11 +36,23 @@ class Checked:
     total_steps: int
 
     def lines(self) -> list[str]:
-        """What `recipes validate` reports: the steps, then each data file's examples."""
+        """What `recipes validate` reports: the steps, the tokens, then each file's examples."""
         lines = [f"training: {self.total_steps} steps"]
-        lines.append(f"data train: {self.report.summary()}")
-        if self.valid_examples:
-            lines.append(f"data valid: {self.valid_report.summary()}")
+        splits = [("train", self.report)]
+        splits += [("valid", self.valid_report)] if self.valid_examples else []
+        for split, r in splits:
+            changed = [
+                f"{n:,} {what}"
+                for n, what in ((r.truncated, "truncated"), (r.dropped, "dropped"))
+                if n
+            ]
+            lines.append(
+                f"tokens {split}: {r.tokens:,}, {r.trained_tokens:,} trained"
+                + "".join(f", {c}" for c in changed)
+            )
+        for split, r in splits:
+            skipped = f", {r.bad_lines} bad lines skipped" if r.bad_lines else ""
+            lines.append(f"data {split}: {r.file}: {r.examples:,} examples ({r.format}){skipped}")
         return lines
 
 
@@ -53,14 +66,19 @@ def preflight(
     valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid", note)
     # Packed rows no longer than the longest example: no batch outgrows the unpacked worst case.
     capacity = min(recipe.data.max_length, max(len(e.tokens) for e in examples + valid_examples))
+    context = context_length(config)
+    if context and capacity > context:
+        raise MlxLocalError(
+            f"data.max_length: {recipe.data.max_length} lets examples of {capacity} tokens "
+            f"through, above the model's context of {context} tokens; set data.max_length: "
+            f"{context} or less"
+        )
     total_steps = recipe.training.steps or epoch_steps(examples, recipe, capacity)
     return Checked(examples, report, valid_examples, valid_report, capacity, total_steps)
 
 
 def check_model(recipe: Recipe, config: dict[str, Any]) -> None:
-    """The recipe against the model's config: layers, quantization, context length."""
-    from ..models import context_length
-
+    """The recipe against the model's config: layers and quantization."""
     count = config.get("num_hidden_layers") or config.get("n_layer")
     layers = recipe.method.layers
     if count and layers != "all":
@@ -79,12 +97,6 @@ def check_model(recipe: Recipe, config: dict[str, Any]) -> None:
         raise MlxLocalError(
             f"method.type full: {recipe.model.path} is quantized and quantized weights cannot be "
             "trained; use a float model, or method.type lora (QLoRA)"
-        )
-    context = context_length(config)
-    if context and recipe.data.max_length > context:
-        raise MlxLocalError(
-            f"data.max_length: {recipe.data.max_length} is above the model's context of "
-            f"{context} tokens; set data.max_length: {context} or less"
         )
 
 
