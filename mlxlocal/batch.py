@@ -4,11 +4,14 @@ Generation is mlx-lm's `BatchGenerator` (continuous batching: finished sequences
 ones join); greedy outputs equal `generate`'s for each record alone. The output is written to
 `OUT.partial` in input order, complete lines only, each write flushed and fsynced, so a kill -9
 leaves at worst a torn last line; a re-run drops it, checks the ids already written against the
-input and continues. When every record is done, `OUT.partial` is renamed to OUT.
+input and continues. When every record is done, `OUT.partial` becomes OUT: renamed for a JSON
+lines OUT (`.jsonl`/`.json`), written out as a table for a `.csv`/`.tsv` OUT (the input's
+columns, then the added ones), so resuming works the same for every output format.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import string
@@ -31,7 +34,7 @@ from .constraints import (
     from_options,
     split_choices,
 )
-from .data import Row, data_file, iter_rows
+from .data import FileFormat, Row, data_file, file_format, iter_rows
 from .errors import MlxLocalError
 from .generate import (
     Detokenized,
@@ -46,6 +49,10 @@ from .progress import bar
 
 # Fields every output record gets; an input record may not already have them.
 ADDED_FIELDS = ("output", "finish_reason", "generated_tokens", "error")
+# The output's format, from its extension.
+OUTPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
+# The fields a record's columns can be mapped to (--field NAME=COLUMN).
+BATCH_FIELDS = ("prompt", "system")
 
 
 @dataclass
@@ -75,6 +82,33 @@ class BatchResult:
 def _record_id(row: Row) -> Any:
     """A record's id in the output: its own `id` field, else its line number."""
     return row.values["id"] if row.values and "id" in row.values else row.line
+
+
+def output_kind(output: Path) -> str:
+    """`jsonl` or `csv`, from the output's extension; any other is refused."""
+    kind = OUTPUT_KINDS.get(output.suffix.lower())
+    if kind is None:
+        raise MlxLocalError(
+            f"--output {output}: name the output .jsonl (JSON lines) or .csv/.tsv (a table); "
+            "its extension chooses the format"
+        )
+    return kind
+
+
+def prompt_field(
+    first: Row | None, field: str | None, fields: dict[str, str], note: Callable[[str], None]
+) -> str:
+    """The column the prompt comes from: named (--field), else `prompt`, else `text`."""
+    if field or fields.get("prompt"):
+        return field or fields["prompt"]
+    values = first.values if first is not None and first.values else {}
+    present = [name for name in ("prompt", "text") if name in values]
+    if len(present) == 2:
+        note(
+            f"{first.file}: prompts from the 'prompt' column (it has 'text' too); "
+            "pass --field text to use that one"
+        )
+    return present[0] if present else "text"
 
 
 def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str, Any]], str]:
@@ -157,7 +191,9 @@ def batch(
     *,
     adapter: str | Path | None = None,
     template: str | None = None,
-    field: str = "text",
+    field: str | None = None,
+    fields: dict[str, str] | None = None,
+    encoding: str | None = None,
     system: str | None = None,
     chat_template: bool = True,
     max_tokens: int = 256,
@@ -182,7 +218,10 @@ def batch(
     `generate.stream`; `choices="{field}"` reads each record's labels from that field) adds
     `valid`: false when max_tokens cut the answer short of it. Re-running after an
     interruption continues where it stopped.
-    `note` receives progress messages meant for a person.
+    The prompt is `template` filled from the record, else the column `field` (or
+    `fields["prompt"]`; by default `prompt`, else `text`); `fields["system"]` names a column
+    holding each record's system prompt. `encoding` names the input's (default UTF-8, or what
+    its byte-order mark says). `note` receives messages meant for a person.
     """
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
@@ -192,21 +231,36 @@ def batch(
     if batch_size < 1:
         raise MlxLocalError("batch_size must be ≥ 1")
     input, output = data_file(input), Path(output)
+    kind = output_kind(output)
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(BATCH_FIELDS))
+    if unknown:
+        raise MlxLocalError(
+            f"--field {unknown[0]}=…: batch maps only {', '.join(BATCH_FIELDS)} to columns"
+        )
     sampling = sampling or Sampling()
+    form = file_format(input, encoding)
+    total, first = 0, None
+    for row in iter_rows(input, form=form):
+        total += 1
+        first = first or (row if row.values else None)
+    field = None if template else prompt_field(first, field, fields, note)
     build_prompt = prompt_builder(template, field)
     constraint, per_record, setting = record_constraint(choices, regex, json_schema, json_object)
     constrained = constraint is not None or per_record is not None
     check_constraint(constrained, stop, ignore_eos)
-    total = sum(1 for _ in iter_rows(input))
+    system_field = fields.get("system")
     check_output(output, force)
     lm = as_loaded(model, adapter)
     settings = {
         "input": str(input.resolve()),
         "model": str(lm.path.resolve()),
         "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "encoding": form.encoding,
         "template": template,
-        "field": None if template else field,
+        "field": field,
         "system": system,
+        "system_field": system_field,
         "chat_template": chat_template,
         "max_tokens": max_tokens,
         "sampling": asdict(sampling),
@@ -215,8 +269,8 @@ def batch(
         "ignore_eos": ignore_eos,
         **({"constraint": setting} if constrained else {}),
     }
-    out = ResumableOutput(output, settings, force)
-    rows = iter_rows(input)
+    out = ResumableOutput(output, settings, force, _table_format(kind, output, form))
+    rows = iter_rows(input, form=form)
     resumed = out.resume(rows, input)
     if resumed:
         note(f"resuming: {resumed} of {total} records already in {out.partial}")
@@ -225,7 +279,7 @@ def batch(
         """(prompt ids, max_tokens, warnings, the answer's matcher) for a record, or an
         MlxLocalError saying why not."""
         if row.problem:
-            raise MlxLocalError(row.problem)
+            raise MlxLocalError(f"{row.problem}; {row.fix}" if row.fix else row.problem)
         for name, value in row.values.items():
             if (where := non_finite_at(value, name)) is not None:
                 raise MlxLocalError(
@@ -238,7 +292,15 @@ def batch(
                 f"the record already has a field {clash[0]!r}, which the output would "
                 "overwrite; rename that field"
             )
-        ids = encode_prompt(lm.tokenizer, build_prompt(row.values), system, chat_template)
+        own_system = system
+        if system_field is not None:
+            if system_field not in row.values:
+                raise MlxLocalError(
+                    f"no field {system_field!r} for the system prompt (fields: "
+                    f"{', '.join(row.values) or 'none'})"
+                )
+            own_system = str(row.values[system_field]) or system
+        ids = encode_prompt(lm.tokenizer, build_prompt(row.values), own_system, chat_template)
         wanted = per_record(row.values) if per_record else constraint
         answer = lm.constrained(wanted) if wanted else None
         return *fit_context(ids, max_tokens, lm.context, truncate), answer
@@ -260,9 +322,12 @@ def batch(
     progress = bar("batch", total=total, unit="rec")
     progress.update(resumed)
 
-    def read_chunk(n: int) -> tuple[list[tuple[list[int], int, _Item]], bool, str | None]:
+    def read_chunk(
+        n: int,
+    ) -> tuple[list[tuple[list[int], int, _Item]], bool, tuple[str, bool] | None]:
         """Up to `n` more records: (ids, max_tokens, item) for those to generate for, whether
-        the input is exhausted, and what stopped the run (with on_error="stop")."""
+        the input is exhausted, and what stopped the run (with on_error="stop": the message,
+        and whether it says what to do about the whole file)."""
         fresh, read = [], 0
         for row in islice(rows, n):
             read += 1
@@ -272,7 +337,7 @@ def batch(
             except MlxLocalError as e:
                 message = f"{input}:{row.line}: {e}"
                 if on_error == "stop":
-                    return fresh, False, message
+                    return fresh, False, (message, row.fix is not None)
                 note(f"skipped {message}")
                 result.errors.append(message)
                 item.finish(error=str(e))
@@ -327,10 +392,11 @@ def batch(
     result.seconds = time.perf_counter() - start
     result.peak_memory_gb = mx.get_peak_memory() / 1e9
     if failure:
-        raise MlxLocalError(
-            f"{failure} — fix the line (the {out.partial.name} output so far is kept and a "
-            "re-run continues), or pass --on-error skip"
-        )
+        message, whole_file = failure
+        kept = f"the {out.partial.name} output so far is kept and a re-run continues"
+        if whole_file:  # e.g. another encoding: the message says what to do
+            raise MlxLocalError(f"{message} ({kept})")
+        raise MlxLocalError(f"{message} — fix the line ({kept}), or pass --on-error skip")
     out.finish()
     return result
 
@@ -384,8 +450,15 @@ class ResumableOutput:
     file to OUT.
     """
 
-    def __init__(self, output: Path, settings: dict[str, Any], force: bool):
+    def __init__(
+        self,
+        output: Path,
+        settings: dict[str, Any],
+        force: bool,
+        table: FileFormat | None = None,
+    ):
         self.output = output
+        self.table = table  # write OUT as this table, not as the JSON lines of the partial
         self.partial = output.with_name(output.name + ".partial")
         self.settings_file = output.with_name(output.name + ".partial-settings.json")
         self.settings = settings
@@ -398,11 +471,22 @@ class ResumableOutput:
 
         With none written, the settings are recorded for a later re-run to compare against.
         """
-        done = self._check_written(rows, input) if self.partial.exists() else 0
+        done = self._check_written(rows, input) if self._has_records() else 0
         if not done:
             with atomic_file(self.settings_file, force=True) as tmp:
                 tmp.write_text(strict_dumps(self.settings, indent=2))
         return done
+
+    def _has_records(self) -> bool:
+        """Whether the partial output holds a complete record (one that stopped before
+        writing any is a failed attempt, replaced whatever its settings)."""
+        if not self.partial.exists():
+            return False
+        with open(self.partial, "rb") as f:
+            if b"\n" in f.readline():
+                return True
+        self.partial.unlink()
+        return False
 
     def _check_written(self, rows: Iterator[Row], input: Path) -> int:
         try:
@@ -410,13 +494,10 @@ class ResumableOutput:
         except (OSError, JSONProblem):
             before = None
         if before != self.settings:
-            changed = sorted(
-                k for k in self.settings if not before or before.get(k) != self.settings[k]
-            )
             raise MlxLocalError(
                 f"{self.partial} is from an interrupted run with other settings "
-                f"({', '.join(changed) or 'unknown'} changed): re-run with the same ones to "
-                "continue, or pass --force to start over"
+                f"({_changes(before, self.settings)}): re-run with the same ones to continue, "
+                "or pass --force to discard it and start over"
             )
         done = good = 0  # complete lines, and their bytes
         with open(self.partial, "rb+") as f:
@@ -456,5 +537,62 @@ class ResumableOutput:
 
     def finish(self) -> None:
         """Every record is written: the output takes its name, the settings are dropped."""
-        os.replace(self.partial, self.output)
+        if self.table is None:
+            os.replace(self.partial, self.output)
+        else:
+            with atomic_file(self.output, force=True) as tmp:
+                _write_table(self.partial, tmp, self.table)
+            self.partial.unlink()
         self.settings_file.unlink(missing_ok=True)
+
+
+def _changes(before: Any, now: dict[str, Any]) -> str:
+    """Which settings differ, with their values then and now."""
+    if not isinstance(before, dict):
+        return f"its settings file {'is unreadable' if before is not None else 'is missing'}"
+
+    def shown(value: Any) -> str:
+        text = strict_dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "…"
+
+    changed = [
+        f"{key} changed: {shown(before.get(key))} → {shown(now[key])}"
+        for key in now
+        if before.get(key) != now[key]
+    ]
+    return "; ".join(changed) or "unknown settings changed"
+
+
+def _table_format(kind: str, output: Path, input: FileFormat) -> FileFormat | None:
+    """How a .csv/.tsv output is written: the input's delimiter for a .csv from a CSV, a tab
+    for .tsv, else a comma; UTF-8, with a BOM when the input had one or was in another
+    encoding (so Excel, which reads a BOM-less file in the local code page, reads it right)."""
+    if kind != "csv":
+        return None
+    if output.suffix.lower() == ".tsv":
+        delimiter = "\t"
+    else:
+        delimiter = input.delimiter if input.kind == "csv" else ","
+    bom = input.bom or input.encoding != "utf-8"
+    return FileFormat("csv", "utf-8", bom, delimiter)
+
+
+def _write_table(partial: Path, out: Path, table: FileFormat) -> None:
+    """The partial's JSON lines as a table: every field seen, in order of first appearance."""
+    columns: dict[str, None] = {}
+    with open(partial, "rb") as f:
+        for raw in f:
+            columns.update(dict.fromkeys(decode_json(raw)))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        return "" if value is None else strict_dumps(value, ensure_ascii=False)
+
+    with open(out, "w", encoding="utf-8-sig" if table.bom else "utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter=table.delimiter, lineterminator="\r\n")
+        writer.writerow(columns)
+        with open(partial, "rb") as records:
+            for raw in records:
+                record = decode_json(raw)
+                writer.writerow([cell(record.get(name)) for name in columns])

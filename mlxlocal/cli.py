@@ -314,6 +314,14 @@ def info(path, as_json) -> None:
     click.echo(strict_dumps(data, indent=2) if as_json else format_info(data))
 
 
+_encoding_option = click.option(
+    "--encoding",
+    type=TEXT,
+    help="The data file's text encoding, e.g. cp1252 or latin-1 (default: UTF-8, or what its "
+    "byte-order mark says).",
+)
+
+
 def _generation_options(f):
     """Flags shared by generate, chat and batch: the model's adapter, sampling, when to stop."""
     options = [
@@ -460,13 +468,24 @@ def chat(model, **flags) -> None:
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("--input", "input_path", required=True, type=click.Path(), help="JSONL or .csv.")
-@click.option("--output", required=True, type=click.Path(), help="JSONL, one line per record.")
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Its extension picks the format: .jsonl (JSON lines) or .csv/.tsv (a table).",
+)
 @click.option(
     "--template", type=TEXT, help="Prompt from the record's fields, e.g. 'Classify: {text}'."
 )
 @click.option(
-    "--field", type=TEXT, default="text", show_default=True, help="Prompt field (no --template)."
+    "--field",
+    "field_specs",
+    type=TEXT,
+    multiple=True,
+    help="COLUMN holding the prompt (default: prompt, else text), or prompt=COLUMN / "
+    "system=COLUMN. Repeatable.",
 )
+@_encoding_option
 @_generation_options
 @_number("--batch-size", click.IntRange(1, 65536), 32, "Sequences generated at once.")
 @click.option(
@@ -480,7 +499,7 @@ def chat(model, **flags) -> None:
 @click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past EOS and end-of-turn tokens.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT, discarding an interrupted run.")
-def batch(model, input_path, output, no_chat_template, **flags) -> None:
+def batch(model, input_path, output, no_chat_template, field_specs, **flags) -> None:
     """Run every record of a JSONL/CSV file through MODEL, batched; resumable.
 
     Each output line is the input record's fields plus id (its own "id" field, or its line
@@ -491,15 +510,23 @@ def batch(model, input_path, output, no_chat_template, **flags) -> None:
     \b
       mlxlocal batch ./qwen-mlx --input tickets.jsonl --output labels.jsonl
           --template 'Classify as bug/question/praise: {text}' --max-tokens 8
-      mlxlocal batch ./qwen-mlx --input reviews.csv --output out.jsonl --field review
+      mlxlocal batch ./qwen-mlx --input reviews.csv --output out.csv --field review
     """
+    from .batch import BATCH_FIELDS
     from .batch import batch as run_batch
+    from .data import field_mapping
 
+    bare = [spec for spec in field_specs if "=" not in spec]
+    if len(bare) > 1:
+        raise MlxLocalError(f"--field: one prompt column, not {len(bare)} ({', '.join(bare)})")
+    fields = field_mapping([s for s in field_specs if "=" in s], BATCH_FIELDS)
     try:
         result = run_batch(
             model,
             input_path,
             output,
+            field=bare[0] if bare else None,
+            fields=fields,
             chat_template=not no_chat_template,
             note=lambda text: click.echo(text, err=True),
             **_generation_kwargs(flags),
@@ -584,9 +611,10 @@ def recipes_validate(file, overrides) -> None:
     with `mlxlocal run`, e.g. training.learning_rate=2e-4 data.train=other.jsonl. A Hub
     model is looked for in the local cache only; nothing is downloaded.
     """
-    from .recipe import validate_recipe
+    from .train.preflight import validate_recipe
 
-    for line in validate_recipe(file, list(overrides)):
+    note = lambda text: click.echo(f"note: {text}", err=True)  # noqa: E731
+    for line in validate_recipe(file, list(overrides), note):
         click.echo(line)
     click.echo("ok")
 
@@ -650,11 +678,32 @@ def run(recipe, overrides, resume, extend) -> None:
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--field",
+    "field_specs",
+    type=TEXT,
+    multiple=True,
+    help="NAME=COLUMN: read field NAME (prompt, completion, messages, ...) from COLUMN, as a "
+    "recipe's data.fields. Repeatable.",
+)
+@_encoding_option
 @click.option("--output", type=click.Path(), help="Write metrics and per-example predictions.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_with_constraint_options
 def eval_(
-    model, adapter, data, task, labels, limit, batch_size, max_tokens, output, force, **constraint
+    model,
+    adapter,
+    data,
+    task,
+    labels,
+    limit,
+    batch_size,
+    max_tokens,
+    field_specs,
+    encoding,
+    output,
+    force,
+    **constraint,
 ) -> None:
     """Score MODEL (optionally with --adapter) on a task, to see what fine-tuning changed.
 
@@ -671,8 +720,10 @@ def eval_(
       mlxlocal eval ./tiny-mlx --adapter runs/sentiment/adapters \\
           --data builtin:sentiment-test.jsonl --task classify --output results.json
     """
+    from .data import field_mapping
     from .evaluate import evaluate, write_results
 
+    fields = field_mapping(field_specs)
     if output:
         check_output(output, force)  # before the model runs, not after
     result = evaluate(
@@ -684,6 +735,9 @@ def eval_(
         limit=limit,
         batch_size=batch_size,
         max_tokens=max_tokens,
+        fields=fields,
+        encoding=encoding,
+        note=lambda text: click.echo(f"note: {text}", err=True),
         **constraint,
     )
     click.echo(result.table())

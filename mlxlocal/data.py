@@ -2,13 +2,19 @@
 
 Training, evaluation, `batch` and `recipes validate` all read files here, so a file reads the
 same everywhere:
-- `.jsonl`: one JSON object a line, blank lines skipped; `.csv`: comma-separated with a header
-  row, quoted cells may hold commas and newlines, blank lines skipped.
-- UTF-8, with or without a byte-order mark (as Excel saves "CSV UTF-8"); LF or CRLF line ends.
+- `.jsonl`: one JSON object a line, blank lines skipped; `.csv`/`.tsv`: a header row, then one
+  row a record; quoted cells may hold delimiters and newlines, blank lines skipped. The
+  delimiter of a `.csv` is sniffed among `,` `;` and tab (Excel writes `;` where the decimal
+  comma is local); a `.tsv` is tab-separated.
+- UTF-8, with or without a byte-order mark (as Excel saves "CSV UTF-8"); UTF-16/32 with a
+  byte-order mark (Excel's "Unicode Text"); any other encoding when named (`encoding`, i.e.
+  `--encoding` or `data.encoding`): guessing between Latin-1, cp1252 and the rest from the bytes
+  is unreliable, so a byte that is not UTF-8 is named (its line and byte offset) with the fix.
+  LF or CRLF line ends.
 - A record that cannot be read (not JSON, not an object, a CSV row with more or fewer cells than
-  the header, not UTF-8) is a bad row named by `file:line` (the line it starts on); the caller
-  stops on it or skips it (`data.bad_lines`, `batch --on-error`). A CSV the parser gives up on
-  stops the read.
+  the header, not in the encoding) is a bad row named by `file:line` (the line it starts on);
+  the caller stops on it or skips it (`data.bad_lines`, `batch --on-error`). A CSV the parser
+  gives up on stops the read.
 
 Four formats: plain `text`, `prompt`/`completion`, chat `messages` (OpenAI style, `tools`
 allowed) and `instruction`/`input`/`output`. Conversations are rendered with the model's chat
@@ -20,14 +26,16 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, get_args
 
 import mlx.core as mx
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from .checkpoint.inputs import JSONProblem, decode_json, regular_file
 from .errors import MlxLocalError
@@ -47,6 +55,9 @@ __all__ = [
     "data_format",
     "describe_dataset",
     "has_chat_template",
+    "FileFormat",
+    "field_mapping",
+    "file_format",
     "iter_rows",
     "load_examples",
     "parse_row",
@@ -63,7 +74,16 @@ REQUIRED = {
 }
 NOTES_KEPT = 20
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so few shapes are compiled
-NOT_UTF8 = "not UTF-8 text; re-save the file as UTF-8"
+DELIMITERS = ",;\t"
+SNIFF_BYTES = 64 * 1024
+# Byte-order marks, longest first (UTF-32 LE's starts with UTF-16 LE's).
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 FieldName = Literal[
     "text",
@@ -76,6 +96,7 @@ FieldName = Literal[
     "system",
     "tools",
 ]
+FIELD_NAMES: tuple[str, ...] = get_args(FieldName)
 
 
 class DataSection(BaseModel):
@@ -98,6 +119,17 @@ class DataSection(BaseModel):
     too_long: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
     bad_lines: Literal["error", "skip"] = "error"
+    encoding: str | None = None  # None: UTF-8, or what a byte-order mark says
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_encoding(value)
+            except MlxLocalError as e:  # pydantic names the key and its line
+                raise PydanticCustomError("encoding", str(e)) from None
+        return value
 
 
 @dataclass
@@ -144,6 +176,7 @@ class Row:
     line: int  # where the record starts, 1-based
     values: dict[str, Any] | None  # None when the record could not be read
     problem: str | None = None
+    fix: str | None = None  # what to do about `problem`, when not "fix the line"
 
     @property
     def where(self) -> str:
@@ -170,65 +203,189 @@ def data_file(spec: str | Path) -> Path:
     return Path(spec).expanduser()
 
 
-def iter_rows(path: Path) -> Iterator[Row]:
-    """Every record of a .jsonl or .csv file, in order, readable or not (see the module notes)."""
-    records = {".jsonl": _jsonl_rows, ".csv": _csv_rows}.get(path.suffix.lower())
-    regular_file(path, "data file")
-    if records is None:
+def check_encoding(name: str) -> str:
+    """The codec's canonical name; an unknown one is refused with examples of known ones."""
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
         raise MlxLocalError(
-            f"{path}: unsupported data file; use .jsonl (one JSON object a line) or .csv"
+            f"unknown encoding {name!r}; use a Python codec name such as utf-8, cp1252, "
+            "latin-1, utf-16 or shift_jis"
+        ) from None
+
+
+@dataclass
+class FileFormat:
+    """How a data file is written: what the reader found (or was told)."""
+
+    kind: Literal["jsonl", "csv"]
+    encoding: str  # a codec name
+    bom: bool = False  # the file starts with a byte-order mark
+    delimiter: str = ","  # CSV only
+    named: bool = False  # the encoding was given, not found
+
+    def describe(self) -> str:
+        parts = [self.encoding + (" with BOM" if self.bom else "")]
+        if self.kind == "csv":
+            parts.append(
+                {"\t": "tab", ",": "comma", ";": "semicolon"}[self.delimiter] + "-separated"
+            )
+        return ", ".join(parts)
+
+
+def file_format(path: Path, encoding: str | None = None) -> FileFormat:
+    """The kind, encoding (named, else UTF-8 or its byte-order mark's) and CSV delimiter."""
+    kind = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "csv"}.get(path.suffix.lower())
+    regular_file(path, "data file")
+    if kind is None:
+        raise MlxLocalError(
+            f"{path}: unsupported data file; use .jsonl (one JSON object a line), .csv or .tsv"
         )
     with open(path, "rb") as f:
-        yield from records(f, path.name)
+        head = f.read(SNIFF_BYTES)
+    found = next((name for bom, name in BOMS if head.startswith(bom)), None)
+    named = encoding is not None
+    codec = check_encoding(encoding) if named else found or "utf-8"
+    if found and named and codecs.lookup(found).name != codec and not codec.startswith("utf"):
+        codec = found  # a byte-order mark is proof; a named legacy code page is a guess
+    form = FileFormat(
+        kind, codec, found is not None and codecs.lookup(found).name == codec, named=named
+    )
+    if kind == "csv":
+        if path.suffix.lower() == ".tsv":
+            form.delimiter = "\t"
+        else:
+            bom = next(b for b, name in BOMS if name == found) if form.bom else b""
+            text = head[len(bom) :].decode(codec, "replace")
+            form.delimiter = sniff_delimiter(
+                text if len(head) < SNIFF_BYTES else text[: text.rfind("\n") + 1]
+            )
+    return form
 
 
-def read_rows(spec: str | Path, skip_bad: bool = False) -> tuple[list[Row], list[Row]]:
+def sniff_delimiter(sample: str) -> str:
+    """`,` `;` or tab: csv.Sniffer limited to those, checked against the header line.
+
+    The header names the columns and rarely holds quotes, so a delimiter it lacks (while it has
+    another candidate) is a misreading of the sample; a header with none is a single column.
+    """
+    header = sample.split("\n", 1)[0]
+    counts = {d: header.count(d) for d in DELIMITERS}
+    if not any(counts.values()):
+        return ","
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        sniffed = None
+    if sniffed in DELIMITERS and counts[sniffed]:
+        return sniffed
+    return max(DELIMITERS, key=lambda d: counts[d])  # ties: the first, a comma
+
+
+def iter_rows(
+    path: Path, encoding: str | None = None, form: FileFormat | None = None
+) -> Iterator[Row]:
+    """Every record of a .jsonl or .csv/.tsv file, in order, readable or not (module notes)."""
+    form = form or file_format(path, encoding)
+    with open(path, "rb") as f:
+        lines = _decoded(f, form)
+        if form.kind == "jsonl":
+            yield from _jsonl_rows(lines, path.name)
+        else:
+            yield from _csv_rows(lines, path.name, form.delimiter)
+
+
+def read_rows(
+    spec: str | Path, skip_bad: bool = False, encoding: str | None = None
+) -> tuple[list[Row], list[Row]]:
     """The readable rows of a data file, and the unreadable ones skipped (`skip_bad`).
 
     Without `skip_bad` the first unreadable row raises, naming its file and line.
     """
     rows: list[Row] = []
     skipped: list[Row] = []
-    for row in iter_rows(data_file(spec)):
+    for row in iter_rows(data_file(spec), encoding):
         if row.problem is None:
             rows.append(row)
         elif skip_bad:
             skipped.append(row)
         else:
-            raise bad_line(row.where, row.problem)
+            raise bad_line(row.where, row.problem, row.fix)
     return rows, skipped
 
 
-def bad_line(where: str, problem: object) -> MlxLocalError:
-    return MlxLocalError(f"{where}: {problem}; fix the line or set data.bad_lines: skip")
+def bad_line(where: str, problem: object, fix: str | None = None) -> MlxLocalError:
+    fix = f"{fix}, or" if fix else "fix the line or"
+    return MlxLocalError(f"{where}: {problem}; {fix} set data.bad_lines: skip")
 
 
-def _decoded(f: BinaryIO, bad: set[int]) -> Iterator[str]:
-    """The file's lines as text, a leading BOM dropped; lines that are not UTF-8 go into `bad`.
+@dataclass
+class _Line:
+    text: str
+    problem: str | None = None  # why it is not text in the file's encoding
+    fix: str | None = None
 
-    Such a line is still yielded (undecodable bytes as surrogates) so the CSV parser keeps its
-    place; the record holding it becomes a bad row.
+
+def _decoded(f: BinaryIO, form: FileFormat) -> Iterator[_Line]:
+    """The file's lines as text, a byte-order mark dropped.
+
+    A line that is not in the encoding is still yielded (undecodable bytes as surrogates) so
+    the CSV parser keeps its place; the record holding it becomes a bad row that names the byte.
+    UTF-16/32 are decoded as a stream (their newline is not the byte 0x0A): an error there
+    stops the read.
     """
+    codec = form.encoding
+    if codec.startswith(("utf-16", "utf-32")):
+        stream = io.TextIOWrapper(f, encoding=codec, newline="")
+        number = 0
+        try:
+            for number, text in enumerate(stream, 1):  # noqa: B007
+                yield _Line(text.removeprefix("\ufeff") if number == 1 else text)
+        except UnicodeDecodeError as e:
+            raise MlxLocalError(
+                f"{f.name}:{number + 1}: not {codec} text ({e.reason}); name the file's "
+                "encoding with --encoding (data.encoding in a recipe) or re-save it as UTF-8"
+            ) from e
+        return
+    offset = 0
     for number, raw in enumerate(f, 1):
-        if number == 1:
+        start = offset
+        offset += len(raw)
+        if number == 1 and form.bom:
             raw = raw.removeprefix(codecs.BOM_UTF8)
+            start += len(codecs.BOM_UTF8)
         try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            bad.add(number)
-            yield raw.decode("utf-8", "surrogateescape")
+            yield _Line(raw.decode(codec))
+        except UnicodeDecodeError as e:
+            yield _Line(raw.decode(codec, "surrogateescape"), *_not_decodable(raw, e, start, form))
 
 
-def _jsonl_rows(f: BinaryIO, name: str) -> Iterator[Row]:
-    bad: set[int] = set()
-    for number, line in enumerate(_decoded(f, bad), 1):
-        if not line.strip():
+def _not_decodable(
+    raw: bytes, e: UnicodeDecodeError, start: int, form: FileFormat
+) -> tuple[str, str]:
+    """(problem, fix) for a line with a byte the encoding cannot read."""
+    byte = raw[e.start]
+    codec = "UTF-8" if form.encoding == "utf-8" else form.encoding
+    problem = f"byte 0x{byte:02x} at offset {start + e.start} of the file is not {codec} text"
+    if form.named:
+        fix = "name the file's real encoding, or re-save it as UTF-8"
+    else:
+        fix = (
+            "the file is in another encoding: pass --encoding cp1252 (Windows/Excel) or "
+            "--encoding latin-1 (data.encoding in a recipe), or re-save it as UTF-8"
+        )
+    return problem, fix
+
+
+def _jsonl_rows(lines: Iterable[_Line], name: str) -> Iterator[Row]:
+    for number, line in enumerate(lines, 1):
+        if not line.text.strip():
             continue
-        if number in bad:
-            yield Row(name, number, None, NOT_UTF8)
+        if line.problem:
+            yield Row(name, number, None, line.problem, line.fix)
             continue
         try:
-            values = decode_json(line)
+            values = decode_json(line.text)
         except JSONProblem as e:
             yield Row(name, number, None, str(e))
             continue
@@ -238,9 +395,16 @@ def _jsonl_rows(f: BinaryIO, name: str) -> Iterator[Row]:
             yield Row(name, number, None, f"expected a JSON object, got {type(values).__name__}")
 
 
-def _csv_rows(f: BinaryIO, name: str) -> Iterator[Row]:
-    bad: set[int] = set()
-    reader = csv.reader(_decoded(f, bad))
+def _csv_rows(lines: Iterable[_Line], name: str, delimiter: str) -> Iterator[Row]:
+    bad: dict[int, _Line] = {}
+
+    def texts() -> Iterator[str]:
+        for number, line in enumerate(lines, 1):
+            if line.problem:
+                bad[number] = line
+            yield line.text
+
+    reader = csv.reader(texts(), delimiter=delimiter)
     header: list[str] | None = None
     start = 1
     try:
@@ -248,12 +412,15 @@ def _csv_rows(f: BinaryIO, name: str) -> Iterator[Row]:
             line, start = start, reader.line_num + 1
             if not cells:
                 continue
+            broken = next((bad[n] for n in range(line, start) if n in bad), None)
             if header is None:
-                if bad:
-                    raise MlxLocalError(f"{name}:{line}: the header is {NOT_UTF8}")
+                if broken:
+                    raise MlxLocalError(
+                        f"{name}:{line}: the header's {broken.problem}; {broken.fix}"
+                    )
                 header = cells
-            elif not bad.isdisjoint(range(line, start)):
-                yield Row(name, line, None, NOT_UTF8)
+            elif broken:
+                yield Row(name, line, None, broken.problem, broken.fix)
             elif len(cells) != len(header):
                 problem = f"{len(cells)} cells for the header's {len(header)} columns"
                 yield Row(name, line, None, problem)
@@ -263,24 +430,67 @@ def _csv_rows(f: BinaryIO, name: str) -> Iterator[Row]:
         raise MlxLocalError(f"{name}:{reader.line_num}: broken CSV ({e}); fix the file") from e
 
 
-def detect_format(row: Row, fields: dict[str, str]) -> str:
-    """The format whose fields the first row has."""
-    for fmt in ("chat", "completion", "instruction", "text"):
-        if all(fields.get(k, k) in row.values for k in REQUIRED[fmt]):
-            return fmt
-    keys = ", ".join(map(str, row.values)) or "none"
-    raise MlxLocalError(
-        f"{row.where}: cannot tell the data format from the fields ({keys}); expected messages "
-        "(chat), prompt+completion, instruction+output or text — or set data.format and "
-        "data.fields to map your names"
+def field_mapping(specs: Iterable[str], allowed: Iterable[str] = FIELD_NAMES) -> dict[str, str]:
+    """`NAME=COLUMN` settings (`--field prompt=question`) as a `data.fields` mapping."""
+    allowed = list(allowed)
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        name, sep, column = (part.strip() for part in spec.partition("="))
+        if not sep or not name or not column:
+            raise MlxLocalError(
+                f"--field {spec!r}: expected NAME=COLUMN, e.g. prompt=question "
+                f"(names: {', '.join(allowed)})"
+            )
+        if name not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"use one of: {', '.join(allowed)}"
+            raise MlxLocalError(f"--field {spec!r}: {name!r} is not a field name; {hint}")
+        mapping[name] = column
+    return mapping
+
+
+def detect_format(row: Row, fields: dict[str, str]) -> tuple[str, str | None]:
+    """The format whose fields the first row has, and why, when the row fits more than one."""
+    fits = [
+        fmt
+        for fmt in ("chat", "completion", "instruction", "text")
+        if all(fields.get(k, k) in row.values for k in REQUIRED[fmt])
+    ]
+    if not fits:
+        keys = ", ".join(map(str, row.values)) or "none"
+        raise MlxLocalError(
+            f"{row.where}: cannot tell the data format from the fields ({keys}); expected "
+            "messages (chat), prompt+completion, instruction+output or text — or set "
+            "data.format and data.fields to map your names"
+        )
+    if len(fits) == 1:
+        return fits[0], None
+
+    def names(fmt: str) -> str:
+        return "+".join(repr(fields.get(k, k)) for k in REQUIRED[fmt])
+
+    others = ", ".join(f"{names(f)} ({f})" for f in fits[1:])
+    return fits[0], (
+        f"read as {fits[0]} data: the rows have {names(fits[0])}, which comes first, and also "
+        f"{others}; set data.format (--format) to choose another"
     )
 
 
-def data_format(rows: list[Row], data: DataSection, spec: str) -> str:
-    """The format of a file's rows: data.format, or detected from the first row."""
+def data_format(
+    rows: list[Row], data: DataSection, spec: str, note: Callable[[str], None] = lambda _: None
+) -> str:
+    """The format of a file's rows: data.format, or detected from the first row (an ambiguous
+    detection is told to `note`)."""
     if not rows:
         raise MlxLocalError(f"{spec}: no examples; check the file")
-    return data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    if data.format != "auto":
+        return data.format
+    fmt, why = detect_format(rows[0], data.fields)
+    if why:
+        note(f"{spec}: {why}")
+    return fmt
 
 
 # --- rows → conversations -----------------------------------------------------------------------
@@ -555,9 +765,10 @@ def parse_rows(
 
 
 def load_examples(
-    data: DataSection, tokenizer, split: str = "train"
+    data: DataSection, tokenizer, split: str = "train", note: Callable[[str], None] = lambda _: None
 ) -> tuple[list[Example], DataReport]:
-    """Examples of one split of a recipe's data section, and what happened on the way."""
+    """Examples of one split of a recipe's data section, and what happened on the way (`note`
+    hears how an ambiguous format was decided)."""
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', not {split!r}")
     spec = data.valid if split == "valid" and data.valid is not None else data.train
@@ -569,12 +780,12 @@ def load_examples(
         report.bad_lines += 1
         report.note(where, problem)
 
-    rows, unreadable = read_rows(spec, data.bad_lines == "skip")
+    rows, unreadable = read_rows(spec, data.bad_lines == "skip", data.encoding)
     for row in unreadable:
         skip(row.where, row.problem)
     if data.valid_fraction is not None:
         rows = _held_out(rows, data.valid_fraction, spec, keep=split == "valid")
-    report.format = data_format(rows, data, spec)
+    report.format = data_format(rows, data, spec, note)
     chat = has_chat_template(tokenizer)
     if report.format in ("chat", "instruction") and not chat:
         raise MlxLocalError(
@@ -630,11 +841,13 @@ def _held_out(rows: list[Row], fraction: float, spec: str, keep: bool) -> list[R
     return [row for i, row in enumerate(rows) if (i in chosen) == keep]
 
 
-def describe_dataset(data: DataSection, spec: str) -> str:
+def describe_dataset(
+    data: DataSection, spec: str, note: Callable[[str], None] = lambda _: None
+) -> str:
     """Read and check every row of a data file without a tokenizer (for `recipes validate`)."""
     skipped: list[str] = []
-    rows, unreadable = read_rows(spec, data.bad_lines == "skip")
-    fmt = data_format(rows, data, spec)
+    rows, unreadable = read_rows(spec, data.bad_lines == "skip", data.encoding)
+    fmt = data_format(rows, data, spec, note)
     good = sum(1 for _ in parse_rows(rows, fmt, data, lambda where, _: skipped.append(where)))
     skip = len(skipped) + len(unreadable)
     return f"{spec}: {good:,} examples ({fmt})" + (f", {skip} bad lines skipped" if skip else "")

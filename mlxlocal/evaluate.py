@@ -124,14 +124,19 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     max_tokens: int = 64,
+    fields: dict[str, str] | None = None,
+    encoding: str | None = None,
+    note: Callable[[str], None] = lambda _: None,
     **constraint: Any,
 ) -> EvalResult:
     """Score `model` (a folder or a `load_model()` result) on `data` for `task`.
 
-    `data` is a data file (or `builtin:NAME`), or a recipe data section whose `train` names the
-    file (so field mappings and the system prompt apply as in training). For `generate`, a
-    constraint (`choices`, `regex`, `json_schema`, `json_object`: see `generate.stream`) shapes
-    every answer, and the metrics add the fraction that satisfied it (`valid`).
+    `data` is a data file (or `builtin:NAME`) read with `fields` (a `data.fields` mapping) and
+    `encoding`, or a recipe data section whose `train` names the file (so field mappings and
+    the system prompt apply as in training). `note` hears how an ambiguous format was decided.
+    For `generate`, a constraint (`choices`, `regex`, `json_schema`, `json_object`: see
+    `generate.stream`) shapes every answer, and the metrics add the fraction that satisfied it
+    (`valid`).
     """
     if task not in EVAL_TASKS:
         raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(EVAL_TASKS)}")
@@ -140,15 +145,18 @@ def evaluate(
     from_options(**constraint)  # a bad constraint fails before the model loads
     if batch_size < 1 or (limit is not None and limit < 1):
         raise MlxLocalError("batch size and limit must be ≥ 1")
-    section = data if isinstance(data, DataSection) else DataSection(train=str(data))
+    if isinstance(data, DataSection):
+        section = data
+    else:
+        section = DataSection(train=str(data), fields=fields or {}, encoding=encoding)
     section = section.model_copy(update={"valid": None, "valid_fraction": None, "packing": False})
     lm = as_loaded(model, adapter)
     training = lm.model.training
     lm.model.eval()
     try:
         if task == "perplexity":
-            return _perplexity(lm, section, limit, batch_size)
-        samples = _answered_samples(section, task, limit)
+            return _perplexity(lm, section, limit, batch_size, note)
+        samples = answered_samples(section, task, limit, note)
         if task == "classify":
             return _classify(lm, section, samples, labels, batch_size)
         return _generate(lm, section, samples, max_tokens, constraint)
@@ -177,8 +185,10 @@ def answer_logprobs(
     return scores
 
 
-def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -> EvalResult:
-    examples, _ = load_examples(section, lm.tokenizer, "train")
+def _perplexity(
+    lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
+) -> EvalResult:
+    examples, _ = load_examples(section, lm.tokenizer, "train", note)
     examples = examples[:limit]
     with progress_bar("perplexity", len(examples), "ex") as bar:
         scores = answer_logprobs(lm.model, examples, batch_size, bar.update)
@@ -193,14 +203,16 @@ def _perplexity(lm: LoadedModel, section: DataSection, limit, batch_size: int) -
     return EvalResult("perplexity", section.train, metrics, per_example)
 
 
-def _answered_samples(section: DataSection, task: str, limit: int | None) -> list[Sample]:
+def answered_samples(
+    section: DataSection, task: str, limit: int | None, note: Callable[[str], None] = lambda _: None
+) -> list[Sample]:
     """Rows as conversations whose last message is the assistant's answer (label/reference).
 
     Bad rows stop the evaluation or are skipped (data.bad_lines), as in training.
     """
-    rows, _ = read_rows(section.train, section.bad_lines == "skip")
+    rows, _ = read_rows(section.train, section.bad_lines == "skip", section.encoding)
     rows = rows[:limit]
-    fmt = data_format(rows, section, section.train)
+    fmt = data_format(rows, section, section.train, note)
     what = "label" if task == "classify" else "reference answer"
     if fmt == "text":
         raise MlxLocalError(
@@ -233,7 +245,7 @@ def _classify(
     lm: LoadedModel, section: DataSection, samples: list[Sample], labels, batch_size: int
 ) -> EvalResult:
     gold = [str(s.messages[-1]["content"]).strip() for s in samples]
-    labels = _check_labels(lm.tokenizer, section.train, gold, labels)
+    labels = check_labels(lm.tokenizer, section.train, gold, labels)
     chat = has_chat_template(lm.tokenizer)
     try:
         candidates = [
@@ -264,7 +276,7 @@ def _classify(
     return EvalResult("classify", section.train, metrics, examples, labels)
 
 
-def _check_labels(tokenizer, where: str, gold: list[str], labels) -> list[str]:
+def check_labels(tokenizer, where: str, gold: list[str], labels) -> list[str]:
     if labels:
         labels = [str(label).strip() for label in labels]
         for label in labels:

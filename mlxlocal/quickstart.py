@@ -49,6 +49,16 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.2f} MB"
 
 
+def _fresh_run_dir(root: Path) -> Path:
+    """`run`, or `run-N` past the finished runs of earlier quickstarts in the same workdir:
+    re-running never refuses and never deletes a finished run (an interrupted one resumes)."""
+    path, n = root / "run", 1
+    while (path / "summary.json").exists():
+        n += 1
+        path = root / f"run-{n}"
+    return path
+
+
 def _weights_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("model*.safetensors"))
 
@@ -82,7 +92,10 @@ def run_quickstart(
     # 8-bit: at 64 wide the stand-in is too small to keep its quality at 4 bits.
     echo(f"3. quantizing it to 8 bits: mlxlocal quantize {mlx_dir} {base} --bits 8")
     quantize(mlx_dir, base, bits=8, group_size=64, evaluate=False, force=True)
-    recipe = load_recipe(RECIPE, [f"model.path={base}", f"output={root / 'run'}", *overrides])
+    run_dir = _fresh_run_dir(root)
+    if run_dir.name != "run":
+        echo(f"   (earlier quickstart runs are kept; this one goes to {run_dir})")
+    recipe = load_recipe(RECIPE, [f"model.path={base}", f"output={run_dir}", *overrides])
     echo(
         f"4. fine-tuning with LoRA on {recipe.data.train} and scoring held-out reviews before "
         f"and after: mlxlocal run {RECIPE} model.path={base}"

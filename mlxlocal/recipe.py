@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .checkpoint.inputs import SafeYAML, load_yaml, read_text
-from .data import DataSection, describe_dataset
+from .data import DataSection
 from .errors import MlxLocalError
 from .resources import builtin_dir
 
@@ -445,47 +445,3 @@ def format_recipe_table(recipes: list[BuiltinRecipe]) -> str:
     rows += [(r.name, r.memory.split(" (")[0], r.purpose) for r in recipes]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
-
-
-# --- validation without running -----------------------------------------------------------------
-
-
-def validate_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Check a recipe without running it: schema, model and data. Returns what was checked."""
-    from .models import read_config
-    from .sources import is_hub_id, is_offline, resolve_source
-
-    recipe = load_recipe(path, overrides)
-    report = [f"{path}: the schema is valid (method {recipe.method.type})"]
-    model = recipe.model.path
-    try:
-        folder = resolve_source(model, recipe.model.revision, download=False)
-    except MlxLocalError:
-        if not is_hub_id(model):
-            raise
-        if is_offline():
-            raise MlxLocalError(
-                f"{model} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset "
-                "it, or give a local path"
-            ) from None
-        report.append(f"model {model}: not in the Hugging Face cache; the run downloads it")
-    else:
-        config = read_config(folder)
-        _check_layers(recipe, config.get("num_hidden_layers") or config.get("n_layer"))
-        report.append(f"model {model}: found ({config['model_type']}, {folder})")
-    for split, file in (("train", recipe.data.train), ("valid", recipe.data.valid)):
-        if file is not None:
-            report.append(f"data {split}: {describe_dataset(recipe.data, file)}")
-    return report
-
-
-def _check_layers(recipe: Recipe, count: int | None) -> None:
-    layers = recipe.method.layers
-    if not count or layers == "all":
-        return
-    too_many = layers > count if isinstance(layers, int) else max(layers, default=0) >= count
-    if too_many:
-        raise MlxLocalError(
-            f"method.layers: {layers} does not fit the model's {count} layers "
-            f"(indices 0..{count - 1})"
-        )

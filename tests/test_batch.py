@@ -225,3 +225,124 @@ def test_cli_batch(tiny_lm, tmp_path):
     assert again.exit_code == 1 and "--force" in again.stderr
     assert CliRunner().invoke(cli, [*args, "--force"]).exit_code == 0
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # nothing left over
+
+
+# --- messy real-world files: output by extension, encodings, delimiters, column mapping -------
+
+
+def read_table(path, delimiter=",") -> list[dict]:
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def test_csv_in_csv_out_keeps_the_columns_and_equals_the_jsonl_output(tiny_lm, tmp_path):
+    # A European Excel export: cp1252, semicolons, CRLF; the prompt column named "question".
+    rows = [("Café crème?", "a;b"), ("the fox", "x"), ("lazy dog\nand fox", "y")]
+    text = "question;tag\r\n" + "".join(f'"{q}";"{t}"\r\n' for q, t in rows)
+    (tmp_path / "in.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(MlxLocalError, match=r"in.csv:2: byte 0xe9 at offset \d+ .*--encoding"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.csv", tmp_path / "x.csv", field="question")
+    common = dict(fields={"prompt": "question"}, encoding="cp1252", max_tokens=3)
+    mlxlocal.batch(tiny_lm, tmp_path / "in.csv", tmp_path / "out.csv", **common)
+    mlxlocal.batch(tiny_lm, tmp_path / "in.csv", tmp_path / "out.jsonl", **common)
+
+    raw = (tmp_path / "out.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 with a BOM: Excel reads it as UTF-8
+    table = read_table(tmp_path / "out.csv", ";")  # the input's delimiter
+    jsonl = read_jsonl(tmp_path / "out.jsonl")
+    assert list(table[0]) == [
+        "id",
+        "question",
+        "tag",
+        "output",
+        "finish_reason",
+        "generated_tokens",
+    ]
+    assert [(r["question"], r["tag"]) for r in table] == rows
+    assert table == [{k: str(v) for k, v in r.items()} for r in jsonl]
+    assert table[0]["output"] == generate(tiny_lm, "Café crème?", max_tokens=3).text
+
+    # .tsv: tab-separated; a JSONL input's fields become the columns, lists as JSON.
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "the fox", "tags": [1, 2]}, {"text": "dog"}])
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "out.tsv", max_tokens=2)
+    table = read_table(tmp_path / "out.tsv", "\t")
+    assert [r["tags"] for r in table] == ["[1,2]", ""] or [r["tags"] for r in table] == [
+        "[1, 2]",
+        "",
+    ]
+    assert not (tmp_path / "out.tsv").read_bytes().startswith(b"\xef\xbb\xbf")
+
+    with pytest.raises(MlxLocalError, match=r"\.jsonl .*\.csv"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "out.txt")
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_a_csv_output_resumes_after_an_interruption(tiny_lm, tmp_path):
+    prompts = texts(6, seed=3)
+    good = "text\n" + "".join(f"{t}\n" for t in prompts)
+    (tmp_path / "ref.csv").write_text(good)
+    mlxlocal.batch(tiny_lm, tmp_path / "ref.csv", tmp_path / "ref-out.csv", max_tokens=3)
+    lines = good.splitlines(keepends=True)
+    lines[4] = "two,cells\n"  # line 5: a bad row stops the run after three records
+    (tmp_path / "in.csv").write_text("".join(lines))
+    out = tmp_path / "out.csv"
+    with pytest.raises(MlxLocalError, match="in.csv:5"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.csv", out, max_tokens=3)
+    assert not out.exists() and (tmp_path / "out.csv.partial").exists()
+    (tmp_path / "in.csv").write_text(good)
+    with pytest.raises(MlxLocalError, match=r"max_tokens changed: 3 → 4.*--force"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.csv", out, max_tokens=4)
+    notes = []
+    result = mlxlocal.batch(tiny_lm, tmp_path / "in.csv", out, max_tokens=3, note=notes.append)
+    assert result.resumed == 3 and "3 of 6" in notes[-1]
+    assert out.read_bytes() == (tmp_path / "ref-out.csv").read_bytes()
+    assert len(read_table(out)) == 6
+    assert sorted(os.listdir(tmp_path)) == ["in.csv", "out.csv", "ref-out.csv", "ref.csv"]
+
+
+def test_prompt_column_detection_says_what_it_picked(tiny_lm, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "the fox", "text": "dog"}])
+    notes = []
+    mlxlocal.batch(
+        tiny_lm, tmp_path / "in.jsonl", tmp_path / "a.jsonl", max_tokens=2, note=notes.append
+    )
+    assert [n for n in notes if "'prompt' column" in n and "--field text" in n]
+    out = read_jsonl(tmp_path / "a.jsonl")[0]
+    assert out["output"] == generate(tiny_lm, "the fox", max_tokens=2).text
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", tmp_path / "b.jsonl", max_tokens=2, field="text")
+    assert (
+        read_jsonl(tmp_path / "b.jsonl")[0]["output"] == generate(tiny_lm, "dog", max_tokens=2).text
+    )
+
+
+def test_cli_batch_field_mapping_and_encoding(tiny_lm, tmp_path):
+    (tmp_path / "in.csv").write_bytes("q,sys\ncafé,Be brief.\n".encode("latin-1"))
+    args = ["batch", str(tiny_lm.path), "--input", str(tmp_path / "in.csv"), "--max-tokens", "2"]
+    args += ["--output", str(tmp_path / "out.csv"), "--field", "prompt=q"]
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1 and "--encoding" in failed.stderr
+    assert failed.stderr.count("\n") == 1  # one line
+    result = CliRunner().invoke(cli, [*args, "--encoding", "latin-1", "--field", "system=sys"])
+    assert result.exit_code == 0, result.output
+    row = read_table(tmp_path / "out.csv")[0]
+    assert row["q"] == "café"
+    assert (
+        row["output"]
+        == generate(
+            tiny_lm,
+            [
+                *tiny_lm.tokenizer.apply_chat_template(
+                    [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "café"},
+                    ],
+                    add_generation_prompt=True,
+                )
+            ],
+            max_tokens=2,
+        ).text
+    )
+    bad = CliRunner().invoke(cli, [*args, "--field", "promt=q", "--force"])
+    assert bad.exit_code == 1 and "did you mean prompt?" in bad.stderr

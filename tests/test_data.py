@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -14,15 +15,17 @@ from mlxlocal.data import (
     DataSection,
     Example,
     Sample,
+    file_format,
     has_chat_template,
     load_examples,
+    read_rows,
     tokenize_sample,
 )
 from mlxlocal.errors import MlxLocalError
 from mlxlocal.evaluate import evaluate
-from mlxlocal.recipe import validate_recipe
 from mlxlocal.tiny import CHAT_TEMPLATE, write_tokenizer
 from mlxlocal.train.batches import first_fit, iterate_batches, num_batches, plan_batches
+from mlxlocal.train.preflight import validate_recipe
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -404,3 +407,122 @@ def test_a_messy_file_reads_the_same_in_training_eval_batch_and_validate(
     assert [r["id"] for r in records] == sorted(good + bad)
     assert [(r["prompt"], r["completion"]) for r in records if "error" not in r] == MESSY_ROWS
     assert [r["id"] for r in records if "error" in r] == bad
+
+
+# --- encodings, delimiters, ambiguous formats, column mapping ------------------------------------
+
+ACCENTED = [("Café crème", "good"), ("Déjà vu; naïve", "bad"), ("Straße", "good")]
+
+
+@pytest.mark.parametrize(
+    "encoding, bom, named",
+    [
+        ("utf-8", b"", None),
+        ("utf-8", codecs.BOM_UTF8, None),
+        ("utf-16-le", codecs.BOM_UTF16_LE, None),  # Excel's "Unicode Text"
+        ("utf-16-be", codecs.BOM_UTF16_BE, None),
+        ("utf-32-le", codecs.BOM_UTF32_LE, None),
+        ("cp1252", b"", "cp1252"),
+        ("latin-1", b"", "latin-1"),
+        ("shift_jis", b"", "shift_jis"),
+    ],
+)
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_every_encoding_and_delimiter_reads_the_same_rows(
+    tmp_path, encoding, bom, named, delimiter
+):
+    rows = ACCENTED if encoding != "shift_jis" else [("日本語", "good"), ("a;b", "bad")]
+    lines = [f"prompt{delimiter}completion"] + [f'"{p}"{delimiter}{c}' for p, c in rows]
+    path = tmp_path / "data.csv"
+    path.write_bytes(bom + "\r\n".join(lines).encode(encoding) + "\r\n".encode(encoding))
+    read, _ = read_rows(path, encoding=named)
+    assert [(r.values["prompt"], r.values["completion"]) for r in read] == rows
+    assert [r.line for r in read] == list(range(2, 2 + len(rows)))
+    assert file_format(path, named).delimiter == delimiter
+
+
+def test_a_latin1_file_without_encoding_names_the_byte_and_the_fix(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps({"text": "plain"}) + "\n"
+    path.write_bytes(good.encode() + '{"text": "café"}\n'.encode("latin-1"))
+    offset = len(good) + len('{"text": "caf')
+    with pytest.raises(MlxLocalError) as e:
+        read_rows(path)
+    message = str(e.value)
+    assert message.startswith(f"data.jsonl:2: byte 0xe9 at offset {offset} of the file")
+    assert "--encoding cp1252" in message and "data.encoding" in message
+    assert "\n" not in message
+    assert [r.values["text"] for r in read_rows(path, encoding="latin-1")[0]] == ["plain", "café"]
+    with pytest.raises(MlxLocalError, match="unknown encoding 'latin-9x'"):
+        read_rows(path, encoding="latin-9x")
+    with pytest.raises(MlxLocalError, match=r"data.encoding: .*unknown encoding"):
+        validate_recipe_data(tmp_path, path, "data.encoding=latin-9x")
+
+
+def validate_recipe_data(folder: Path, data: Path, *overrides: str):
+    from mlxlocal.recipe import load_recipe
+
+    recipe = folder / "r.yaml"
+    recipe.write_text(
+        f"model: {{path: m}}\ndata: {{train: {data}}}\ntraining: {{steps: 1}}\noutput: o\n"
+    )
+    return load_recipe(recipe, list(overrides))
+
+
+def test_sniffing_is_checked_against_the_header(tmp_path):
+    # One column whose cells hold commas and semicolons: the header has no delimiter at all.
+    path = tmp_path / "one.csv"
+    path.write_text('text\n"a, b; c"\n"d, e, f"\n')
+    assert [r.values for r in read_rows(path)[0]] == [{"text": "a, b; c"}, {"text": "d, e, f"}]
+    path.write_text("text;label\na, b;x\nc, d;y\n")  # commas in cells, semicolons between
+    assert file_format(path).delimiter == ";"
+    (tmp_path / "t.tsv").write_text("text,x\tlabel\na\tb\n")  # .tsv is tabs, whatever it holds
+    assert read_rows(tmp_path / "t.tsv")[0][0].values == {"text,x": "a", "label": "b"}
+
+
+def test_an_ambiguous_format_says_what_it_picked_and_why(tmp_path, tok):
+    path = Path(_write(tmp_path / "d.jsonl", [{"text": "t", "prompt": "p", "completion": "c"}]))
+    notes = []
+    examples, report = load_examples(_data(str(path)), tok, note=notes.append)
+    assert report.format == "completion" and len(notes) == 1
+    assert "read as completion" in notes[0] and "'text' (text)" in notes[0]
+    assert "data.format" in notes[0]
+    _, report = load_examples(_data(str(path), format="text"), tok, note=notes.append)
+    assert report.format == "text" and len(notes) == 1  # chosen: nothing to say
+    _write(tmp_path / "e.jsonl", [{"prompt": "p", "completion": "c"}])
+    load_examples(_data(str(tmp_path / "e.jsonl")), tok, note=notes.append)
+    assert len(notes) == 1  # unambiguous: nothing to say
+
+
+def test_eval_maps_columns_and_reads_other_encodings(tiny_lm, tmp_path):
+    rows = [("Café great", "good"), ("Dull", "bad"), ("Très bien", "good")]
+    (tmp_path / "in.csv").write_bytes(
+        ("review;verdict\n" + "".join(f"{r};{v}\n" for r, v in rows)).encode("cp1252")
+    )
+    (tmp_path / "ref.jsonl").write_text(
+        "".join(json.dumps({"prompt": r, "completion": v}) + "\n" for r, v in rows)
+    )
+    fields = {"prompt": "review", "completion": "verdict"}
+    with pytest.raises(MlxLocalError, match="in.csv:2: byte 0xe9"):
+        evaluate(tiny_lm, tmp_path / "in.csv", "classify", fields=fields)
+    mapped = evaluate(tiny_lm, tmp_path / "in.csv", "classify", fields=fields, encoding="cp1252")
+    reference = evaluate(tiny_lm, tmp_path / "ref.jsonl", "classify")
+    assert mapped.examples == reference.examples and mapped.metrics == reference.metrics
+    with pytest.raises(MlxLocalError, match="cannot tell the data format"):
+        evaluate(tiny_lm, tmp_path / "in.csv", "classify", encoding="cp1252")
+
+
+def test_cli_eval_field_flags(tiny_mlx, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxlocal.cli import cli
+
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in [("x", "yes"), ("y", "no")])
+    )
+    args = ["eval", str(tiny_mlx), "--data", str(tmp_path / "in.jsonl"), "--task", "classify"]
+    result = CliRunner().invoke(cli, [*args, "--field", "prompt=q", "--field", "completion=a"])
+    assert result.exit_code == 0, result.output
+    assert "classify on" in result.stdout and "2 examples" in result.stdout
+    bad = CliRunner().invoke(cli, [*args, "--field", "prompt"])
+    assert bad.exit_code == 1 and "expected NAME=COLUMN" in bad.stderr

@@ -37,3 +37,16 @@ def test_quickstart_path_fine_tunes_and_reports_before_and_after(tmp_path, compi
 def test_quickstart_help_says_what_it_does():
     result = CliRunner().invoke(cli, ["quickstart", "--help"])
     assert result.exit_code == 0 and "stand-in" in result.output
+
+
+def test_quickstart_reruns_in_the_same_workdir(tmp_path, compiled):
+    """A second quickstart in the same --workdir works and keeps the first run."""
+    overrides = ["training.steps=2", "training.warmup_steps=0", "eval.limit=4"]
+    first = run_quickstart(tmp_path, echo=lambda _: None, overrides=overrides, examples=1)
+    lines: list[str] = []
+    second = run_quickstart(tmp_path, echo=lines.append, overrides=overrides, examples=1)
+    assert first.run == tmp_path / "run" and second.run == tmp_path / "run-2"
+    assert (first.run / "summary.json").exists() and (second.run / "summary.json").exists()
+    assert any("earlier quickstart runs are kept" in line for line in lines)
+    result = CliRunner().invoke(cli, ["quickstart", "--help"])
+    assert "--workdir" in result.output

@@ -15,9 +15,9 @@ from mlxlocal.recipe import (
     copy_recipe,
     dump_recipe,
     load_recipe,
-    validate_recipe,
 )
 from mlxlocal.sources import REPO_ID, resolve_source
+from mlxlocal.train.preflight import validate_recipe
 
 RECIPE = """\
 # purpose: a test
@@ -222,7 +222,8 @@ def test_every_builtin_recipe_validates():
         assert load_recipe(name) == r
     report = validate_recipe("tiny-lora")
     assert any(line.startswith("model builtin:tiny: found (llama") for line in report)
-    assert any("72 examples (chat)" in line for line in report)
+    assert any("65 examples (chat)" in line for line in report)  # 72, 7 held out
+    assert "data valid: builtin:tiny-chat.jsonl: 7 examples (chat)" in report
 
 
 def test_validate_checks_model_layers_and_data(recipe, tmp_path):

@@ -105,9 +105,31 @@ def test_resume_without_a_checkpoint_or_with_another_recipe_is_refused(recipe, t
     assert refused.stderr.strip().splitlines() == [
         f"error: --resume: {run} has no complete checkpoint; run without --resume to start over"
     ]
-    run.mkdir()  # a run of the same recipe but another learning rate
+    run.mkdir()  # a run of the same recipe but another learning rate, with a checkpoint
     other_rate = load_recipe(recipe, [f"output={run}", "training.learning_rate=0.1"])
     (run / "recipe.yaml").write_text(dump_recipe(other_rate))
+    (run / "step-2").mkdir()
+    (run / "step-2" / "state.json").write_text("{}")
+    (run / "latest").write_text("step-2")
     other = mlxlocal("run", str(recipe), f"output={run}")
     assert other.returncode == 1
     assert "different recipe (training.learning_rate differs)" in other.stderr
+    assert (run / "step-2" / "state.json").exists()  # the user's checkpoint is kept
+
+
+def test_a_failed_attempt_is_replaced_by_the_corrected_run(recipe, tmp_path):
+    """A run that failed before its first checkpoint locks nothing: the next run replaces it."""
+    run = tmp_path / "run"
+    failed = mlxlocal("run", str(recipe), f"output={run}", "data.train=missing.jsonl")
+    assert failed.returncode == 1 and "missing.jsonl" in failed.stderr
+    assert (run / "recipe.yaml").exists() and (run / "mine.txt").write_text("keep") == 4
+    (run / "step-99").mkdir()  # torn: no state.json, no `latest`
+    corrected = mlxlocal("run", str(recipe), f"output={run}", "training.steps=4")
+    assert corrected.returncode == 0, corrected.stderr
+    notes = [line for line in corrected.stderr.splitlines() if "failed attempt" in line]
+    assert len(notes) == 1 and "data.train" in notes[0] and str(run) in notes[0]
+    assert (run / "summary.json").exists() and (run / "mine.txt").read_text() == "keep"
+    assert not (run / "step-99").exists()
+    saved = load_recipe(run / "recipe.yaml")
+    assert saved.training.steps == 4 and saved.data.train.endswith(".jsonl")
+    assert saved.data.train == load_recipe(recipe).data.train

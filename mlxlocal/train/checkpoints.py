@@ -76,6 +76,40 @@ class RunDir:
         training = recipe.get("training") if isinstance(recipe, dict) else None
         return training.get("steps") if isinstance(training, dict) else None
 
+    def check(self, recipe_yaml: str, resume: bool | None, steps: int | None = None) -> str | None:
+        """What `prepare` would refuse, raised, without touching anything; or, when the
+        directory holds only a failed attempt of another recipe, the note on replacing it.
+
+        The recipe may differ from the run's in its length only (`training.steps`/`epochs`);
+        `steps` above a finished run's own continues it."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise MlxLocalError(f"output {p} is a file: choose a directory for the run")
+        if p.exists() and any(p.iterdir()) and not (p / "recipe.yaml").exists():
+            raise MlxLocalError(
+                f"output {p} exists and is not a training run: choose another output"
+            )
+        replace = None
+        if (p / "recipe.yaml").exists():
+            diff = _recipe_difference(p / "recipe.yaml", recipe_yaml)
+            if diff is not None and self.latest() is None:
+                replace = (
+                    f"replacing {p}: it holds only a failed attempt ({diff or 'the recipe'} "
+                    "differed; no checkpoint was written)"
+                )
+            elif diff is not None:
+                raise MlxLocalError(
+                    f"output {p} holds a run of a different recipe ({diff or 'the recipe'} "
+                    "differs): choose another output, or delete it to start over"
+                )
+        if (p / "summary.json").exists():
+            self._finished_step(steps)
+        if resume and self.latest() is None:
+            raise MlxLocalError(
+                f"--resume: {p} has no complete checkpoint; run without --resume to start over"
+            )
+        return replace
+
     def prepare(
         self,
         recipe_yaml: str,
@@ -86,35 +120,33 @@ class RunDir:
         """Create or reopen the run directory; return the checkpoint to resume from, if any.
 
         `resume` None resumes when a complete checkpoint exists; True insists on one. `note`
-        hears what was repaired (a metrics line torn by a kill or a full disk). The recipe may
-        differ from the run's in its length only (`training.steps`/`epochs`); `steps` above a
-        finished run's own continues it (it is no longer finished).
+        hears what was repaired (a metrics line torn by a kill or a full disk) or replaced (a
+        failed attempt of another recipe). `steps` above a finished run's own continues it (it
+        is no longer finished).
         """
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise MlxLocalError(f"output {p} is a file: choose a directory for the run")
-        if p.exists() and any(p.iterdir()) and not (p / "recipe.yaml").exists():
-            raise MlxLocalError(
-                f"output {p} exists and is not a training run: choose another output"
-            )
-        if (p / "recipe.yaml").exists():
-            _check_same_recipe(p / "recipe.yaml", recipe_yaml)
-        if (p / "summary.json").exists():
-            self._continue_finished(steps, note)
+        replace = self.check(recipe_yaml, resume, steps)
         for stale in p.glob(".*.tmp-*"):  # left by a kill during a write
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-        ckpt = self.latest()
-        if resume and ckpt is None:
-            raise MlxLocalError(
-                f"--resume: {p} has no complete checkpoint; run without --resume to start over"
+        if replace:
+            note(replace)
+            model = yaml.safe_load(recipe_yaml).get("model")
+            old = load_yaml(read_text(p / "recipe.yaml", "recipe"), str(p), "recipes")[0]
+            self._clear_attempt(keep_model=isinstance(old, dict) and old.get("model") == model)
+        if (p / "summary.json").exists():
+            note(
+                f"continuing the finished run {p} from step {self._finished_step(steps)} to {steps}"
             )
+            (p / "summary.json").unlink()
+        ckpt = self.latest()
         p.mkdir(parents=True, exist_ok=True)
         write_text_atomic(p / "recipe.yaml", recipe_yaml)
         step = read_position(ckpt).step if ckpt else 0
         self._truncate_metrics(step, note)
         return ckpt
 
-    def _continue_finished(self, steps: int | None, note: Callable[[str], None]) -> None:
+    def _finished_step(self, steps: int | None) -> int:
+        """The step a finished run stopped at, when `steps` goes beyond it; else refused."""
         ckpt = self.latest()
         done = read_position(ckpt).step if ckpt else None
         if steps is None or done is None or steps <= done:
@@ -123,8 +155,24 @@ class RunDir:
                 f"output {self.path} holds a finished run (see {self.path / 'summary.json'})"
                 f"{how}, choose another output, or delete it"
             )
-        note(f"continuing the finished run {self.path} from step {done} to step {steps}")
-        (self.path / "summary.json").unlink()
+        return done
+
+    # What a run writes into its directory: a failed attempt's are replaced, nothing else.
+    ATTEMPT_FILES = ("recipe.yaml", "metrics.jsonl", "latest", "evaluation.json")
+    ATTEMPT_DIRS = ("adapters",)
+
+    def _clear_attempt(self, keep_model: bool) -> None:
+        """Remove what a failed attempt wrote (no complete checkpoint, no summary): its files,
+        torn step folders, and the converted base unless the model is the same."""
+        p = self.path
+        for name in self.ATTEMPT_FILES:
+            (p / name).unlink(missing_ok=True)
+        folders = [*self.ATTEMPT_DIRS, *(d.name for d in p.iterdir() if STEP_DIR.match(d.name))]
+        if not keep_model:
+            folders.append("model")
+        for name in folders:
+            if (p / name).is_dir():
+                shutil.rmtree(p / name)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line; a failed write (a full disk) leaves the file as it was."""
@@ -241,8 +289,9 @@ def rng_key() -> list[int]:
     return mx.random.state[0].tolist()
 
 
-def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
-    """The run's recipe and `recipe_yaml` may differ only in how long they train."""
+def _recipe_difference(saved: Path, recipe_yaml: str) -> str | None:
+    """The first key where the saved recipe and this one differ ("" for the whole), or None;
+    how long they train (`training.steps`/`epochs`) may differ."""
     old = load_yaml(read_text(saved, "recipe"), str(saved), "recipes")[0]
     new = yaml.safe_load(recipe_yaml)
     for recipe in (old, new):
@@ -250,12 +299,7 @@ def _check_same_recipe(saved: Path, recipe_yaml: str) -> None:
             recipe["training"] = {
                 k: v for k, v in recipe["training"].items() if k not in ("steps", "epochs")
             }
-    diff = _first_difference(old, new)
-    if diff is not None:
-        raise MlxLocalError(
-            f"output {saved.parent} holds a run of a different recipe ({diff or 'the recipe'} "
-            "differs): choose another output, or delete it to start over"
-        )
+    return _first_difference(old, new)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:

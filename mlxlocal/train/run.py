@@ -27,15 +27,14 @@ from ..checkpoint.atomic import atomic_directory
 from ..checkpoint.dtypes import DTYPES
 from ..checkpoint.jsonout import strict_dumps
 from ..convert import convert
-from ..data import load_examples
 from ..errors import MlxLocalError
 from ..evaluate import EvalResult, evaluate_recipe, side_by_side
-from ..models import load, read_config
+from ..models import load, load_tokenizer, read_config
 from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
-from .batches import iterate_batches, num_batches
+from .batches import iterate_batches
 from .checkpoints import (
     Position,
     RunDir,
@@ -46,6 +45,7 @@ from .checkpoints import (
 )
 from .loss import check_output_head
 from .optim import build_optimizer
+from .preflight import preflight
 from .trainer import BatchStream, TrainResult, train
 
 
@@ -125,11 +125,7 @@ def load_base(recipe: Recipe, run_dir: Path, echo: Callable[[str], None]) -> tup
     model, tokenizer = load(path, lazy=True)
     model.set_dtype(DTYPES[dtype])
     quantize = recipe.model.quantize
-    if quantize is not None:
-        if "quantization" in read_config(path):
-            raise MlxLocalError(
-                f"model.quantize: {recipe.model.path} is already quantized; remove model.quantize"
-            )
+    if quantize is not None:  # (on a float model: preflight.check_model)
         # The plan `mlxlocal quantize` makes with a rule keeping the family's
         # keep_high_precision layers in float (QLoRA's choice); unfitting widths get a group.
         keep = (family_spec(model.model_type) or {}).get("keep_high_precision", DEFAULT_KEEP_HIGH)
@@ -210,6 +206,11 @@ def run_recipe(
         recipe = extended(recipe, run, extend)
     t = recipe.training
     ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=t.steps)
+    # The checks `recipes validate` makes, before any weight is converted or loaded.
+    src = resolve_source(recipe.model.path, recipe.model.revision)
+    checked = preflight(recipe, load_tokenizer(src), read_config(src), echo)
+    examples, report = checked.examples, checked.report
+    valid_examples, valid_report = checked.valid_examples, checked.valid_report
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
     model, tokenizer, base = load_base(recipe, run.path, echo)
@@ -218,17 +219,14 @@ def run_recipe(
         check_output_head(model)
     config = prepare_method(model, recipe, base)
 
-    examples, report = load_examples(recipe.data, tokenizer, "train")
-    valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid")
     d = recipe.data
-    # Packed rows no longer than the longest example: no batch outgrows the unpacked worst case.
-    capacity = min(d.max_length, max(len(e.tokens) for e in examples + valid_examples))
+    capacity = checked.capacity
 
     def batches(examples, epoch, start=0):
         return iterate_batches(examples, t.batch_size, capacity, d.packing, t.seed, epoch, start)
 
     stream = BatchStream(lambda e, s: batches(examples, e, s), t.epochs)
-    total_steps = t.steps or _epoch_steps(examples, recipe, capacity)
+    total_steps = checked.total_steps
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
     if ckpt is not None:
@@ -343,16 +341,3 @@ def next_commands(recipe: Recipe, base: Path, run: Path) -> list[str]:
     if (family_spec(read_config(base)["model_type"]) or {}).get("gguf_export"):
         commands.append(["mlxlocal", "export", "gguf", str(fused), str(run / "model.gguf")])
     return [shlex.join(c) for c in commands]
-
-
-def _epoch_steps(examples: list, recipe: Recipe, capacity: int) -> int:
-    t, d = recipe.training, recipe.data
-    count = sum(
-        num_batches(examples, t.batch_size, capacity, d.packing, t.seed, e) for e in range(t.epochs)
-    )
-    if count < t.grad_accumulation:
-        raise MlxLocalError(
-            f"the training data gives {count} batches, fewer than one step needs "
-            f"(training.grad_accumulation = {t.grad_accumulation}): add examples"
-        )
-    return count // t.grad_accumulation
