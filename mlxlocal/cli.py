@@ -521,8 +521,17 @@ def _adapter_pair(ctx, param, values) -> dict[str, str]:
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a key.")
 @_number("--max-concurrency", click.IntRange(1, 1024), 16, "Sequences generated at once.")
 @_number("--queue", click.IntRange(0, 100000), 64, "Requests waiting beyond those (then 429).")
+@click.option(
+    "--prefix-cache",
+    default="512MB",
+    show_default=True,
+    help="KV caches kept for prompts that share a prefix (chat turns); 0: off.",
+)
 @click.option("--log-prompts", is_flag=True, help="Put prompt text in the access log.")
-def serve(model, adapters, host, port, api_key, insecure, max_concurrency, queue, log_prompts):
+def serve(
+    model, adapters, host, port, api_key, insecure, max_concurrency, queue, prefix_cache,
+    log_prompts,
+):  # fmt: skip
     """Serve MODEL (and adapters over it) as an OpenAI-compatible API at http://HOST:PORT/v1.
 
     \b
@@ -530,8 +539,10 @@ def serve(model, adapters, host, port, api_key, insecure, max_concurrency, queue
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from .checkpoint.shards import parse_size
     from .serve import serve as run_server
 
+    cache_bytes = None if prefix_cache.strip() in ("0", "off") else parse_size(prefix_cache)
     run_server(
         model,
         adapters,
@@ -542,6 +553,7 @@ def serve(model, adapters, host, port, api_key, insecure, max_concurrency, queue
         max_concurrency=max_concurrency,
         queue=queue,
         log_prompts=log_prompts,
+        prefix_cache=cache_bytes,
         note=lambda text: click.echo(text, err=True),
     )
 

@@ -49,7 +49,10 @@ def adapter_dirs(tiny_mlx, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(tiny_lm, adapter_dirs):
-    with LiveServer(create_app(tiny_lm, adapter_dirs, max_concurrency=16)) as server:
+    """The server as `mlxlocal serve` runs it: with a prefix cache, so repeated and extended
+    prompts below start from cached KV states, and must answer exactly as without."""
+    app = create_app(tiny_lm, adapter_dirs, max_concurrency=16, prefix_cache=64 * 2**20)
+    with LiveServer(app) as server:
         yield server
 
 
@@ -518,3 +521,50 @@ def test_mlxlocal_serve_enforces_its_api_key(tiny_mlx):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# --- the prefix cache ----------------------------------------------------------------------------
+
+
+def _conversation_turns(client, model, texts, max_tokens=10):
+    """Answers to a conversation of len(texts) user turns, each resending the whole history."""
+    messages, answers = [], []
+    for text in texts:
+        messages.append({"role": "user", "content": text})
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
+        )
+        answers.append(r.choices[0].message.content)
+        messages.append({"role": "assistant", "content": answers[-1]})
+    return answers, messages
+
+
+@pytest.mark.parametrize("budget", [64 * 2**20, 1])
+def test_prefix_cache_reuses_turns_and_answers_alike(tiny_lm, adapter_dirs, budget):
+    from mlxlocal.generate import Stream, render_chat
+
+    texts = prompts(4, seed=21, longest=12)
+    model = tiny_lm.path.name
+    app = create_app(tiny_lm, {"lora": adapter_dirs["lora"]}, prefix_cache=budget)
+    with LiveServer(app) as server:
+        client = server.client()
+        answers, messages = _conversation_turns(client, model, texts)
+        # Each turn equals generating from the whole rendered conversation with no cache.
+        for turn in range(len(texts)):
+            ids = render_chat(tiny_lm.tokenizer, messages[: 2 * turn + 1])
+            assert answers[turn] == "".join(Stream(tiny_lm, ids, max_tokens=10)), turn
+        reused = server.engine.reused_tokens
+        # The same prompt twice, and an adapter over the same conversation: still exact.
+        again = client.chat.completions.create(
+            model=model, messages=messages[:-1], max_tokens=10, temperature=0
+        )
+        assert again.choices[0].message.content == answers[-1]
+        lora = load_model(tiny_lm.path, adapter_dirs["lora"])
+        adapted, _ = _conversation_turns(client, "lora", texts[:2])
+        first = render_chat(tiny_lm.tokenizer, [{"role": "user", "content": texts[0]}])
+        assert adapted[0] == "".join(Stream(lora, first, max_tokens=10))
+    if budget == 1:  # nothing fits: nothing is kept, nothing reused
+        assert server.engine.reused_tokens == 0
+    else:  # turn n reuses at least turn n-1's prompt
+        turns = [render_chat(tiny_lm.tokenizer, messages[: 2 * t + 1]) for t in range(4)]
+        assert reused >= sum(len(t) for t in turns[:-1])

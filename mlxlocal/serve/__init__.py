@@ -80,6 +80,7 @@ def serve(
     max_concurrency: int = 16,
     queue: int = 64,
     log_prompts: bool = False,
+    prefix_cache: int | None = None,
     note: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> None:
     """Serve until interrupted. Checks the address before loading anything."""
@@ -98,7 +99,8 @@ def serve(
             logger.setLevel(logging.INFO)
             logger.propagate = False
         app = create_app(model, adapters, api_key=api_key, max_concurrency=max_concurrency,
-                         queue=queue, log_prompts=log_prompts)  # fmt: skip
+                         queue=queue, log_prompts=log_prompts,
+                         prefix_cache=prefix_cache)  # fmt: skip
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         note(f"serving {', '.join(app.state.engine.variants)} at http://{shown}:{bound_port}/v1 "

@@ -79,9 +79,11 @@ def create_app(
     queue: int = 64,
     log_prompts: bool = False,
     max_body: int = MAX_BODY,
+    prefix_cache: int | None = None,
 ) -> FastAPI:
     """The ASGI application: `model` (an MLX folder or a loaded model) loaded once, each named
-    adapter folder (ours, mlx-lm's or PEFT) as another model id sharing its weights."""
+    adapter folder (ours, mlx-lm's or PEFT) as another model id sharing its weights;
+    `prefix_cache` bytes of KV caches are kept for reuse by prompts sharing a prefix."""
     from ..adapters.layers import adapted_copy
 
     lm = as_loaded(model)
@@ -106,7 +108,9 @@ def create_app(
 
     app = FastAPI(title="mlxlocal", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)  # fmt: skip
-    app.state.engine = engine = Engine(lm, variants, max_concurrency=max_concurrency, queue=queue)
+    engine = Engine(lm, variants, max_concurrency=max_concurrency, queue=queue,
+                    prefix_cache=prefix_cache)  # fmt: skip
+    app.state.engine = engine
     app.state.lm = lm
 
     @app.exception_handler(ApiError)

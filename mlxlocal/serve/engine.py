@@ -6,6 +6,11 @@ runs one set of weights: sequences for the same id share a batch, and every step
 id's batch in turn. A bounded number of requests run at once (`max_concurrency`); a bounded number
 more wait (`queue`); past that `submit` refuses (the HTTP layer answers 429). A cancelled request
 (a client that went away) leaves its batch at the next step and frees its slot.
+
+With a prefix cache, each finished sequence's KV cache is kept (mlx-lm's `LRUPromptCache`, keyed
+by model id, bounded in bytes, least recently used out first) and a new prompt starts from the
+longest stored prefix it shares: a chat client resending its whole conversation each turn has
+only the new turn processed.
 """
 
 from __future__ import annotations
@@ -79,12 +84,15 @@ class Engine:
         max_concurrency: int = 16,
         queue: int = 64,
         prefill_step_size: int = 2048,
+        prefix_cache: int | None = None,
     ):
         if max_concurrency < 1 or queue < 0:
             raise MlxLocalError("max_concurrency must be ≥ 1 and queue ≥ 0")
         self.lm, self.variants = lm, variants
         self.max_concurrency, self.queue = max_concurrency, queue
         self.prefill_step_size = prefill_step_size
+        self.prefix_cache_bytes = prefix_cache
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache, in all
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
@@ -175,6 +183,11 @@ class Engine:
         self._greedy = self._masked(Sampling().sampler(), normalize=False)
         self._gens: dict[str, Any] = {}
         self._running: dict[tuple[str, int], Job] = {}
+        self._prefixes = None
+        if self.prefix_cache_bytes:
+            from mlx_lm.models.cache import LRUPromptCache
+
+            self._prefixes = LRUPromptCache(max_size=1 << 30, max_bytes=self.prefix_cache_bytes)
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._cancelled or self._running):
@@ -215,9 +228,14 @@ class Engine:
         try:
             gen = self._generator(job.model)
             processors = job.sampling.logits_processors() + job.logits_processors
+            cache, rest = None, job.ids
+            if self._prefixes is not None:
+                cache, rest = self._reuse(job)
             (job.uid,) = gen.insert(
-                [job.ids],
+                [rest],
                 [job.max_tokens],
+                caches=[cache] if cache is not None else None,
+                all_tokens=[job.ids[: len(job.ids) - len(rest)]],
                 samplers=[self._sampler(job.sampling)],
                 logits_processors=[processors],
             )
@@ -263,7 +281,10 @@ class Engine:
         """Take a running job out of its batch (cancelled, or ended on a stop string)."""
         if self._running.pop((job.model, job.uid), None) is not None:
             try:
-                self._gens[job.model].remove([job.uid])
+                keep = self._prefixes is not None
+                caches = self._gens[job.model].remove([job.uid], return_prompt_caches=keep)
+                for cache, tokens in caches.values():
+                    self._keep_prefix(job.model, tokens, cache)
             except Exception:  # noqa: BLE001
                 log.exception("could not remove a sequence; its batch starts afresh")
                 self._drop(job.model, "the batch this request was in failed")
@@ -297,9 +318,30 @@ class Engine:
                     self._remove(job)
                 else:
                     del self._running[(name, r.uid)]
+                    self._keep_prefix(name, r.all_tokens, r.prompt_cache)
                     self._finish(job)
             if event.text or event.logprobs or finish:
                 _deliver(job, event)
+
+    def _reuse(self, job: Job) -> tuple[list | None, list[int]]:
+        """(a KV cache holding the longest stored prefix of the prompt, the rest of the
+        prompt); at least the last prompt token is left to feed."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._prefixes.fetch_nearest_cache(job.model, job.ids)
+        if cache is not None and not rest:  # the very same prompt again
+            if not can_trim_prompt_cache(cache):
+                return None, job.ids
+            trim_prompt_cache(cache, 1)
+            rest = job.ids[-1:]
+        self.reused_tokens += len(job.ids) - len(rest)
+        return cache, rest
+
+    def _keep_prefix(self, name: str, tokens: list[int] | None, cache: list | None) -> None:
+        """Remember a finished sequence's KV cache: a later prompt that starts with the same
+        tokens (the next turn of a chat) processes only what follows them."""
+        if self._prefixes is not None and tokens and cache:
+            self._prefixes.insert_cache(name, list(tokens), cache)
 
     def _logprob(self, token: int, logprobs, k: int) -> TokenLogprob:
         mx = self._mx
