@@ -406,6 +406,14 @@ def long_context_lm(mlx_checkpoints):
     return load_model(mlx_checkpoints("llama", max_position_embeddings=8192, vocab_size=576))
 
 
+@pytest.fixture(scope="module")
+def endless_lm(long_context_lm):
+    """That model with no stop ids: an answer runs to max_tokens unless it is cancelled."""
+    lm = load_model(long_context_lm.path)
+    lm.__dict__["stop_ids"] = frozenset()  # over the cached property, for this instance only
+    return lm
+
+
 def test_undecodable_ids_are_never_picked_nor_listed(long_context_lm):
     lm, model = long_context_lm, long_context_lm.path.name
     assert lm.decodable_only is not None
@@ -427,10 +435,10 @@ def test_undecodable_ids_are_never_picked_nor_listed(long_context_lm):
         assert [t.logprob for t in top] == pytest.approx(np.sort(logp)[::-1][:20], abs=1e-4)
 
 
-def test_disconnect_frees_the_slot_and_429_past_the_queue(long_context_lm, caplog):
+def test_disconnect_frees_the_slot_and_429_past_the_queue(endless_lm, caplog):
     caplog.set_level("INFO", logger="mlxlocal.serve")
-    app = create_app(long_context_lm, max_concurrency=1, queue=1, log_prompts=True)
-    model = long_context_lm.path.name
+    app = create_app(endless_lm, max_concurrency=1, queue=1, log_prompts=True)
+    model = endless_lm.path.name
     with LiveServer(app) as server:
         client = server.client()
         long_one = chat(client, "the fox", model=model, max_tokens=8000, stream=True)
@@ -453,7 +461,7 @@ def test_disconnect_frees_the_slot_and_429_past_the_queue(long_context_lm, caplo
             assert refused.value.body["code"] == "rate_limit_exceeded"
             long_one.close()  # the client goes away: its sequence must leave the batch
             waiting.result(timeout=120)
-        assert queued_result["text"] == generate(long_context_lm, "a lazy dog", max_tokens=6).text
+        assert queued_result["text"] == generate(endless_lm, "a lazy dog", max_tokens=6).text
         deadline = time.monotonic() + 60
         while server.engine.load:
             assert time.monotonic() < deadline
@@ -465,6 +473,24 @@ def test_disconnect_frees_the_slot_and_429_past_the_queue(long_context_lm, caplo
     generated = int(re.search(r"completion_tokens=(\d+)", cancelled).group(1))
     assert 0 < generated < 8000  # stopped long before its max_tokens
     assert all(re.search(r" \d\.\d{3}s", line) for line in posts)
+
+
+def test_a_client_that_stops_waiting_for_a_whole_answer_cancels_it(endless_lm, caplog):
+    caplog.set_level("INFO", logger="mlxlocal.serve")
+    model = endless_lm.path.name
+    with LiveServer(create_app(endless_lm, max_concurrency=1, queue=0)) as server:
+        impatient = server.client(timeout=1.0)
+        with pytest.raises(openai.APITimeoutError):
+            chat(impatient, "the lazy fox", model=model, max_tokens=8000)
+        deadline = time.monotonic() + 60
+        while server.engine.load:  # the slot frees without the answer being finished
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = chat(server.client(), "the fox", model=model, max_tokens=5)
+        expected = generate(endless_lm, "the fox", max_tokens=5).text
+        assert r.choices[0].message.content == expected
+    line = next(r.getMessage() for r in caplog.records if " 499 " in r.getMessage())
+    assert int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 8000
 
 
 def test_access_log_has_no_prompt_text_by_default(client, caplog):

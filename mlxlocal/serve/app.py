@@ -387,12 +387,14 @@ class Reply:
         """Wait for the whole answer; a client that went away meanwhile ends the wait."""
         text, entries, logprobs, finish = [], [], False, None
         while finish is None:
-            try:
-                event: Event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
+            # Wait on one get() until it completes (no event is lost to a timeout), looking
+            # every half second whether the client is still there.
+            getting = asyncio.ensure_future(events.get())
+            while not (await asyncio.wait({getting}, timeout=0.5))[0]:
                 if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the connection") from None
-                continue
+                    getting.cancel()
+                    raise ApiError(499, "the client closed the connection")
+            event: Event = getting.result()
             if event.error:
                 raise ApiError(500, event.error, type="server_error")
             text.append(event.text)

@@ -165,8 +165,9 @@ class Engine:
             log.exception("the generation loop stopped")
             self.failure = f"{type(e).__name__}: {e}"
             with self._cv:
-                for job in list(self._waiting):
-                    self._fail(job, "the generation loop stopped")
+                running = list(getattr(self, "_running", {}).values())
+                for job in [*self._waiting, *running]:
+                    self._fail(job, f"the generation loop stopped ({self.failure})")
                 self._waiting.clear()
 
     def _fail(self, job: Job, message: str) -> None:
