@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import batch, constrained, convert, data, generate, quantize, train
+from . import batch, constrained, convert, data, generate, quantize, serve, train
 from .common import machine
 
 SUITES = {
@@ -23,6 +23,7 @@ SUITES = {
     "quantize": quantize,
     "data": data,
     "train": train,
+    "serve": serve,
 }
 
 

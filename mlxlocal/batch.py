@@ -37,7 +37,7 @@ from .constraints import (
 from .data import FileFormat, Row, data_file, file_format, iter_rows
 from .errors import MlxLocalError
 from .generate import (
-    Detokenized,
+    Answer,
     LoadedModel,
     Sampling,
     as_loaded,
@@ -333,7 +333,7 @@ def batch(
             read += 1
             item = _Item(row, lm.tokenizer, stop)
             try:
-                ids, record_max, warnings, item.answer = prepare(row)
+                ids, record_max, warnings, item.answer.constrained = prepare(row)
             except MlxLocalError as e:
                 message = f"{input}:{row.line}: {e}"
                 if on_error == "stop":
@@ -367,7 +367,7 @@ def batch(
                         # A processor per sequence only under a constraint: any processor
                         # sends mlx-lm's generator down its (slower) per-sequence path.
                         processors = [
-                            lm.logits_processors(sampling, f[2].answer) for f in fresh
+                            lm.logits_processors(sampling, f[2].answer.constrained) for f in fresh
                         ] if constrained else None  # fmt: skip
                         uids = gen.insert(
                             [f[0] for f in fresh],
@@ -406,25 +406,21 @@ class _Item:
 
     def __init__(self, row: Row, tokenizer, stop: Sequence[str]):
         self.row = row
-        self.tokens: list[int] = []
-        self.text = Detokenized(tokenizer, stop)
+        self.answer = Answer(tokenizer, stop)
         self.result: dict[str, Any] | None = None
-        self.answer: ConstrainedAnswer | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.answer.tokens
 
     def step(self, token: int, finish_reason: str | None) -> bool:
         """Take the next token; True when this record is finished."""
-        self.tokens.append(token)
-        if self.answer:
-            self.answer.feed(len(self.tokens) - 1, token)
-        if finish_reason != "stop":  # "stop" from the generator means a stop id: not shown
-            self.text.add(token)
-        if self.text.stopped or (self.answer and self.answer.complete):
-            finish_reason = "stop"
-        if finish_reason is None:
+        self.answer.step(token, finish_reason)
+        if self.answer.finish_reason is None:
             return False
-        self.text.finish()
-        valid = {"valid": self.answer.valid} if self.answer else {}
-        self.finish(output=self.text.text, finish_reason=finish_reason, **valid)
+        matcher = self.answer.constrained
+        valid = {"valid": matcher.valid} if matcher else {}
+        self.finish(output=self.answer.text, finish_reason=self.answer.finish_reason, **valid)
         return True
 
     def finish(self, **added: Any) -> None:
