@@ -26,7 +26,7 @@ from .choices import ON_ERROR
 from .data import Row, data_file, iter_rows
 from .errors import MlxLocalError
 from .generate import (
-    Detokenized,
+    Answer,
     LoadedModel,
     Sampling,
     as_loaded,
@@ -271,21 +271,19 @@ class _Item:
 
     def __init__(self, row: Row, tokenizer, stop: Sequence[str]):
         self.row = row
-        self.tokens: list[int] = []
-        self.text = Detokenized(tokenizer, stop)
+        self.answer = Answer(tokenizer, stop)
         self.result: dict[str, Any] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.answer.tokens
 
     def step(self, token: int, finish_reason: str | None) -> bool:
         """Take the next token; True when this record is finished."""
-        self.tokens.append(token)
-        if finish_reason != "stop":  # "stop" from the generator means a stop id: not shown
-            self.text.add(token)
-        if self.text.stopped:
-            finish_reason = "stop"
-        if finish_reason is None:
+        self.answer.step(token, finish_reason)
+        if self.answer.finish_reason is None:
             return False
-        self.text.finish()
-        self.finish(output=self.text.text, finish_reason=finish_reason)
+        self.finish(output=self.answer.text, finish_reason=self.answer.finish_reason)
         return True
 
     def finish(self, **added: Any) -> None:

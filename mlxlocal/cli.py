@@ -493,6 +493,59 @@ def batch(model, input_path, output, no_chat_template, **flags) -> None:
     click.echo(result.summary())
 
 
+def _adapter_pair(ctx, param, values) -> dict[str, str]:
+    """--adapter NAME=DIR, repeatable, as {NAME: DIR}."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise click.BadParameter(f"{value!r}: write NAME=DIR (e.g. support=./run/adapters)")
+        if name in pairs:
+            raise click.BadParameter(f"the name {name!r} is given twice")
+        pairs[name] = folder
+    return pairs
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    callback=_adapter_pair,
+    help="NAME=DIR: serve this adapters folder as model NAME (repeatable).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@_number("--port", click.IntRange(0, 65535), 8080, "Port (0: any free one).")
+@click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a key.")
+@_number("--max-concurrency", click.IntRange(1, 1024), 16, "Sequences generated at once.")
+@_number("--queue", click.IntRange(0, 100000), 64, "Requests waiting beyond those (then 429).")
+@click.option("--log-prompts", is_flag=True, help="Put prompt text in the access log.")
+def serve(model, adapters, host, port, api_key, insecure, max_concurrency, queue, log_prompts):
+    """Serve MODEL (and adapters over it) as an OpenAI-compatible API at http://HOST:PORT/v1.
+
+    \b
+      mlxlocal serve ./qwen-mlx --adapter support=./run/adapters
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "support", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from .serve import serve as run_server
+
+    run_server(
+        model,
+        adapters,
+        host=host,
+        port=port,
+        api_key=api_key,
+        insecure=insecure,
+        max_concurrency=max_concurrency,
+        queue=queue,
+        log_prompts=log_prompts,
+        note=lambda text: click.echo(text, err=True),
+    )
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(), default=None, help="Where to put the demo files.")
 def quickstart(workdir) -> None:

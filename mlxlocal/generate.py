@@ -146,9 +146,10 @@ def as_loaded(model: str | Path | LoadedModel, adapter: str | Path | None = None
     return load_model(model, adapter)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def render_chat(tokenizer, messages: list[dict[str, Any]], tools: list | None = None) -> list[int]:
     """Token ids of a conversation in the model's chat template, ready for the next answer."""
-    return list(apply_chat_template(tokenizer, messages, add_generation_prompt=True))
+    options = {"tools": tools} if tools else {}
+    return list(apply_chat_template(tokenizer, messages, add_generation_prompt=True, **options))
 
 
 def encode_prompt(
@@ -246,6 +247,33 @@ class Detokenized:
         new = full[len(self.text) : end]
         self.text += new
         return new
+
+
+class Answer:
+    """One answer that a batch generator produces token by token: its tokens, and its text cut
+    before any stop string, without the stop id that ends it (`batch` and `serve` share it)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokens: list[int] = []
+        self._text = Detokenized(tokenizer, stop)
+        self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    def step(self, token: int, finish_reason: str | None) -> str:
+        """Take the next token and the generator's finish reason ("stop" there means a stop
+        id: kept in `tokens`, never shown); the text newly safe to show. `finish_reason` is
+        set once the answer is over, "stop" also when a stop string was reached."""
+        self.tokens.append(token)
+        piece = self._text.add(token) if finish_reason != "stop" else ""
+        if self._text.stopped:
+            finish_reason = "stop"
+        if finish_reason is not None:
+            piece += self._text.finish()
+            self.finish_reason = finish_reason
+        return piece
 
 
 @dataclass

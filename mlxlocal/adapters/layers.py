@@ -9,6 +9,7 @@ dense weight come from the layer's own bits, group size and mode, so 3-, 5- and 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -197,6 +198,35 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
         _load_full(model, path)
     else:
         apply_adapter(model, read_adapter(path))
+
+
+def adapted_copy(model: nn.Module, path: str | Path) -> nn.Module:
+    """`model` with the adapters at `path`, as a new module tree that shares every weight of
+    `model`, which stays as it was: one base in memory serves several adapters (`serve`)."""
+    variant = _shared_copy(model)
+    load_adapters(variant, path)
+    variant.eval()
+    mx.eval(variant.parameters())  # read now: a lazy array belongs to this thread's stream
+    return variant
+
+
+def _shared_copy(value: Any) -> Any:
+    """Modules, lists and dicts copied; arrays and everything else shared."""
+    if isinstance(value, nn.Module):
+        new = copy.copy(value)  # a new dict of the same children; __dict__ copied one level
+        new.__dict__.update({k: copy.copy(v) for k, v in vars(value).items() if _container(v)})
+        for key, child in value.items():
+            new[key] = _shared_copy(child)
+        return new
+    if isinstance(value, list | tuple):
+        return type(value)(_shared_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shared_copy(v) for k, v in value.items()}
+    return value
+
+
+def _container(value: Any) -> bool:
+    return isinstance(value, set | list | dict) and not isinstance(value, nn.Module)
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter) -> None:

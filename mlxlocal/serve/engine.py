@@ -1,0 +1,298 @@
+"""The serving loop: one thread owns the model and mlx-lm's `BatchGenerator`s; requests join and
+leave between decode steps (continuous batching, as `batch` does).
+
+Each model id (the base, and each adapter over it) has its own generator, since one forward pass
+runs one set of weights: sequences for the same id share a batch, and every step advances each
+id's batch in turn. A bounded number of requests run at once (`max_concurrency`); a bounded number
+more wait (`queue`); past that `submit` refuses (the HTTP layer answers 429). A cancelled request
+(a client that went away) leaves its batch at the next step and frees its slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MlxLocalError
+from ..generate import Answer, LoadedModel, Sampling
+
+log = logging.getLogger("mlxlocal.serve")
+
+
+class Busy(MlxLocalError):
+    """Every slot and every queue place is taken: try again shortly."""
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the most likely alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one step produced for one request; `finish_reason` or `error` set on the last."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request's sequence: what to generate, and where its events go (`deliver` is called
+    from the engine's thread and must be thread-safe)."""
+
+    model: str
+    ids: list[int]
+    max_tokens: int
+    deliver: Callable[[Event], None]
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: Sequence[str] = ()
+    top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen one and top k
+    logits_processors: list = field(default_factory=list)
+    # Set by the engine.
+    uid: int | None = None
+    done: bool = False
+    answer: Answer | None = None
+
+
+class Engine:
+    """The loop thread and its queue. `variants` maps a model id to a model (the base, or an
+    adapted copy sharing its weights: `adapters.layers.adapted_copy`)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        variants: dict[str, Any],
+        *,
+        max_concurrency: int = 16,
+        queue: int = 64,
+        prefill_step_size: int = 2048,
+    ):
+        if max_concurrency < 1 or queue < 0:
+            raise MlxLocalError("max_concurrency must be ≥ 1 and queue ≥ 0")
+        self.lm, self.variants = lm, variants
+        self.max_concurrency, self.queue = max_concurrency, queue
+        self.prefill_step_size = prefill_step_size
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._cancelled: list[Job] = []
+        self._load = 0  # accepted and not finished: running + waiting
+        self._stopping = False
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._run, name="mlxlocal-serve", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def load(self) -> int:
+        return self._load
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise Busy when max_concurrency + queue requests are in already."""
+        if job.model not in self.variants:
+            raise MlxLocalError(f"no model {job.model!r}")
+        with self._cv:
+            if self._stopping or not self.alive:
+                raise MlxLocalError("the server is shutting down")
+            if self._load >= self.max_concurrency + self.queue:
+                raise Busy(
+                    f"the server is at capacity ({self.max_concurrency} running, {self.queue} "
+                    "waiting): retry shortly"
+                )
+            self._load += 1
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job` (its client went away): it leaves the batch at the next step."""
+        with self._cv:
+            if job.done:
+                return
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._release(job)
+            else:
+                self._cancelled.append(job)
+                self._cv.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _release(self, job: Job) -> None:
+        """Called with the lock held: the job's slot is free."""
+        if not job.done:
+            job.done = True
+            self._load -= 1
+
+    def _finish(self, job: Job) -> None:
+        with self._cv:  # re-entrant (a Condition's lock is an RLock)
+            self._release(job)
+
+    # --- the loop thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - reported by /health, never silently
+            log.exception("the generation loop stopped")
+            self.failure = f"{type(e).__name__}: {e}"
+            with self._cv:
+                for job in list(self._waiting):
+                    self._fail(job, "the generation loop stopped")
+                self._waiting.clear()
+
+    def _fail(self, job: Job, message: str) -> None:
+        _deliver(job, Event(error=message))
+        self._finish(job)
+
+    def _loop(self) -> None:
+        import mlx.core as mx
+
+        self._greedy = Sampling().sampler()
+        self._gens: dict[str, Any] = {}
+        self._running: dict[tuple[str, int], Job] = {}
+        self._mx = mx
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._cancelled or self._running):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+                fresh = []
+                while self._waiting and len(self._running) + len(fresh) < self.max_concurrency:
+                    fresh.append(self._waiting.popleft())
+            for job in cancelled:
+                self._remove(job)
+            for job in fresh:
+                self._start(job)
+            for name in {m for m, _ in self._running}:
+                self._step(name)
+        for job in list(self._running.values()):
+            self._remove(job)
+            _deliver(job, Event(error="the server is shutting down"))
+        for gen in self._gens.values():
+            gen.close()
+
+    def _generator(self, name: str):
+        from mlx_lm.generate import BatchGenerator
+
+        if name not in self._gens:
+            self._gens[name] = BatchGenerator(
+                self.variants[name],
+                stop_tokens=[[t] for t in sorted(self.lm.stop_ids)],
+                sampler=self._greedy,
+                completion_batch_size=self.max_concurrency,
+                prefill_batch_size=min(self.max_concurrency, 8),
+                prefill_step_size=self.prefill_step_size,
+            )
+        return self._gens[name]
+
+    def _start(self, job: Job) -> None:
+        try:
+            gen = self._generator(job.model)
+            processors = list(self.lm.logits_processors(job.sampling)) + job.logits_processors
+            (job.uid,) = gen.insert(
+                [job.ids],
+                [job.max_tokens],
+                samplers=[self._sampler(job.sampling)],
+                logits_processors=[processors],
+            )
+        except Exception as e:  # noqa: BLE001 - one request fails, the loop goes on
+            log.exception("could not start a request")
+            self._fail(job, f"could not start generating ({type(e).__name__}: {e})")
+            return
+        job.answer = Answer(self.lm.tokenizer, job.stop)
+        self._running[(job.model, job.uid)] = job
+
+    def _sampler(self, sampling: Sampling):
+        """The greedy sampler shared by every greedy request (one batched argmax), else the
+        request's own; with a seed, its draws depend on the seed alone, not on its neighbours."""
+        if sampling.temp == 0:
+            return self._greedy
+        sample = sampling.sampler()
+        if sampling.seed is None:
+            return sample
+        mx, steps, seed = self._mx, itertools.count(), sampling.seed
+
+        def seeded(logprobs):
+            mx.random.seed((seed + next(steps) * 0x9E3779B97F4A7C15) % 2**64)
+            return sample(logprobs)
+
+        return seeded
+
+    def _remove(self, job: Job) -> None:
+        """Take a running job out of its batch (cancelled, or ended on a stop string)."""
+        if self._running.pop((job.model, job.uid), None) is not None:
+            try:
+                self._gens[job.model].remove([job.uid])
+            except Exception:  # noqa: BLE001
+                log.exception("could not remove a sequence; its batch starts afresh")
+                self._drop(job.model, "the batch this request was in failed")
+        self._finish(job)
+
+    def _drop(self, name: str, message: str) -> None:
+        """Fail every request of `name`'s batch and start that batch afresh."""
+        self._gens.pop(name, None)
+        for key in [k for k in self._running if k[0] == name]:
+            self._fail(self._running.pop(key), message)
+
+    def _step(self, name: str) -> None:
+        try:
+            _, responses = self._gens[name].next()
+        except Exception as e:  # noqa: BLE001 - the batch fails, the server goes on
+            log.exception("a generation step failed")
+            self._drop(name, f"generation failed ({type(e).__name__}: {e})")
+            return
+        for r in responses:
+            job = self._running.get((name, r.uid))
+            if job is None:
+                continue
+            piece = job.answer.step(r.token, r.finish_reason)
+            event = Event(text=piece, completion_tokens=len(job.answer.tokens))
+            if job.top_logprobs is not None and r.finish_reason != "stop":
+                event.logprobs.append(self._logprob(r.token, r.logprobs, job.top_logprobs))
+            finish = job.answer.finish_reason
+            if finish is not None:
+                event.finish_reason = finish
+                if r.finish_reason is None:  # a stop string: the generator does not know
+                    self._remove(job)
+                else:
+                    del self._running[(name, r.uid)]
+                    self._finish(job)
+            if event.text or event.logprobs or finish:
+                _deliver(job, event)
+
+    def _logprob(self, token: int, logprobs, k: int) -> TokenLogprob:
+        mx = self._mx
+        top: list[tuple[int, float]] = []
+        if k:
+            ids = mx.argpartition(-logprobs, k - 1)[:k]
+            values = logprobs[ids]
+            top = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda t: -t[1])
+        return TokenLogprob(token, logprobs[token].item(), top)
+
+
+def _deliver(job: Job, event: Event) -> None:
+    try:
+        job.deliver(event)
+    except Exception:  # noqa: BLE001 - a client's loop already closed: nothing to tell
+        log.debug("an event could not be delivered", exc_info=True)
