@@ -151,6 +151,7 @@ def test_page_streams_the_apis_greedy_answer_in_a_conversation(browser, live, lm
 
     base = lm.path.name
     assert open_page(browser, live.url) == [base, "lora"]
+    assert browser.execute_script("return getComputedStyle(document.body).display") == "flex"
     system = "You answer in one line."
     fill(browser, "system", system)
     fill(browser, "temperature", "0")
