@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import batch, convert, data, generate, quantize, train
+from . import batch, convert, data, generate, quantize, serve, train
 from .common import machine
 
 SUITES = {
@@ -22,6 +22,7 @@ SUITES = {
     "quantize": quantize,
     "data": data,
     "train": train,
+    "serve": serve,
 }
 
 

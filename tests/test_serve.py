@@ -398,8 +398,30 @@ def test_bad_requests_get_error_objects_and_the_server_still_answers(live, clien
 
 @pytest.fixture(scope="module")
 def long_context_lm(mlx_checkpoints):
-    """A tiny model with a long context, so one answer can run long enough to be interrupted."""
-    return load_model(mlx_checkpoints("llama", max_position_embeddings=8192))
+    """A tiny model with a long context, so one answer can run long enough to be interrupted,
+    and an embedding wider than its tokenizer (ids 512-575 cannot be decoded)."""
+    return load_model(mlx_checkpoints("llama", max_position_embeddings=8192, vocab_size=576))
+
+
+def test_undecodable_ids_are_never_picked_nor_listed(long_context_lm):
+    lm, model = long_context_lm, long_context_lm.path.name
+    assert lm.decodable_only is not None
+    texts = prompts(6, seed=5)
+    expected = [generate(lm, t, max_tokens=12).text for t in texts]
+    with LiveServer(create_app(lm)) as server:
+        client = server.client()
+
+        def run(text):
+            return chat(client, text, model=model, max_tokens=12).choices[0].message.content
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(run, texts)) == expected
+        r = chat(client, texts[0], model=model, max_tokens=4, logprobs=True, top_logprobs=20)
+        ids = encode_prompt(lm.tokenizer, texts[0])
+        logits = mlx_logits(lm.model, ids)[-1].astype(np.float64)[:512]  # decodable ones
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        top = r.choices[0].logprobs.content[0].top_logprobs
+        assert [t.logprob for t in top] == pytest.approx(np.sort(logp)[::-1][:20], abs=1e-4)
 
 
 def test_disconnect_frees_the_slot_and_429_past_the_queue(long_context_lm, caplog):

@@ -107,8 +107,10 @@ class Engine:
         if job.model not in self.variants:
             raise MlxLocalError(f"no model {job.model!r}")
         with self._cv:
-            if self._stopping or not self.alive:
+            if self._stopping:
                 raise MlxLocalError("the server is shutting down")
+            if not self.alive:
+                raise MlxLocalError(f"the generation loop stopped ({self.failure})")
             if self._load >= self.max_concurrency + self.queue:
                 raise Busy(
                     f"the server is at capacity ({self.max_concurrency} running, {self.queue} "
@@ -166,10 +168,13 @@ class Engine:
     def _loop(self) -> None:
         import mlx.core as mx
 
-        self._greedy = Sampling().sampler()
+        self._mx = mx
+        # Ids the tokenizer cannot decode are masked inside the samplers, not by a logits
+        # processor: any processor sends mlx-lm's batch down its one-sequence-at-a-time path.
+        self._mask = self.lm.decodable_only
+        self._greedy = self._masked(Sampling().sampler(), normalize=False)
         self._gens: dict[str, Any] = {}
         self._running: dict[tuple[str, int], Job] = {}
-        self._mx = mx
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._cancelled or self._running):
@@ -209,7 +214,7 @@ class Engine:
     def _start(self, job: Job) -> None:
         try:
             gen = self._generator(job.model)
-            processors = list(self.lm.logits_processors(job.sampling)) + job.logits_processors
+            processors = job.sampling.logits_processors() + job.logits_processors
             (job.uid,) = gen.insert(
                 [job.ids],
                 [job.max_tokens],
@@ -228,7 +233,7 @@ class Engine:
         request's own; with a seed, its draws depend on the seed alone, not on its neighbours."""
         if sampling.temp == 0:
             return self._greedy
-        sample = sampling.sampler()
+        sample = self._masked(sampling.sampler())
         if sampling.seed is None:
             return sample
         mx, steps, seed = self._mx, itertools.count(), sampling.seed
@@ -238,6 +243,21 @@ class Engine:
             return sample(logprobs)
 
         return seeded
+
+    def _masked(self, sample, normalize: bool = True):
+        """`sample` over the decodable ids only (log-probabilities renormalised over them, as
+        `generate`'s processor leaves them; argmax needs no renormalising)."""
+        if self._mask is None:
+            return sample
+        mask, mx = self._mask, self._mx
+
+        def masked(logprobs):
+            logprobs = mask(None, logprobs)
+            if normalize:
+                logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+            return sample(logprobs)
+
+        return masked
 
     def _remove(self, job: Job) -> None:
         """Take a running job out of its batch (cancelled, or ended on a stop string)."""
@@ -283,6 +303,9 @@ class Engine:
 
     def _logprob(self, token: int, logprobs, k: int) -> TokenLogprob:
         mx = self._mx
+        if self._mask is not None:
+            logprobs = self._mask(None, logprobs[None])[0]
+            logprobs = logprobs - mx.logsumexp(logprobs)
         top: list[tuple[int, float]] = []
         if k:
             ids = mx.argpartition(-logprobs, k - 1)[:k]

@@ -1,0 +1,181 @@
+"""serve: aggregate generated tok/s of `mlxlocal serve` vs `mlx_lm.server` on the same model with
+1, 4 and 16 concurrent clients, and each server's peak memory.
+
+Each server runs as a child process on a free loopback port (16 sequences decoded at once, 8
+prompts processed at once, for both), answers a warm-up request, then serves the same greedy chat
+requests at each client count: every client sends its requests one after another, all clients at
+once; tok/s is the completion tokens the servers report over the wall time of the whole round.
+Servers alternate per repetition (A/B/A/B). Peak memory is the server process's peak RSS (from
+the kernel, via wait4, once it is stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .generate import model_path
+
+CLIENTS = (1, 4, 16)
+REQUESTS_PER_CLIENT = {"tiny": 1, "small": 3, "medium": 3}
+MAX_TOKENS = {"tiny": 32, "small": 64, "medium": 64}
+WORDS = "the quick brown fox jumps over a lazy dog while your local model keeps the data".split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
+class Server:
+    """A server child process, ready once /health answers and a first request went through."""
+
+    def __init__(self, command: list[str], port: int, model_id: str):
+        self.url = f"http://127.0.0.1:{port}"
+        self.model_id = model_id
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(command)} exited ({self.proc.returncode})")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{' '.join(command)} did not come up")
+            time.sleep(0.2)
+        self.chat("warm up", 8)
+
+    def chat(self, text: str, max_tokens: int) -> int:
+        """Completion tokens of one greedy chat request."""
+        answer = _post(
+            f"{self.url}/v1/chat/completions",
+            {
+                "model": self.model_id,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
+        return answer["usage"]["completion_tokens"]
+
+    def round(self, texts: list[list[str]], max_tokens: int) -> tuple[float, int]:
+        """(wall seconds, completion tokens) for one client per list of texts, all at once."""
+
+        def client(mine: list[str]) -> int:
+            return sum(self.chat(t, max_tokens) for t in mine)
+
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(len(texts)) as pool:
+            tokens = sum(pool.map(client, texts))
+        return time.perf_counter() - tic, tokens
+
+    def stop(self) -> float:
+        """Stop the server; its peak RSS in MB."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, _, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:
+            return float("nan")
+        self.proc.returncode = 0
+        return usage.ru_maxrss / 1024
+
+
+def _commands(model: Path, port: int) -> dict[str, list[str]]:
+    ours = [sys.executable, "-c", "from mlxlocal.cli import main; main()", "serve", str(model),
+            "--port", str(port), "--max-concurrency", "16"]  # fmt: skip
+    theirs = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port",
+              str(port), "--decode-concurrency", "16", "--prompt-concurrency", "8",
+              "--log-level", "WARNING"]  # fmt: skip
+    return {"mlxlocal": ours, "mlx_lm": theirs}
+
+
+def run(size: str, reps: int, work: Path) -> dict:
+    model = model_path(size, work)
+    per_client = REQUESTS_PER_CLIENT[size]
+    rng = np.random.default_rng(3)
+    texts = [
+        [" ".join(rng.choice(WORDS, n)) for n in rng.integers(8, 60, per_client)]
+        for _ in range(max(CLIENTS))
+    ]
+    # The model id each server answers to: ours names the base after its folder; mlx_lm.server
+    # takes the path it was started with.
+    ids = {"mlxlocal": model.name, "mlx_lm": str(model)}
+    runs: dict[str, dict[int, list[tuple[float, int]]]] = {
+        name: {n: [] for n in CLIENTS} for name in ids
+    }
+    peaks: dict[str, list[float]] = {name: [] for name in ids}
+    for _ in range(reps):
+        for name in ids:
+            port = _free_port()
+            server = Server(_commands(model, port)[name], port, ids[name])
+            try:
+                for n in CLIENTS:
+                    runs[name][n].append(server.round(texts[:n], MAX_TOKENS[size]))
+            finally:
+                peaks[name].append(server.stop())
+    result: dict = {
+        "size": size,
+        "requests_per_client": per_client,
+        "max_tokens": MAX_TOKENS[size],
+    }
+    for name in ids:
+        result[name] = {
+            f"{n}_clients_tok_per_s": round(
+                statistics.median(tokens / wall for wall, tokens in runs[name][n]), 1
+            )
+            for n in CLIENTS
+        }
+        result[name]["peak_rss_mb"] = round(statistics.median(peaks[name]), 1)
+    for n in CLIENTS:
+        key = f"{n}_clients_tok_per_s"
+        result[f"ratio_{n}_clients"] = round(result["mlxlocal"][key] / result["mlx_lm"][key], 3)
+    result["ratio_peak_rss"] = round(
+        result["mlxlocal"]["peak_rss_mb"] / result["mlx_lm"]["peak_rss_mb"], 3
+    )
+    return result
+
+
+def table(result: dict) -> list[str]:
+    ours, theirs = result["mlxlocal"], result["mlx_lm"]
+    targets = {1: "≥ 1.0×", 4: "", 16: "≥ 1.5×"}
+    setup = f"{result['requests_per_client']} chats × ≤ {result['max_tokens']} tokens per client"
+    rows = [
+        f"| serve aggregate tok/s, {n} client{'s' if n > 1 else ''} ({setup}) vs mlx_lm.server "
+        f"| {ours[f'{n}_clients_tok_per_s']} | {theirs[f'{n}_clients_tok_per_s']} "
+        f"| {result[f'ratio_{n}_clients']}× | {targets[n]} |"
+        for n in CLIENTS
+    ]
+    rows.append(
+        f"| serve peak RSS vs mlx_lm.server | {ours['peak_rss_mb']} MB "
+        f"| {theirs['peak_rss_mb']} MB | {result['ratio_peak_rss']}× | ≤ 1.1× |"
+    )
+    return rows
