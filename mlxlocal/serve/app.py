@@ -278,9 +278,16 @@ def create_app(
         return await answer(request, body, prepare_completion, chat=False)
 
     if STATIC.is_dir():
+        # The page at / and its files under /static/: a mount at / would also answer the API's
+        # paths (GET /v1/chat/completions: its 404 instead of the router's 405).
+        from fastapi.responses import FileResponse
         from starlette.staticfiles import StaticFiles
 
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+        @app.get("/")
+        async def page():
+            return FileResponse(STATIC / "index.html")
+
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(ApiKey, api_key=api_key)
