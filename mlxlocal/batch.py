@@ -302,6 +302,15 @@ def _finished(items: deque[_Item]) -> list[dict[str, Any]]:
     return done
 
 
+def _json_line(record: dict[str, Any]) -> bytes:
+    """One output line in UTF-8; a record whose input held a lone surrogate (a JSON `\\ud800`
+    escape) keeps it as that escape, since UTF-8 cannot hold it."""
+    try:
+        return (strict_dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (strict_dumps(record) + "\n").encode()
+
+
 class ResumableOutput:
     """`OUT.partial` and its settings file: what lets an interrupted `batch` continue.
 
@@ -376,8 +385,7 @@ class ResumableOutput:
     def append(self, results: list[dict[str, Any]]) -> None:
         """Append output records durably: complete lines, flushed and fsynced."""
         if results:
-            lines = "".join(strict_dumps(r, ensure_ascii=False) + "\n" for r in results)
-            self._file.write(lines.encode())
+            self._file.write(b"".join(_json_line(r) for r in results))
             self._file.flush()
             os.fsync(self._file.fileno())
 

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .data import apply_chat_template
+from .data import apply_chat_template, check_text
 from .decoding import decodable_only, stop_ids
 from .errors import MlxLocalError
 from .models import context_length, read_config
@@ -157,6 +157,9 @@ def encode_prompt(
     """Prompt token ids: in the chat template when the model has one, else the plain text."""
     if not isinstance(prompt, str):
         return list(prompt)
+    check_text(prompt, "the prompt")
+    if system is not None:
+        check_text(system, "the system prompt")
     if chat_template and tokenizer.has_chat_template:
         messages = [{"role": "system", "content": system}] if system else []
         return render_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
@@ -403,6 +406,8 @@ def stream(
     A `prompt` string goes through the model's chat template unless `chat_template=False`;
     a list of token ids is used as is.
     """
+    for s in stop:
+        check_text(s, f"the stop string {s!r}")
     lm = as_loaded(model, adapter)
     sampling = sampling or Sampling()
     ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)

@@ -35,6 +35,11 @@ def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
     try:
         reader = GGUFReader(path)
         fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except UnicodeDecodeError as e:  # a key, a metadata value or a token
+        raise MlxLocalError(
+            f"{path}: a string in its metadata is not UTF-8 (byte {e.object[e.start]:#04x}); "
+            "the file is corrupt — re-download it"
+        ) from e
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise MlxLocalError(
             f"{path}: not a readable GGUF file ({_one_line(e)}); is it complete? re-download it"
