@@ -99,7 +99,15 @@ def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str,
                 f"the template uses {{{missing[0]}}} but the record has no field "
                 f"{missing[0]!r} (fields: {', '.join(fields) or 'none'})"
             )
-        return template.format_map(fields)
+        try:
+            return template.format_map(fields)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # A format spec the value cannot take ({n:d} of a string, {x:{y}} nested), or an
+            # index or attribute of a field ({x[0]}, {x.y}) the value does not have.
+            raise MlxLocalError(
+                f"the template cannot format this record ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); fix --template or the record"
+            ) from e
 
     return from_template
 

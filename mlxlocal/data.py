@@ -484,6 +484,13 @@ def _text_ids(tokenizer, text: str) -> list[int]:
 
 def tokenize_sample(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool) -> Example:
     """Token ids and loss weights; shared with evaluation, so both see the same rendering."""
+    texts = [sample.text] if sample.text is not None else [m["content"] for m in sample.messages]
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                check_text(text, "the text")
+    except MlxLocalError as e:
+        raise BadRow(str(e)) from e
     if sample.text is not None:
         tokens = _text_ids(tokenizer, sample.text)
         return Example(tokens, [1] * len(tokens))
