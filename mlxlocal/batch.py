@@ -10,6 +10,7 @@ input and continues. When every record is done, `OUT.partial` is renamed to OUT.
 from __future__ import annotations
 
 import os
+import re
 import string
 import time
 from collections import deque
@@ -68,6 +69,9 @@ def _record_id(row: Row) -> Any:
     return row.values["id"] if row.values and "id" in row.values else row.line
 
 
+MAX_FORMAT_WIDTH = 1000
+
+
 def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str, Any]], str]:
     """The function that turns a record into its prompt text: a template, or one field."""
     if template is None:
@@ -83,14 +87,23 @@ def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str,
         return from_field
 
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parts = [(n, spec) for _, n, spec, _ in string.Formatter().parse(template) if n is not None]
     except ValueError as e:
         raise MlxLocalError(f"template: {e}; write a literal brace as {{{{ or }}}}") from e
+    names = {name for name, _ in parts}
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise MlxLocalError(
             f"template: {{{bad[0]}}} is not a field name; use plain names like {{text}}"
         )
+    for name, spec in parts:
+        # A width is allocated whole ({x:>2000000000} is 2 GB a record), and a nested spec
+        # ({x:{y}}) would let each record choose its own.
+        if "{" in spec or any(int(w) > MAX_FORMAT_WIDTH for w in re.findall(r"\d+", spec)):
+            raise MlxLocalError(
+                f"template: {{{name}:{spec[:40]}}} asks for a width or precision above "
+                f"{MAX_FORMAT_WIDTH} or taken from a field; write a plain {{{name}}}"
+            )
 
     def from_template(fields: dict[str, Any]) -> str:
         missing = sorted(names - set(fields))

@@ -613,7 +613,7 @@ class Corpus:
                     [w(b.gguf, d / "m.gguf"), d / "m.gguf"][1],
                     d / "out",
                 ],
-                ci=kind in ("gguf-2^60-tokens", "gguf-token-not-utf8", "gguf-100k-blocks"),
+                ci=kind in ("gguf-2^60-token-types", "gguf-token-not-utf8", "gguf-100k-blocks"),
             )
         # Adapters.
         for kind, corrupt in adapter_kinds().items():
