@@ -464,9 +464,9 @@ def _loading(path: str | Path, what: str) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _cannot_load(path, what, e) from e
-    except AttributeError as e:  # a tool_parser_type naming a module that is no parser
-        if _named_key(e) is None:
-            raise
+    except AttributeError as e:
+        # A tool_parser_type naming a module that is no parser, or a config value transformers
+        # looks up by name (`"dtype": "Float32"` → torch.Float32).
         raise _cannot_load(path, what, e) from e
 
 

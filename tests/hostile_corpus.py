@@ -208,6 +208,7 @@ def model_kinds() -> dict[str, Callable[[Path], None]]:
         "model-type-cache": lambda d: _set_json(d / "config.json", model_type="cache"),
         "rope-theta-string": lambda d: _set_json(d / "config.json", rope_theta="fast"),
         "eos-string": lambda d: _set_json(d / "config.json", eos_token_id="</s>"),
+        "dtype-unknown": lambda d: _set_json(d / "config.json", dtype="Float32"),  # fuzz found
         "quantization-4": lambda d: _set_json(d / "config.json", quantization=4),
         "config-fifo": lambda d: _fifo(d / "config.json"),
         "config-dev-zero": lambda d: _dev_zero(d / "config.json"),
@@ -560,6 +561,7 @@ class Corpus:
                 harmless |= kind.startswith("index-") and verb not in ("convert", "quantize")
                 # convert and quantize --no-eval copy tokenizer files without running them.
                 harmless |= kind.startswith("tokenizer") and verb in ("convert", "quantize")
+                harmless |= kind == "dtype-unknown" and verb in ("convert", "quantize")
                 expect = (0, 1) if harmless else (1,)
                 yield self._case(
                     verb,
@@ -568,6 +570,10 @@ class Corpus:
                     outputs=outputs.get(verb, ("out",)),
                     expect=expect,
                     stdin=b"hi\n/quit\n",
+                    # --verify checks after writing: a failed check keeps the output.
+                    kept=("out",)
+                    if verb == "verify"
+                    else ("out.partial", "out.partial-settings.json"),
                     ci=kind in ci_models.get(verb, ()),
                 )
         for verb in ["fuse", "import peft", "export ollama"]:
@@ -1169,7 +1175,6 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
         model("quantize", base.mlx, "config.json", _whole),
         model("export gguf", base.mlx, "config.json", _whole),
         model("eval", base.mlx, "tokenizer_config.json", _whole),
-        model("convert", base.hf, "model.safetensors.index.json", _whole),
         ("convert", "m.gguf", gguf_file),
         ("convert", "pytorch_model.bin", bin_pickle),
         adapter("fuse", "adapter_config.json"),
@@ -1183,23 +1188,28 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
     return targets
 
 
-def mutation_cases(base: Base, root: Path, seed: int, count: int) -> Iterator[Case]:
-    rng = random.Random(seed)
+def mutation_cases(base: Base, root: Path, seed: int, count: int, start: int = 0) -> list[Case]:
+    """Mutated cases number `start`..`start + count` of run `seed`: each target in turn, then
+    targets drawn at random; case i is the same for the same seed."""
     targets = mutation_targets(base, root)
-    for i in range(count):
-        verb, name, make = targets[i % len(targets)] if i < len(targets) else rng.choice(targets)
-        case_rng = random.Random(rng.getrandbits(64))
+    cases = []
+    for i in range(start, start + count):
+        rng = random.Random(f"{seed}-{i}")
+        verb, name, make = targets[i] if i < len(targets) else rng.choice(targets)
         d = root / f"m{seed}-{i:05d}-{verb.replace(' ', '_')}-{name}"
         d.mkdir(parents=True)
-        args = [str(a) if isinstance(a, Path) else a for a in make(d, case_rng)]
-        yield Case(
-            verb,
-            f"mutated {name}",
-            args,
-            outputs=("out", "out.partial", "out.partial-settings.json"),
-            expect=(0, 1),
-            dir=d,
+        args = [str(a) if isinstance(a, Path) else a for a in make(d, rng)]
+        cases.append(
+            Case(
+                verb,
+                f"mutated {name}",
+                args,
+                outputs=("out", "out.partial", "out.partial-settings.json"),
+                expect=(0, 1),
+                dir=d,
+            )
         )
+    return cases
 
 
 def main() -> int:
@@ -1239,11 +1249,9 @@ def main() -> int:
         print(summary(outcomes), flush=True)
     deadline = time.monotonic() + ns.minutes * 60
     mutated: list[Outcome] = []
-    batch = 0
     while time.monotonic() < deadline:
-        cases = list(mutation_cases(base, root / "mutations", ns.seed + batch, 2 * ns.jobs))
+        cases = mutation_cases(base, root / "mutations", ns.seed, 2 * ns.jobs, len(mutated))
         mutated += run_cases(cases, ns.jobs, logs, report)
-        batch += 1
     if mutated:
         rcs = Counter(o.rc for o in mutated)
         print(f"mutations: {len(mutated)} (exit codes {dict(rcs)})", flush=True)

@@ -122,3 +122,12 @@ def test_export_gguf_bounds_the_config_by_the_weights(tiny_mlx, tmp_path):
     (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
     result = run("export", "gguf", model, tmp_path / "m.gguf")
     assert_clean_failure(result, "num_hidden_layers is 10000000", out=tmp_path / "m.gguf")
+
+
+def test_a_config_value_transformers_looks_up_by_name_is_one_line(tiny_mlx, tmp_path):
+    """Found by `make fuzz`: one flipped bit made `"dtype": "Float32"`, an AttributeError."""
+    model = shutil.copytree(tiny_mlx, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "Float32"}))
+    result = run("generate", model, "-p", "hi", "--max-tokens", 2)
+    assert_clean_failure(result, "cannot load the model or tokenizer", "Float32")
