@@ -9,7 +9,7 @@ UNAME := $(shell uname -s)
 MLX_EXTRA ?= $(if $(filter Linux,$(UNAME)),cpu,)
 EXTRAS := $(MLX_EXTRA)
 
-.PHONY: install install-test quickstart test lint bench clean
+.PHONY: install install-test quickstart test lint bench fuzz clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+FUZZ_MINUTES ?= 5
+FUZZ_SEED ?= 1
+FUZZ_JOBS ?= 2
+FUZZ_SAMPLE ?=
+# Hostile inputs for every verb, then seeded random mutations (README "Tests").
+fuzz: install-test
+	cd tests && ../$(VENV)/bin/python hostile_corpus.py --minutes $(FUZZ_MINUTES) \
+		--seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS) $(if $(FUZZ_SAMPLE),--sample $(FUZZ_SAMPLE),)
 
 bench: install-test
 	$(PY) -m benchmarks --suite all --size tiny

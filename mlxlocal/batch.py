@@ -84,6 +84,9 @@ def _record_id(row: Row) -> Any:
     return row.values["id"] if row.values and "id" in row.values else row.line
 
 
+MAX_FORMAT_WIDTH = 1000
+
+
 def output_kind(output: Path) -> str:
     """`jsonl` or `csv`, from the output's extension; any other is refused."""
     kind = OUTPUT_KINDS.get(output.suffix.lower())
@@ -126,14 +129,23 @@ def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str,
         return from_field
 
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parts = [(n, spec) for _, n, spec, _ in string.Formatter().parse(template) if n is not None]
     except ValueError as e:
         raise MlxLocalError(f"template: {e}; write a literal brace as {{{{ or }}}}") from e
+    names = {name for name, _ in parts}
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise MlxLocalError(
             f"template: {{{bad[0]}}} is not a field name; use plain names like {{text}}"
         )
+    for name, spec in parts:
+        # A width is allocated whole ({x:>2000000000} is 2 GB a record), and a nested spec
+        # ({x:{y}}) would let each record choose its own.
+        if "{" in spec or any(int(w) > MAX_FORMAT_WIDTH for w in re.findall(r"\d+", spec)):
+            raise MlxLocalError(
+                f"template: {{{name}:{spec[:40]}}} asks for a width or precision above "
+                f"{MAX_FORMAT_WIDTH} or taken from a field; write a plain {{{name}}}"
+            )
 
     def from_template(fields: dict[str, Any]) -> str:
         missing = sorted(names - set(fields))
@@ -142,7 +154,15 @@ def prompt_builder(template: str | None, field_name: str) -> Callable[[dict[str,
                 f"the template uses {{{missing[0]}}} but the record has no field "
                 f"{missing[0]!r} (fields: {', '.join(fields) or 'none'})"
             )
-        return template.format_map(fields)
+        try:
+            return template.format_map(fields)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # A format spec the value cannot take ({n:d} of a string, {x:{y}} nested), or an
+            # index or attribute of a field ({x[0]}, {x.y}) the value does not have.
+            raise MlxLocalError(
+                f"the template cannot format this record ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); fix --template or the record"
+            ) from e
 
     return from_template
 
@@ -437,6 +457,15 @@ def _finished(items: deque[_Item]) -> list[dict[str, Any]]:
     return done
 
 
+def _json_line(record: dict[str, Any]) -> bytes:
+    """One output line in UTF-8; a record whose input held a lone surrogate (a JSON `\\ud800`
+    escape) keeps it as that escape, since UTF-8 cannot hold it."""
+    try:
+        return (strict_dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (strict_dumps(record) + "\n").encode()
+
+
 class ResumableOutput:
     """`OUT.partial` and its settings file: what lets an interrupted `batch` continue.
 
@@ -526,8 +555,7 @@ class ResumableOutput:
     def append(self, results: list[dict[str, Any]]) -> None:
         """Append output records durably: complete lines, flushed and fsynced."""
         if results:
-            lines = "".join(strict_dumps(r, ensure_ascii=False) + "\n" for r in results)
-            self._file.write(lines.encode())
+            self._file.write(b"".join(_json_line(r) for r in results))
             self._file.flush()
             os.fsync(self._file.fileno())
 

@@ -50,6 +50,7 @@ __all__ = [
     "Sample",
     "apply_chat_template",
     "builtin_dataset",
+    "check_text",
     "collate",
     "data_file",
     "data_format",
@@ -585,12 +586,30 @@ def has_chat_template(tokenizer) -> bool:
     )
 
 
+def check_text(text: str, what: str) -> str:
+    """`text`, or one MlxLocalError when it holds a lone surrogate: what Python makes of bytes
+    that are not UTF-8 (surrogateescape) or of a JSON `\\ud800` escape. No tokenizer or UTF-8
+    writer takes it, and each would fail with its own traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MlxLocalError(
+            f"{what} is not valid text: it holds the lone surrogate U+{ord(text[e.start]):04X} "
+            f"at offset {e.start} (undecoded bytes, or a \\u escape of half a character); "
+            "give it as UTF-8 text"
+        ) from None
+    return text
+
+
 def apply_chat_template(tokenizer, messages: list[dict[str, Any]], **options) -> Any:
     """`tokenizer.apply_chat_template`, where whatever the template raises is one MlxLocalError.
 
     A template is the checkpoint's code: besides jinja's TemplateError (`raise_exception`) it
     can divide by zero, recurse without end or hit the sandbox's range limit.
     """
+    for i, message in enumerate(messages, 1):
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            check_text(message["content"], f"message {i}'s content")
     try:
         return tokenizer.apply_chat_template(messages, **options)
     except Exception as e:
@@ -721,6 +740,13 @@ def _text_ids(tokenizer, text: str) -> list[int]:
 
 def tokenize_sample(sample: Sample, tokenizer, chat: bool, train_on_prompt: bool) -> Example:
     """Token ids and loss weights; shared with evaluation, so both see the same rendering."""
+    texts = [sample.text] if sample.text is not None else [m["content"] for m in sample.messages]
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                check_text(text, "the text")
+    except MlxLocalError as e:
+        raise BadRow(str(e)) from e
     if sample.text is not None:
         tokens = _text_ids(tokenizer, sample.text)
         return Example(tokens, [1] * len(tokens))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .constraints import ConstrainedAnswer, Constraint, from_options
-from .data import apply_chat_template
+from .data import apply_chat_template, check_text
 from .decoding import decodable_only, stop_ids
 from .errors import MlxLocalError
 from .models import context_length, read_config
@@ -173,6 +173,9 @@ def encode_prompt(
     """Prompt token ids: in the chat template when the model has one, else the plain text."""
     if not isinstance(prompt, str):
         return list(prompt)
+    check_text(prompt, "the prompt")
+    if system is not None:
+        check_text(system, "the system prompt")
     if chat_template and tokenizer.has_chat_template:
         messages = [{"role": "system", "content": system}] if system else []
         return render_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
@@ -475,6 +478,8 @@ def stream(
     or `json_object` (any JSON object); the result's `valid` then says whether it was met.
     """
     constraint = from_options(choices, regex, json_schema, json_object)
+    for s in stop:
+        check_text(s, f"the stop string {s!r}")
     lm = as_loaded(model, adapter)
     sampling = sampling or Sampling()
     ids = encode_prompt(lm.tokenizer, prompt, system, chat_template)

@@ -236,6 +236,9 @@ _SIZE_KEYS = (
 )
 # How the architectures name their layer count.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# The fewest weights (elements; packed quantized words count once) a real layer holds: a toy
+# model of width 16 has ~4,000 per layer, packed at 4 bits ~700.
+MIN_LAYER_WEIGHTS = 256
 
 
 def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> nn.Module:
@@ -317,11 +320,20 @@ def check_config_sizes(config: dict[str, Any], shapes: Mapping[str, Sequence[int
                 "fix the config or re-download the checkpoint"
             )
     held = longest_numbered_list(shapes)
+    weights = sum(math.prod(shape) for shape in shapes.values())
     for key in _LAYER_KEYS:
         if config.get(key, 0) > held:
             raise MlxLocalError(
                 f"config.json: {key} is {config[key]} but the weight files hold at most "
                 f"{held} numbered layers; is config.json from the same checkpoint?"
+            )
+        # Each layer built costs ~85 KB however small its tensors: names of many tiny layers
+        # in a header must not make a small file build gigabytes of empty layers.
+        if config.get(key, 0) * MIN_LAYER_WEIGHTS > weights:
+            raise MlxLocalError(
+                f"config.json: {key} is {config[key]} but the weight files hold only {weights} "
+                f"weights in all, fewer than {MIN_LAYER_WEIGHTS} per layer; the files are not a "
+                "model's — re-download the checkpoint"
             )
     largest = max((max(shape, default=0) for shape in shapes.values()), default=0)
     for key in ("hidden_size", "vocab_size"):
@@ -476,7 +488,9 @@ def _cannot_load(path: str | Path, what: str, error: Exception) -> MlxLocalError
             f"{path}: its {what} needs code shipped with the checkpoint (auto_map), which "
             "mlxlocal never runs; use a checkpoint that transformers supports without it"
         )
-    return MlxLocalError(f"{path}: cannot load the {what} ({' '.join(str(error).split())})")
+    problem = " ".join(str(error).split())  # mlx-lm may list thousands of tensor names
+    problem = problem if len(problem) <= 300 else problem[:300] + "…"
+    return MlxLocalError(f"{path}: cannot load the {what} ({problem})")
 
 
 def load_tokenizer(path: str | Path):
@@ -497,9 +511,9 @@ def _loading(path: str | Path, what: str) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _cannot_load(path, what, e) from e
-    except AttributeError as e:  # a tool_parser_type naming a module that is no parser
-        if _named_key(e) is None:
-            raise
+    except AttributeError as e:
+        # A tool_parser_type naming a module that is no parser, or a config value transformers
+        # looks up by name (`"dtype": "Float32"` → torch.Float32).
         raise _cannot_load(path, what, e) from e
 
 

@@ -58,10 +58,17 @@ def verify_conversion(
     hf_logging.disable_progress_bar()
     src_dir = resolve_source(src, revision)
     dtype = read_config(Path(converted)).get("dtype", "float32")
-    reference = AutoModelForCausalLM.from_pretrained(
-        src_dir, dtype=torch.float32, trust_remote_code=False
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+    try:  # the source's config is read by transformers again, by its own rules
+        reference = AutoModelForCausalLM.from_pretrained(
+            src_dir, dtype=torch.float32, trust_remote_code=False
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        problem = " ".join(str(e).split())[:300]
+        raise MlxLocalError(
+            f"--verify: transformers cannot load {src} as the reference ({problem}); the "
+            "converted model is written, but unverified — fix the source's config to verify"
+        ) from e
     model, _ = load(converted)
     vocab = reference.config.vocab_size
     refs, cands = [], []

@@ -28,13 +28,31 @@ AFFINE_TYPES = {Q.Q4_1: (4, None), Q.Q4_0: (4, -8), Q.Q8_0: (8, -128)}
 GROUP = 32
 
 
+class _BoundedReader(GGUFReader):
+    """The gguf package's reader, refusing an array that claims more entries than the file has
+    bytes left: it reads arrays entry by entry, and past the end of the file an entry is empty
+    and takes no bytes, so a count of 2^60 loops (and grows a list) without end."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type == GGUFValueType.ARRAY:
+            count = int(self._get(orig_offs + 4, np.uint64)[0])  # after the item type
+            if count > len(self.data) - orig_offs:  # each entry takes at least one byte
+                raise ValueError(f"an array claims {count} entries, more than the file holds")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+
 def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
     """A GGUF reader whose every tensor is non-empty and fills exactly its own bytes of the file,
     and its metadata as Python values (lists for arrays)."""
     path = Path(path)
     try:
-        reader = GGUFReader(path)
+        reader = _BoundedReader(path)
         fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except UnicodeDecodeError as e:  # a key, a metadata value or a token
+        raise MlxLocalError(
+            f"{path}: a string in its metadata is not UTF-8 (byte {e.object[e.start]:#04x}); "
+            "the file is corrupt — re-download it"
+        ) from e
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise MlxLocalError(
             f"{path}: not a readable GGUF file ({_one_line(e)}); is it complete? re-download it"

@@ -29,7 +29,7 @@ from ..checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_
 from ..checkpoint.safetensors import load_lazy
 from ..choices import GGUF_TYPES
 from ..errors import MlxLocalError
-from ..models import context_length, read_config
+from ..models import check_config_sizes, context_length, read_config
 from ..progress import progress
 from ..resources import family_spec, family_specs
 from .gguf_tokenizer import add_tokenizer
@@ -100,6 +100,8 @@ def export_gguf(
     weights: dict[str, mx.array] = {}
     for f in weight_files(model)[1]:
         weights.update(load_lazy(f))
+    # Per-layer metadata is planned from the config: bound it by what the files hold first.
+    check_config_sizes(config, {name: w.shape for name, w in weights.items()})
     fused = read_any(adapter) if adapter else None
     if fused:
         check_fits(fused, linear_shapes(model, config), model)

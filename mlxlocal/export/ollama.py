@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_directory, check_output
+from ..data import apply_chat_template
 from ..decoding import stop_tokens
 from ..errors import MlxLocalError
 from ..models import hf_tokenizer
@@ -110,8 +111,8 @@ def go_template(tokenizer) -> str:
     bos = tokenizer.bos_token
 
     def render(messages: list[dict], generation: bool) -> str:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation
+        text = apply_chat_template(
+            tokenizer, messages, tokenize=False, add_generation_prompt=generation
         )
         return text[len(bos) :] if bos and text.startswith(bos) else text  # Ollama adds BOS
 
@@ -124,7 +125,7 @@ def go_template(tokenizer) -> str:
     template = _go_text(turn) + "{{ .Response }}" + _go_text(end_of_turn)
     try:
         with_system = render([{"role": "system", "content": SYSTEM}, user], True)
-    except Exception:  # templates that raise on a system role (Jinja's raise_exception)
+    except MlxLocalError:  # templates that raise on a system role (Jinja's raise_exception)
         return template
     # The system block sits between what both renderings share at the start and at the end.
     head = os.path.commonprefix([with_system, turn])

@@ -1,0 +1,1269 @@
+"""Hostile inputs for every verb (issue 13): a corpus generator, a runner that measures each case
+in its own CLI process, and seeded random mutations of valid files for `make fuzz`.
+
+Every case is a folder holding the hostile thing (a model, an adapter, a recipe, a data file, a
+FIFO as an output...) and the command line that hands it to one verb of the installed `mlxlocal`.
+What every case must show, whatever the input:
+
+- exit 1 (a mutation may also be harmless: exit 0), exactly one `error:` line, no traceback;
+- nothing created in the case's folder but the command's own output, nothing of the input changed,
+  its private TMPDIR left empty, no hidden `.OUT.tmp-*`/`.old-*` leftovers;
+- no code from a checkpoint run (the evil pickle and tokenizer leave a mark when they run);
+- the child's peak RSS (from `os.wait4`, for that process alone) under RSS_BUDGET_MB.
+
+The builders of hostile files live with the tests that pin their messages (test_hostile_*.py,
+torch_bin_files.py, test_remote_code.py); this module only combines them per verb.
+
+    python hostile_corpus.py --minutes 5 --seed 1 --jobs 2     # what `make fuzz` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A tiny model's verbs peak at ~300 MB (the MLX + transformers import floor); training ~450 MB.
+# Without the budgets of issue 13 the hostile files here reach several GB.
+RSS_BUDGET_MB = 700
+AS_LIMIT = 6 << 30  # address-space cap of each child: a regression fails fast, not the machine
+TIMEOUT_S = 300
+
+MODEL_VERBS = ["generate", "chat", "batch", "eval", "quantize", "export gguf", "export ollama"]
+ADAPTER_VERBS = [
+    "fuse",
+    "export peft",
+    "export gguf --adapter",
+    "import peft",
+    "generate --adapter",
+]
+VERBS = [
+    "convert",
+    "verify",
+    "info",
+    "quantize",
+    "generate",
+    "chat",
+    "batch",
+    "eval",
+    "run",
+    "recipes validate",
+    "export gguf",
+    "export peft",
+    "export ollama",
+    "fuse",
+    "import peft",
+]
+
+
+@dataclass
+class Base:
+    """The valid artifacts every hostile case starts from."""
+
+    hf: Path  # a tiny Hugging Face checkpoint (safetensors)
+    mlx: Path  # the same, converted
+    gguf: Path  # the same, exported (f32)
+    adapter: Path  # a LoRA adapter for mlx, in mlx-lm's layout
+    peft: Path  # the same adapter as a PEFT folder
+
+
+@dataclass
+class Case:
+    verb: str
+    kind: str
+    args: list = field(default_factory=list)  # after `mlxlocal`; str or bytes (argv bytes)
+    stdin: bytes = b""
+    outputs: tuple[str, ...] = ("out",)  # names in the case folder the command may create
+    expect: tuple[int, ...] = (1,)
+    ci: bool = False  # in the fast subset CI runs
+    dir: Path | None = None
+    make: Callable[[Path], list] | None = None  # writes the case's folder, returns its args
+    # What a failed run may leave for its re-run to continue: batch's partial output.
+    kept: tuple[str, ...] = ("out.partial", "out.partial-settings.json")
+
+
+@dataclass
+class Outcome:
+    case: Case
+    rc: int
+    output: str
+    peak_mb: int
+    problems: list[str]
+
+
+def build_base(root: Path) -> Base:
+    """Write the valid artifacts under `root` (~20 s on one core)."""
+    from helpers import make_hf_checkpoint
+
+    from mlxlocal import convert
+
+    hf = make_hf_checkpoint("llama", root / "hf")
+    return base_from(hf, convert(hf, root / "mlx").out, root)
+
+
+def base_from(hf: Path, mlx: Path, root: Path) -> Base:
+    from helpers import make_adapter
+
+    from mlxlocal.export.gguf import export_gguf
+    from mlxlocal.export.peft import export_peft
+
+    adapter = make_adapter(mlx, root / "adapter")
+    return Base(
+        hf,
+        mlx,
+        export_gguf(mlx, root / "m.gguf", type="f32").out,
+        adapter,
+        export_peft(adapter, root / "peft"),
+    )
+
+
+# --- hostile things, each written into a case folder ---------------------------------------------
+
+
+def _json_cases() -> dict[str, bytes]:
+    from test_hostile_inputs import HOSTILE_JSON
+
+    return {name: content for name, (content, _) in HOSTILE_JSON.items()}
+
+
+def _set_json(path: Path, **values) -> None:
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data))
+
+
+def _with_header(weights: Path, header: bytes, length: int | None = None) -> None:
+    """Replace a safetensors header (its stated length: `length`, or the true one)."""
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    size = len(header) if length is None else length
+    weights.write_bytes(struct.pack("<Q", size) + header + data[8 + n :])
+
+
+def _many_tiny_layers(folder: Path, layers: int = 20_000) -> None:
+    """A header naming `layers` numbered layers of one float each, and a config asking for them."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    for i in range(2, layers):
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = np.ones(1, np.float32)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    _set_json(folder / "config.json", num_hidden_layers=layers)
+
+
+def _template(folder: Path, source: str) -> None:
+    path = folder / "tokenizer_config.json"
+    settings = json.loads(path.read_text())
+    settings["chat_template"] = source + settings["chat_template"]
+    path.write_text(json.dumps(settings))
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _dev_zero(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+
+
+def model_kinds() -> dict[str, Callable[[Path], None]]:
+    """Corruptions of a checkpoint folder (HF or MLX): name → what it does to the folder."""
+    kinds: dict[str, Callable[[Path], None]] = {}
+    for name, content in _json_cases().items():
+        kinds[f"config-{name}"] = lambda d, c=content: (d / "config.json").write_bytes(c)
+        kinds[f"header-{name}"] = lambda d, c=content: _with_header(d / "model.safetensors", c)
+        kinds[f"index-{name}"] = lambda d, c=content: (
+            d / "model.safetensors.index.json"
+        ).write_bytes(c)
+    kinds |= {
+        "header-length-2^62": lambda d: _with_header(d / "model.safetensors", b"{}", 1 << 62),
+        "header-length-past-end": lambda d: _with_header(d / "model.safetensors", b"{}", 10**6),
+        "weights-truncated": lambda d: _truncate(d / "model.safetensors", 0.5),
+        "weights-missing": lambda d: [f.unlink() for f in d.glob("model*.safetensors*")],
+        "many-tiny-layers": _many_tiny_layers,
+        "layers-1e7": lambda d: _set_json(d / "config.json", num_hidden_layers=10**7),
+        "hidden-0": lambda d: _set_json(d / "config.json", hidden_size=0),
+        "vocab-1e9": lambda d: _set_json(d / "config.json", vocab_size=10**9),
+        "model-type-cache": lambda d: _set_json(d / "config.json", model_type="cache"),
+        "rope-theta-string": lambda d: _set_json(d / "config.json", rope_theta="fast"),
+        "eos-string": lambda d: _set_json(d / "config.json", eos_token_id="</s>"),
+        "dtype-unknown": lambda d: _set_json(d / "config.json", dtype="Float32"),  # fuzz found
+        "quantization-4": lambda d: _set_json(d / "config.json", quantization=4),
+        "config-fifo": lambda d: _fifo(d / "config.json"),
+        "config-dev-zero": lambda d: _dev_zero(d / "config.json"),
+        "tokenizer-deep": lambda d: (d / "tokenizer.json").write_bytes(_json_cases()["deep"]),
+        "tokenizer-config-huge-int": lambda d: (d / "tokenizer_config.json").write_bytes(
+            _json_cases()["huge-int"]
+        ),
+        "tokenizer-code": _custom_tokenizer,
+        "tool-parser-bogus": lambda d: _set_json(d / "tokenizer_config.json", tool_parser_type="x"),
+    }
+    return kinds
+
+
+TEMPLATE_KINDS = {
+    "template-zero-division": "{{ 1 // 0 }}",
+    "template-recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "template-range": "{% for i in range(10**12) %}{% endfor %}",
+}
+
+
+def _truncate(path: Path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+class Evil:
+    """Pickles as a call of os.system: the restricted unpickler must refuse to run it."""
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+def _custom_tokenizer(folder: Path) -> None:
+    from test_remote_code import with_custom_tokenizer
+
+    tmp = folder.with_name(folder.name + "-custom")
+    with_custom_tokenizer(folder, tmp)
+    shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def bin_kinds(mark: str) -> dict[str, Callable[[Path], None]]:
+    """pytorch_model.bin files, each replacing the folder's safetensors."""
+    from torch_bin_files import FakeTensor, StorageRef, write_checkpoint
+
+    def only_bin(folder: Path, obj, storages: dict, pid_ok: bool = True) -> Path:
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        return write_checkpoint(folder / "pytorch_model.bin", obj, storages, pid_ok)
+
+    def views(folder: Path) -> None:  # 256 views of one 4 MB storage: 1 GB once materialised
+        ref = StorageRef("0", 1 << 20)
+        name = "model.layers.{}.mlp.up_proj.weight"
+        obj = {name.format(i): FakeTensor(ref, 0, (1024, 1024), (1024, 1)) for i in range(256)}
+        only_bin(folder, obj, {"0": bytes(4 << 20)})
+
+    def stride0(folder: Path) -> None:  # one float, viewed as 2^32 of them per layer
+        ref = StorageRef("0", 1)
+        name = "model.layers.{}.mlp.up_proj.weight"
+        obj = {name.format(i): FakeTensor(ref, 0, (1 << 16, 1 << 16), (0, 0)) for i in range(2)}
+        only_bin(folder, obj, {"0": bytes(4)})
+
+    def deflated(folder: Path) -> None:  # 256 MB of zeros deflated to ~250 KB
+        numel = 64 << 20
+        obj = {"model.embed_tokens.weight": FakeTensor(StorageRef("0", numel), 0, (numel,), (1,))}
+        path = only_bin(folder, obj, {})
+        with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            with zf.open("archive/data/0", "w") as f:
+                for _ in range(256):
+                    f.write(bytes(1 << 20))
+
+    def code(folder: Path) -> None:
+        only_bin(folder, {"w": Evil(mark)}, {}, pid_ok=False)
+
+    def past_end(folder: Path) -> None:  # a view reaching far past its 16-byte storage
+        ref = StorageRef("0", 4)
+        only_bin(folder, {"w": FakeTensor(ref, 10**9, (4,), (1,))}, {"0": bytes(16)})
+
+    def not_zip(folder: Path) -> None:
+        only_bin(folder, {}, {})
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00." + bytes(100))
+
+    return {
+        "bin-views-of-one-storage": views,
+        "bin-stride-0": stride0,
+        "bin-deflated": deflated,
+        "bin-code": code,
+        "bin-offset-past-end": past_end,
+        "bin-not-zip": not_zip,
+    }
+
+
+def gguf_kinds() -> dict[str, Callable[[Path, Path], None]]:
+    """GGUF files: (good file, where to write the hostile one)."""
+    import gguf
+    from test_hostile_gguf import TOK, V, _rewrite
+
+    def count(key: str, value: int) -> Callable[[Path, Path], None]:
+        def write(good: Path, out: Path) -> None:
+            data = bytearray(good.read_bytes())
+            name = key.encode()
+            i = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+            data[i + 8 : i + 16] = struct.pack("<Q", value)  # after (ARRAY, item type)
+            out.write_bytes(data)
+
+        return write
+
+    def header(offset: int, value: int) -> Callable[[Path, Path], None]:
+        def write(good: Path, out: Path) -> None:
+            data = bytearray(good.read_bytes())
+            data[offset : offset + 8] = struct.pack("<Q", value)
+            out.write_bytes(data)
+
+        return write
+
+    def bad_token(good: Path, out: Path) -> None:
+        tokens = [t.encode() for t in gguf.GGUFReader(good).fields[TOK + "tokens"].contents()]
+        tokens[5] = b"\xff\xfeab"
+        _rewrite(good, out, {TOK + "tokens": (tokens, V.ARRAY, V.STRING)})
+
+    def blocks(good: Path, out: Path) -> None:
+        _rewrite(good, out, {"llama.block_count": (100_000, V.UINT32, None)})
+
+    return {
+        "gguf-token-not-utf8": bad_token,
+        "gguf-name-not-utf8": lambda g, o: _rewrite(
+            g, o, {"general.name": (b"caf\xe9", V.STRING, None)}
+        ),
+        "gguf-2^60-tokens": count(TOK + "tokens", 1 << 60),
+        "gguf-2^60-token-types": count(TOK + "token_type", 1 << 60),
+        "gguf-2^60-tensors": header(8, 1 << 60),
+        "gguf-2^60-keys": header(16, 1 << 60),
+        "gguf-100k-blocks": blocks,
+        "gguf-truncated": lambda g, o: o.write_bytes(g.read_bytes()[: g.stat().st_size // 3]),
+        "gguf-head-count-0": lambda g, o: _rewrite(
+            g, o, {"llama.attention.head_count": (0, V.UINT32, None)}
+        ),
+    }
+
+
+def adapter_kinds() -> dict[str, Callable[[Path], None]]:
+    """Corruptions of an adapter folder (mlx-lm layout or PEFT)."""
+
+    def weights(d: Path) -> Path:
+        return next(d.glob("*.safetensors"))
+
+    kinds: dict[str, Callable[[Path], None]] = {}
+    for name, content in _json_cases().items():
+        kinds[f"adapter-config-{name}"] = lambda d, c=content: (
+            d / "adapter_config.json"
+        ).write_bytes(c)
+        kinds[f"adapter-header-{name}"] = lambda d, c=content: _with_header(weights(d), c)
+    kinds |= {
+        "adapter-num-layers-1e7": lambda d: _set_json(d / "adapter_config.json", num_layers=10**7),
+        "adapter-rank-1e9": lambda d: _set_rank(d, 10**9),
+        "adapter-weights-missing": lambda d: weights(d).unlink(),
+        "adapter-weights-truncated": lambda d: _truncate(weights(d), 0.4),
+        "adapter-config-fifo": lambda d: _fifo(d / "adapter_config.json"),
+    }
+    return kinds
+
+
+def _set_rank(d: Path, rank: int) -> None:
+    config = json.loads((d / "adapter_config.json").read_text())
+    if "lora_parameters" in config:
+        config["lora_parameters"]["rank"] = rank
+    else:
+        config["r"] = rank
+    (d / "adapter_config.json").write_text(json.dumps(config))
+
+
+RECIPE = """\
+model:
+  path: {model}
+  dtype: float32
+data:
+  train: train.jsonl
+  max_length: 64
+method:
+  type: lora
+  rank: 4
+training:
+  steps: 2
+  batch_size: 2
+output: out
+"""
+
+
+def recipe_kinds() -> dict[str, Callable[[Path], list]]:
+    """Hostile recipes, overrides and data for `run`/`recipes validate`: name → (folder →
+    extra arguments after the recipe path). The recipe is `recipe.yaml`, its data `train.jsonl`."""
+    from test_hostile_inputs import BOMB, BOMB_FLOW, LAUGHS, ROWS, SELF_REFERENCE
+
+    def edit(text: Callable[[str], str]) -> Callable[[Path], list]:
+        def write(d: Path) -> list:
+            path = d / "recipe.yaml"
+            path.write_text(text(path.read_text()))
+            return []
+
+        return write
+
+    def data(line: bytes) -> Callable[[Path], list]:
+        def write(d: Path) -> list:
+            good = json.dumps({"text": "hello there"}).encode()
+            (d / "train.jsonl").write_bytes(b"\n".join([good, line, good]) + b"\n")
+            return []
+
+        return write
+
+    def special(name: str, make: Callable[[Path], None]) -> Callable[[Path], list]:
+        return lambda d: [make(d / name)] and []
+
+    kinds = {
+        "yaml-billion-laughs": edit(lambda t: t.replace("training:\n", BOMB, 1)),
+        "yaml-self-reference": edit(lambda t: t.replace("training:\n", SELF_REFERENCE, 1)),
+        "yaml-rules-style-bomb": edit(
+            lambda t: t + "extra:\n" + "".join(f"  {x}\n" for x in LAUGHS)
+        ),
+        "yaml-not-utf8": lambda d: [(d / "recipe.yaml").write_bytes(b"model: \xff\xfe\n")] and [],
+        "yaml-deep": lambda d: [(d / "recipe.yaml").write_text("[" * 100_000)] and [],
+        "override-bomb": lambda d: [f"training.optimizer_args={BOMB_FLOW}"],
+        "override-deep": lambda d: ["training.optimizer_args=" + "[" * 50_000],
+        "recipe-fifo": special("recipe.yaml", _fifo),
+        "recipe-dev-zero": special("recipe.yaml", _dev_zero),
+        "data-fifo": special("train.jsonl", _fifo),
+        "data-dev-zero": special("train.jsonl", _dev_zero),
+        "data-surrogate": data(b'{"text": "a\\ud800b"}'),
+        "steps-huge": lambda d: ["training.steps=" + "9" * 5000],
+        "model-config-deep": lambda d: [f"model.path={d / 'model'}"],
+    }
+    kinds |= {f"data-{name}": data(line) for name, line in ROWS.items()}
+    return kinds
+
+
+def data_kinds() -> dict[str, Callable[[Path], None]]:
+    """Hostile data files at `folder/in.jsonl` (or .csv), for `batch --input` and `eval --data`."""
+    from test_hostile_inputs import ROWS
+
+    def jsonl(line: bytes) -> Callable[[Path], None]:
+        good = json.dumps({"prompt": "The film was great.", "completion": "good"}).encode()
+        return lambda p: p.write_bytes(b"\n".join([good, line, good]) + b"\n")
+
+    kinds = {f"line-{name}": jsonl(line) for name, line in ROWS.items()}
+    kinds |= {
+        "line-surrogate": jsonl(b'{"prompt": "a\\ud800b", "completion": "x"}'),
+        "line-nan-id": jsonl(b'{"id": NaN, "prompt": "x", "completion": "y"}'),
+        "input-fifo": _fifo,
+        "input-dev-zero": _dev_zero,
+        "csv-not-utf8": lambda p: p.with_suffix(".csv").write_bytes(b"prompt\n\xff\xfe\n"),
+        "csv-long-field": lambda p: p.with_suffix(".csv").write_bytes(
+            b'prompt\n"' + b"x" * (200 << 10) + b"\n"
+        ),
+    }
+    return kinds
+
+
+# --- the corpus ----------------------------------------------------------------------------------
+
+
+class Corpus:
+    """Writes cases under `root`, each in its own folder; `cases()` yields them."""
+
+    def __init__(self, base: Base, root: Path) -> None:
+        self.base, self.root = base, root
+        self.marks = root / "marks"
+        self.marks.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+
+    def _folder(self, verb: str, kind: str) -> Path:
+        self.n += 1
+        d = self.root / f"{self.n:04d}-{verb.replace(' ', '_').replace('-', '')}-{kind}"
+        d.mkdir(parents=True)
+        return d
+
+    def _case(self, verb: str, kind: str, make: Callable[[Path], list], **kw) -> Case:
+        return Case(verb, kind, make=make, **kw)
+
+    def cases(self, ci_only: bool = False, sample: int | None = None, seed: int = 0) -> list[Case]:
+        """The whole corpus, its CI subset (a few cases per verb and kind of input) or a seeded
+        sample of `sample` cases; only the chosen cases' folders are written."""
+        chosen = [c for c in self._all() if c.ci or not ci_only]
+        if sample is not None and sample < len(chosen):
+            chosen = random.Random(seed).sample(chosen, sample)
+        for case in chosen:
+            case.dir = self._folder(case.verb, case.kind)
+            case.args = [str(a) if isinstance(a, Path) else a for a in case.make(case.dir)]
+        return chosen
+
+    def _model_copy(self, d: Path, src: Path, kind: Callable[[Path], None]) -> Path:
+        model = d / "model"
+        shutil.copytree(src, model)
+        kind(model)
+        return model
+
+    def _all(self) -> Iterator[Case]:
+        b = self.base
+        mark = str(self.marks / "bin-code")
+        models = model_kinds()
+        ci_models = {
+            "convert": {"config-deep", "header-huge-int", "many-tiny-layers", "config-fifo"},
+            "generate": {"tokenizer-code", "header-length-2^62", "quantization-4"},
+            "verify": {"header-deep"},
+            "export gguf": {"many-tiny-layers", "layers-1e7"},
+            "batch": {"config-dev-zero"},
+            "info": {"header-deep"},
+        }
+        data = self.root / "data.jsonl"
+        data.write_text(json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n")
+
+        def model_args(verb: str, model: Path, d: Path) -> list:
+            io = {
+                "generate": ["generate", model, "-p", "hi", "--max-tokens", "2"],
+                "chat": ["chat", model, "--max-tokens", "2"],
+                "batch": [
+                    "batch",
+                    model,
+                    "--input",
+                    data,
+                    "--output",
+                    d / "out",
+                    "--max-tokens",
+                    "2",
+                ],
+                "eval": ["eval", model, "--data", data, "--task", "perplexity"],
+                "quantize": ["quantize", model, d / "out", "--no-eval"],
+                "export gguf": ["export", "gguf", model, d / "out"],
+                "export ollama": ["export", "ollama", model, d / "out"],
+                "convert": ["convert", model, d / "out"],
+                "verify": ["convert", model, d / "out", "--verify"],
+                "info": ["info", model],
+                "fuse": ["fuse", model, b.adapter, d / "out"],
+                "import peft": ["import", "peft", b.peft, d / "out", "--model", model],
+            }
+            return io[verb]
+
+        outputs = {"batch": ("out", "out.partial", "out.partial-settings.json")}
+        # Checkpoints: HF sources for convert/verify/info/quantize, MLX ones for the rest.
+        for verb in ["convert", "verify", "info", "quantize", *MODEL_VERBS[:-3], "export gguf"]:
+            src = b.hf if verb in ("convert", "verify", "info") else b.mlx
+            for kind, corrupt in models.items():
+                if kind.startswith("index-") and verb not in ("convert", "quantize", "generate"):
+                    continue
+                # Harmless by design: info describes what it can (it builds no model); MLX
+                # checkpoints are loaded without their index; convert drops auto_map (the
+                # code must still never run).
+                harmless = verb == "info" and not kind.startswith(("config-", "header-"))
+                harmless |= kind.startswith("index-") and verb not in ("convert", "quantize")
+                # convert and quantize --no-eval copy tokenizer files without running them.
+                harmless |= kind.startswith("tokenizer") and verb in ("convert", "quantize")
+                harmless |= kind == "dtype-unknown" and verb in ("convert", "quantize")
+                expect = (0, 1) if harmless else (1,)
+                yield self._case(
+                    verb,
+                    kind,
+                    lambda d, v=verb, s=src, k=corrupt: model_args(v, self._model_copy(d, s, k), d),
+                    outputs=outputs.get(verb, ("out",)),
+                    expect=expect,
+                    stdin=b"hi\n/quit\n",
+                    # --verify checks after writing: a failed check keeps the output.
+                    kept=("out",)
+                    if verb == "verify"
+                    else ("out.partial", "out.partial-settings.json"),
+                    ci=kind in ci_models.get(verb, ()),
+                )
+        for verb in ["fuse", "import peft", "export ollama"]:
+            for kind in ["config-deep", "header-deep", "layers-1e7", "many-tiny-layers"]:
+                yield self._case(
+                    verb,
+                    kind,
+                    lambda d, v=verb, k=models[kind]: model_args(
+                        v, self._model_copy(d, b.mlx, k), d
+                    ),
+                    ci=(verb, kind) in (("fuse", "layers-1e7"), ("import peft", "config-deep")),
+                )
+        # Chat templates that fail at run time.
+        for verb in ["generate", "chat", "batch", "eval", "export ollama"]:
+            for kind, source in TEMPLATE_KINDS.items():
+                yield self._case(
+                    verb,
+                    kind,
+                    lambda d, v=verb, s=source: model_args(
+                        v, self._model_copy(d, b.mlx, lambda m: _template(m, s)), d
+                    ),
+                    outputs=outputs.get(verb, ("out",)),
+                    stdin=b"hi\n/quit\n",
+                    expect=(0,) if verb == "chat" else (1,),  # chat notes it and goes on
+                    ci=kind == "template-zero-division" and verb in ("export ollama", "chat"),
+                )
+        # .bin checkpoints: malicious, amplifying, malformed.
+        for verb in ["convert", "verify", "info", "quantize"]:
+            for kind, write in bin_kinds(mark).items():
+                yield self._case(
+                    verb,
+                    kind,
+                    lambda d, v=verb, w=write: model_args(v, self._model_copy(d, b.hf, w), d),
+                    expect=(0, 1) if verb == "info" else (1,),  # info reads no tensor data
+                    ci=verb == "convert" or (verb == "info" and kind == "bin-code"),
+                )
+        # GGUF files.
+        for kind, write in gguf_kinds().items():
+            yield self._case(
+                "convert",
+                kind,
+                lambda d, w=write: [
+                    "convert",
+                    [w(b.gguf, d / "m.gguf"), d / "m.gguf"][1],
+                    d / "out",
+                ],
+                ci=kind in ("gguf-2^60-token-types", "gguf-token-not-utf8", "gguf-100k-blocks"),
+            )
+        # Adapters.
+        for kind, corrupt in adapter_kinds().items():
+            for verb in ADAPTER_VERBS + ["export gguf --adapter-only"]:
+                peft = verb == "import peft"
+
+                def args(d, v=verb, k=corrupt, p=peft) -> list:
+                    a = d / "adapter"
+                    shutil.copytree(b.peft if p else b.adapter, a)
+                    k(a)
+                    return {
+                        "fuse": ["fuse", b.mlx, a, d / "out"],
+                        "export peft": ["export", "peft", a, d / "out"],
+                        "export gguf --adapter": [
+                            "export",
+                            "gguf",
+                            b.mlx,
+                            d / "out",
+                            "--adapter",
+                            a,
+                        ],
+                        "export gguf --adapter-only": [
+                            "export",
+                            "gguf",
+                            b.mlx,
+                            d / "out",
+                            "--adapter",
+                            a,
+                            "--adapter-only",
+                        ],
+                        "import peft": ["import", "peft", a, d / "out", "--model", b.mlx],
+                        "generate --adapter": ["generate", b.mlx, "-p", "hi", "--adapter", a],
+                    }[v]
+
+                ci = (kind, verb) in (
+                    ("adapter-config-deep", "fuse"),
+                    ("adapter-header-deep", "export peft"),
+                    ("adapter-rank-1e9", "import peft"),
+                )
+                yield self._case(
+                    verb.split(" --")[0],
+                    kind,
+                    args,
+                    expect=(0, 1) if kind == "adapter-num-layers-1e7" else (1,),  # metadata only
+                    ci=ci,
+                )
+        # Recipes, overrides and training data.
+        for kind, write in recipe_kinds().items():
+            for verb in ["recipes validate", "run"]:
+
+                def args(d, w=write, v=verb, k=kind) -> list:
+                    (d / "train.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+                    model = b.mlx
+                    if k == "model-config-deep":
+                        model = self._model_copy(d, b.mlx, models["config-deep"])
+                    (d / "recipe.yaml").write_text(RECIPE.format(model=model))
+                    extra = w(d)
+                    return [*v.split(), d / "recipe.yaml", *extra]
+
+                ci = kind in ("yaml-billion-laughs", "recipe-fifo", "override-bomb")
+                ci = verb == "run" if kind == "data-surrogate" else ci and verb != "run"
+                # `run` writes its run folder (the resolved recipe) before reading the data:
+                # the corrected re-run continues in it.
+                yield self._case(verb, kind, args, kept=("out",), ci=ci)
+
+        # Data files for batch and eval.
+        for kind, write in data_kinds().items():
+            for verb in ["batch", "eval"]:
+
+                def args(d, w=write, v=verb) -> list:
+                    path = d / "in.jsonl"
+                    w(path)
+                    path = path if os.path.lexists(path) else path.with_suffix(".csv")
+                    if v == "batch":
+                        return [
+                            "batch",
+                            b.mlx,
+                            "--input",
+                            path,
+                            "--output",
+                            d / "out",
+                            "--field",
+                            "prompt",
+                            "--max-tokens",
+                            "2",
+                        ]
+                    return [
+                        "eval",
+                        b.mlx,
+                        "--data",
+                        path,
+                        "--task",
+                        "perplexity",
+                        "--output",
+                        d / "out",
+                    ]
+
+                ci = (verb, kind) in (
+                    ("batch", "input-fifo"),
+                    ("batch", "line-surrogate"),
+                    ("eval", "line-deep"),
+                )
+                yield self._case(verb, kind, args, outputs=outputs.get(verb, ("out",)), ci=ci)
+
+        yield from self._flags()
+        yield from self._outputs()
+
+    def _flags(self) -> Iterator[Case]:
+        b = self.base
+        rules = "\n".join(__import__("test_hostile_inputs").LAUGHS)
+        gen = ["generate", b.mlx, "-p", "hi", "--max-tokens", "2"]
+        flags = {
+            "generate": {
+                "seed-negative": [*gen, "--seed", "-1"],
+                "seed-2^64": [*gen, "--seed", str(2**64)],
+                "temp-nan": [*gen, "--temp", "nan"],
+                "top-p-2": [*gen, "--top-p", "2"],
+                "prompt-not-utf8": ["generate", b.mlx, "-p", b"caf\xe9"],
+                "stop-not-utf8": [*gen, "--stop", b"\xff"],
+                "max-tokens-huge": [*gen[:-1], "9" * 5000],
+            },
+            "chat": {"system-not-utf8": ["chat", b.mlx, "--system", b"\xff\xfe"]},
+            "quantize": {
+                "bits-0": ["quantize", b.mlx, "OUT", "--bits", "0"],
+                "rule-bits-99": ["quantize", b.mlx, "OUT", "--rule", "mlp=99", "--no-eval"],
+                "rule-bad-regex": ["quantize", b.mlx, "OUT", "--rule", "(=4", "--no-eval"],
+                "target-bpw-nan": ["quantize", b.mlx, "OUT", "--target-bpw", "nan"],
+                "rules-bomb": ["quantize", b.mlx, "OUT", "--rules", "RULES"],
+                "calib-dev-zero": ["quantize", b.mlx, "OUT", "--calib", "/dev/zero"],
+                "calib-fifo": ["quantize", b.mlx, "OUT", "--calib", "FIFO"],
+            },
+            "convert": {
+                "shard-size-negative": ["convert", b.hf, "OUT", "--shard-size", "-1GB"],
+                "shard-size-text": ["convert", b.hf, "OUT", "--shard-size", "lots"],
+                "source-fifo": ["convert", "FIFO", "OUT"],
+                "source-dev-zero": ["convert", "/dev/zero", "OUT"],
+            },
+            "batch": {
+                "batch-size-0": [
+                    "batch",
+                    b.mlx,
+                    "--input",
+                    "DATA",
+                    "--output",
+                    "OUT",
+                    "--batch-size",
+                    "0",
+                ],
+                "template-nested-spec": [
+                    "batch",
+                    b.mlx,
+                    "--input",
+                    "DATA",
+                    "--output",
+                    "OUT",
+                    "--template",
+                    "{prompt:{completion}}",
+                ],
+                "template-attribute": [
+                    "batch",
+                    b.mlx,
+                    "--input",
+                    "DATA",
+                    "--output",
+                    "OUT",
+                    "--template",
+                    "{prompt.__class__}",
+                ],
+            },
+            "eval": {
+                "labels-empty": [
+                    "eval",
+                    b.mlx,
+                    "--data",
+                    "DATA",
+                    "--task",
+                    "classify",
+                    "--labels",
+                    ",",
+                ],
+                "limit-0": [
+                    "eval",
+                    b.mlx,
+                    "--data",
+                    "DATA",
+                    "--task",
+                    "perplexity",
+                    "--limit",
+                    "0",
+                ],
+            },
+            "export gguf": {"type-bogus": ["export", "gguf", b.mlx, "OUT", "--type", "q3_k"]},
+            "run": {"resume-nothing": ["run", "RECIPE", "--resume"]},
+        }
+        ci = {"seed-2^64", "prompt-not-utf8", "rules-bomb", "calib-fifo", "template-nested-spec"}
+        for verb, cases in flags.items():
+            for kind, args in cases.items():
+
+                def make(d, args=args) -> list:
+                    (d / "data.jsonl").write_text(
+                        json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n"
+                    )
+                    (d / "rules.yaml").write_text(rules)
+                    os.mkfifo(d / "fifo")
+                    (d / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+                    (d / "recipe.yaml").write_text(RECIPE.format(model=b.mlx))
+                    names = {"OUT": "out", "DATA": "data.jsonl", "RULES": "rules.yaml"}
+                    names |= {"FIFO": "fifo", "RECIPE": "recipe.yaml"}
+                    return [str(d / names[a]) if a in names else a for a in args]
+
+                yield self._case(
+                    verb,
+                    f"flag-{kind}",
+                    make,
+                    outputs=("out", "out.partial", "out.partial-settings.json"),
+                    stdin=b"hi\n/quit\n",
+                    ci=kind in ci,
+                )
+
+    def _outputs(self) -> Iterator[Case]:
+        """Outputs that must not be replaced: a FIFO, a device, a file inside a file."""
+        b = self.base
+        data = self.root / "data.jsonl"
+        commands: dict[str, Callable[[Path], list]] = {
+            "convert": lambda out: ["convert", b.hf, out],
+            "quantize": lambda out: ["quantize", b.mlx, out, "--no-eval"],
+            "export gguf": lambda out: ["export", "gguf", b.mlx, out],
+            "export ollama": lambda out: ["export", "ollama", b.mlx, out],
+            "export peft": lambda out: ["export", "peft", b.adapter, out],
+            "fuse": lambda out: ["fuse", b.mlx, b.adapter, out],
+            "import peft": lambda out: ["import", "peft", b.peft, out, "--model", b.mlx],
+            "eval": lambda out: [
+                "eval",
+                b.mlx,
+                "--data",
+                data,
+                "--task",
+                "perplexity",
+                "--output",
+                out,
+            ],
+            "batch": lambda out: [
+                "batch",
+                b.mlx,
+                "--input",
+                data,
+                "--field",
+                "prompt",
+                "--output",
+                out,
+            ],
+        }
+        kinds = {
+            "out-fifo": lambda d: [_fifo(d / "out"), d / "out"][1],
+            "out-dev-null": lambda d: [(d / "out").symlink_to("/dev/null"), d / "out"][1],
+            "out-under-a-file": lambda d: [(d / "file").write_text("x"), d / "file" / "out"][1],
+        }
+        ci = ("convert", "eval", "export gguf")
+        for verb, command in commands.items():
+            for kind, make in kinds.items():
+                for force in ([], ["--force"]):
+                    yield self._case(
+                        verb,
+                        kind + ("-force" if force else ""),
+                        lambda d, c=command, m=make, f=force: [*c(m(d)), *f],
+                        outputs=(),
+                        ci=bool(force) and kind == "out-fifo" and verb in ci,
+                    )
+
+
+# --- running a case ------------------------------------------------------------------------------
+
+
+def cli_command() -> list[str]:
+    """The installed `mlxlocal` script beside this Python, as a user runs it."""
+    script = Path(sys.executable).parent / "mlxlocal"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mlxlocal.cli"]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            found[str(path.relative_to(folder))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [
+        str(p.relative_to(folder))
+        for p in folder.rglob(".*")
+        if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp")
+    ]
+
+
+def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S) -> Outcome:
+    """Run one case in a fresh CLI process and check what it did."""
+    d = case.dir
+    before = _snapshot(d)
+    tmp = logs / f"{d.name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLXLOCAL_TEST_MARK": str(Path(d).parent / "marks" / d.name),
+        "PYTHONUNBUFFERED": "1",
+    }
+    out_path, in_path = logs / f"{d.name}.out", logs / f"{d.name}.in"
+    in_path.write_bytes(case.stdin)
+    args = [a if isinstance(a, bytes) else str(a) for a in case.args]
+    with open(out_path, "wb") as out, open(in_path, "rb") as stdin:
+        proc = subprocess.Popen(
+            [*cli, *args],
+            cwd=d,
+            env=env,
+            stdin=stdin,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            resource.prlimit(proc.pid, resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+        except (OSError, AttributeError):  # not Linux: the budget is still checked below
+            pass
+        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_mb = usage.ru_maxrss // ((1 << 20) if sys.platform == "darwin" else (1 << 10))
+    output = out_path.read_bytes().decode(errors="replace")
+    problems = []
+    if proc.returncode not in case.expect:
+        problems.append(f"exit {proc.returncode}, expected {case.expect}")
+    if "Traceback" in output:
+        problems.append("traceback")
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    if proc.returncode == 1 and len(errors) != 1:
+        problems.append(f"{len(errors)} error lines")
+    after = _snapshot(d)
+    # A failed batch keeps what it wrote so far, for its re-run to continue.
+    allowed = case.outputs if proc.returncode == 0 else case.kept
+    created = [p for p in set(after) - set(before) if p.split("/")[0] not in allowed]
+    if created:
+        problems.append(f"created {sorted(created)[:3]}")
+    changed = [p for p in before if p in after and after[p][:2] != before[p][:2]]
+    changed += [p for p in before if p not in after]
+    if changed:
+        problems.append(f"changed or removed input {sorted(changed)[:3]}")
+    if left := _leftovers(d):
+        problems.append(f"leftovers {left[:3]}")
+    if stray := [p for p in tmp.iterdir() if p.name != "mlx"]:  # MLX's CPU kernel cache
+        problems.append(f"left in TMPDIR {[p.name for p in stray[:3]]}")
+    if peak_mb >= RSS_BUDGET_MB:
+        problems.append(f"peak RSS {peak_mb} MB")
+    marks = Path(d).parent / "marks"
+    if marks.exists() and list(marks.iterdir()):
+        problems.append(f"CODE RAN: {[p.name for p in marks.iterdir()]}")
+    return Outcome(case, proc.returncode, output, peak_mb, problems)
+
+
+def run_cases(cases: list[Case], jobs: int, logs: Path, report=None) -> list[Outcome]:
+    """Every case, `jobs` at a time (each case owns its folder, so they do not interfere)."""
+    cli = cli_command()
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_case, c, cli, logs) for c in cases]
+        outcomes = []
+        for f in futures:
+            outcomes.append(f.result())
+            if report:
+                report(outcomes[-1])
+        return outcomes
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    per_verb = Counter(o.case.verb for o in outcomes)
+    lines = ["corpus per verb: " + ", ".join(f"{v} {n}" for v, n in sorted(per_verb.items()))]
+    count = lambda word: sum(any(word in p for p in o.problems) for o in outcomes)  # noqa: E731
+    worst = max(outcomes, key=lambda o: o.peak_mb)
+    lines.append(
+        f"cases {len(outcomes)}, tracebacks {count('traceback')}, code executions "
+        f"{count('CODE RAN')}, leftovers {count('leftovers') + count('TMPDIR')}, created "
+        f"{count('created')}, failing {sum(bool(o.problems) for o in outcomes)}"
+    )
+    lines.append(
+        f"largest peak RSS {worst.peak_mb} MB ({worst.case.verb} {worst.case.kind}); "
+        f"budget {RSS_BUDGET_MB} MB"
+    )
+    return "\n".join(lines)
+
+
+# --- random mutations (make fuzz) ----------------------------------------------------------------
+
+INTERESTING = [0, 0xFF, 0x7F, 0x80, ord('"'), ord("{"), ord("["), ord("9"), ord("-"), ord("\\")]
+
+
+def mutate(data: bytes, lo: int, hi: int, rng: random.Random) -> bytes:
+    """`data` with 1-4 random edits in [lo, hi): byte flips, interesting bytes, a cut, a copy."""
+    b = bytearray(data)
+    hi = min(hi, len(b))
+    for _ in range(rng.randint(1, 4)):
+        if hi <= lo:
+            break
+        i = rng.randrange(lo, hi)
+        op = rng.random()
+        if op < 0.35:
+            b[i] ^= 1 << rng.randrange(8)
+        elif op < 0.65:
+            b[i] = rng.choice(INTERESTING)
+        elif op < 0.8:
+            j = min(hi, i + rng.randint(1, 64))
+            b[i:i] = b[i:j] * rng.randint(1, 50)
+            hi = min(len(b), hi + (j - i))
+        elif op < 0.9:
+            del b[i : min(hi, i + rng.randint(1, 16))]
+            hi = min(hi, len(b))
+        else:
+            return bytes(b[:i])  # truncated
+    return bytes(b)
+
+
+def _safetensors_header(path: Path) -> tuple[int, int]:
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return 0, 8 + n
+
+
+def _gguf_header(path: Path) -> tuple[int, int]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return 0, min(int(t.data_offset) for t in reader.tensors)
+
+
+def _whole(path: Path) -> tuple[int, int]:
+    return 0, path.stat().st_size
+
+
+def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
+    """(verb, file, (folder, mutated bytes writer) → args): what the mutations are applied to.
+    Only the regions a reader parses are mutated: a flipped bit in tensor data is just another
+    number."""
+    data = root / "data.jsonl"
+
+    def model(verb: str, src: Path, name: str, region) -> tuple:
+        def args(d: Path, rng: random.Random) -> list:
+            m = d / "model"
+            shutil.copytree(src, m)
+            f = m / name
+            lo, hi = region(f)
+            f.write_bytes(mutate(f.read_bytes(), lo, hi, rng))
+            return {
+                "convert": ["convert", m, d / "out"],
+                "info": ["info", m],
+                "generate": ["generate", m, "-p", "hi", "--max-tokens", "2"],
+                "quantize": ["quantize", m, d / "out", "--no-eval"],
+                "export gguf": ["export", "gguf", m, d / "out"],
+                "eval": ["eval", m, "--data", data, "--task", "perplexity"],
+            }[verb]
+
+        return verb, name, args
+
+    def gguf_file(d: Path, rng: random.Random) -> list:
+        lo, hi = _gguf_header(base.gguf)
+        (d / "m.gguf").write_bytes(mutate(base.gguf.read_bytes(), lo, hi, rng))
+        return ["convert", d / "m.gguf", d / "out"]
+
+    def adapter(verb: str, name: str) -> tuple:
+        def args(d: Path, rng: random.Random) -> list:
+            a = d / "adapter"
+            shutil.copytree(base.adapter, a)
+            f = a / name
+            lo, hi = (_safetensors_header if name.endswith(".safetensors") else _whole)(f)
+            f.write_bytes(mutate(f.read_bytes(), lo, hi, rng))
+            return {
+                "fuse": ["fuse", base.mlx, a, d / "out"],
+                "export peft": ["export", "peft", a, d / "out"],
+            }[verb]
+
+        return verb, name, args
+
+    def peft(d: Path, rng: random.Random) -> list:
+        a = d / "peft"
+        shutil.copytree(base.peft, a)
+        f = a / "adapter_config.json"
+        f.write_bytes(mutate(f.read_bytes(), 0, f.stat().st_size, rng))
+        return ["import", "peft", a, d / "out", "--model", base.mlx]
+
+    def recipe(verb: str) -> tuple:
+        def args(d: Path, rng: random.Random) -> list:
+            (d / "train.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+            text = RECIPE.format(model=base.mlx).encode()
+            (d / "recipe.yaml").write_bytes(mutate(text, 0, len(text), rng))
+            return [*verb.split(), d / "recipe.yaml"]
+
+        return verb, "recipe.yaml", args
+
+    def rows(verb: str) -> tuple:
+        def args(d: Path, rng: random.Random) -> list:
+            lines = [json.dumps({"prompt": f"Review {i}", "completion": "good"}) for i in range(3)]
+            text = ("\n".join(lines) + "\n").encode()
+            (d / "in.jsonl").write_bytes(mutate(text, 0, len(text), rng))
+            if verb == "batch":
+                return [
+                    "batch",
+                    base.mlx,
+                    "--input",
+                    d / "in.jsonl",
+                    "--output",
+                    d / "out",
+                    "--field",
+                    "prompt",
+                    "--max-tokens",
+                    "2",
+                ]
+            return ["eval", base.mlx, "--data", d / "in.jsonl", "--task", "perplexity"]
+
+        return verb, "in.jsonl", args
+
+    def bin_pickle(d: Path, rng: random.Random) -> list:
+        m = d / "model"
+        shutil.copytree(base.hf, m)
+        for f in m.glob("model*.safetensors*"):
+            f.unlink()
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(base.hf / "model.safetensors")
+        torch.save(state, m / "pytorch_model.bin")
+        with zipfile.ZipFile(m / "pytorch_model.bin") as zf:
+            entries = {i: zf.read(i) for i in zf.infolist()}
+        with zipfile.ZipFile(m / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as zf:
+            for info, content in entries.items():
+                if info.filename.endswith("data.pkl"):
+                    content = mutate(content, 0, len(content), rng)
+                zf.writestr(info.filename, content)
+        return ["convert", m, d / "out"]
+
+    targets = [
+        model("convert", base.hf, "model.safetensors", _safetensors_header),
+        model("info", base.hf, "model.safetensors", _safetensors_header),
+        model("convert", base.hf, "config.json", _whole),
+        model("info", base.hf, "config.json", _whole),
+        model("convert", base.hf, "tokenizer_config.json", _whole),
+        model("generate", base.mlx, "model.safetensors", _safetensors_header),
+        model("generate", base.mlx, "config.json", _whole),
+        model("generate", base.mlx, "tokenizer_config.json", _whole),
+        model("generate", base.mlx, "tokenizer.json", _whole),
+        model("quantize", base.mlx, "config.json", _whole),
+        model("export gguf", base.mlx, "config.json", _whole),
+        model("eval", base.mlx, "tokenizer_config.json", _whole),
+        ("convert", "m.gguf", gguf_file),
+        ("convert", "pytorch_model.bin", bin_pickle),
+        adapter("fuse", "adapter_config.json"),
+        adapter("fuse", "adapters.safetensors"),
+        adapter("export peft", "adapter_config.json"),
+        ("import peft", "adapter_config.json", peft),
+        recipe("recipes validate"),
+        rows("batch"),
+        rows("eval"),
+    ]
+    return targets
+
+
+def mutation_cases(base: Base, root: Path, seed: int, count: int, start: int = 0) -> list[Case]:
+    """Mutated cases number `start`..`start + count` of run `seed`: each target in turn, then
+    targets drawn at random; case i is the same for the same seed."""
+    targets = mutation_targets(base, root)
+    cases = []
+    for i in range(start, start + count):
+        rng = random.Random(f"{seed}-{i}")
+        verb, name, make = targets[i] if i < len(targets) else rng.choice(targets)
+        d = root / f"m{seed}-{i:05d}-{verb.replace(' ', '_')}-{name}"
+        d.mkdir(parents=True)
+        args = [str(a) if isinstance(a, Path) else a for a in make(d, rng)]
+        cases.append(
+            Case(
+                verb,
+                f"mutated {name}",
+                args,
+                outputs=("out", "out.partial", "out.partial-settings.json"),
+                expect=(0, 1),
+                dir=d,
+            )
+        )
+    return cases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 10_000)
+    parser.add_argument("--minutes", type=float, default=5.0, help="time for random mutations")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--ci-only", action="store_true", help="only the CI subset of the corpus")
+    parser.add_argument("--sample", type=int, help="a seeded sample of this many corpus cases")
+    parser.add_argument("--no-corpus", action="store_true", help="only random mutations")
+    parser.add_argument("--keep", type=Path, help="work here and keep the cases")
+    ns = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    root = ns.keep or Path(tempfile.mkdtemp(prefix="mlxlocal-fuzz-"))
+    os.environ["MLXLOCAL_CACHE"] = str(root / "cache")
+    print(f"seed {ns.seed}; cases under {root}", flush=True)
+    base = build_base(root / "base")
+    logs = root / "logs"
+    failures: list[Outcome] = []
+
+    def report(o: Outcome) -> None:
+        if o.problems:
+            failures.append(o)
+            tail = o.output.strip().splitlines()[-3:]
+            print(
+                f"FAIL {o.case.dir.name}: {'; '.join(o.problems)}\n    " + "\n    ".join(tail),
+                flush=True,
+            )
+
+    outcomes: list[Outcome] = []
+    if not ns.no_corpus:
+        corpus = Corpus(base, root / "corpus")
+        cases = corpus.cases(ci_only=ns.ci_only, sample=ns.sample, seed=ns.seed)
+        print(f"corpus: {len(cases)} cases", flush=True)
+        outcomes += run_cases(cases, ns.jobs, logs, report)
+        print(summary(outcomes), flush=True)
+    deadline = time.monotonic() + ns.minutes * 60
+    mutated: list[Outcome] = []
+    while time.monotonic() < deadline:
+        cases = mutation_cases(base, root / "mutations", ns.seed, 2 * ns.jobs, len(mutated))
+        mutated += run_cases(cases, ns.jobs, logs, report)
+    if mutated:
+        rcs = Counter(o.rc for o in mutated)
+        print(f"mutations: {len(mutated)} (exit codes {dict(rcs)})", flush=True)
+        print(summary(mutated), flush=True)
+    if failures:
+        print(f"{len(failures)} failing cases (see above); kept under {root}")
+        return 1
+    if not ns.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main())
