@@ -59,11 +59,9 @@ def client(live, tiny_mlx):
 
 def chat(client, text, **options):
     return client.chat.completions.create(
-        model=client.base_model,
-        messages=[{"role": "user", "content": text}],
-        temperature=0,
-        **options,
-    )
+        model=client.base_model, messages=[{"role": "user", "content": text}],
+        **{"temperature": 0, **options},
+    )  # fmt: skip
 
 
 def test_json_schema_answers_validate_and_equal_generate(client, tiny_lm):
@@ -80,6 +78,14 @@ def test_json_schema_answers_validate_and_equal_generate(client, tiny_lm):
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
         assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampled_answers_validate_too(client):
+    for seed in range(6):
+        r = chat(client, f"answer {seed}", max_tokens=160, response_format=schema_format(),
+                 temperature=1.0, seed=seed)  # fmt: skip
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
 
 
 def test_json_object_and_text(client, tiny_lm):
