@@ -28,6 +28,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..constraints import ConstrainedAnswer, constraint_from_response_format
 from ..errors import MlxLocalError
 from ..generate import LoadedModel, Sampling, as_loaded, encode_prompt, render_chat
 from .engine import Busy, Engine, Event, Job, TokenLogprob
@@ -227,6 +228,23 @@ def create_app(
         ids = encode_prompt(lm.tokenizer, prompt, chat_template=False)
         return ids, fit(ids, body.max_tokens, "max_tokens")
 
+    def constrain(body) -> ConstrainedAnswer | None:
+        """The answer's matcher under the request's response_format (None for text); the first
+        constrained request reads the tokenizer into llguidance (seconds for a large one)."""
+        try:
+            constraint = constraint_from_response_format(body.response_format)
+        except MlxLocalError as e:
+            raise ApiError(400, str(e), param="response_format") from e
+        if constraint is None:
+            return None
+        if body.stop_list():
+            raise ApiError(400, "stop strings cannot be combined with a response_format: the "
+                           "format decides where the answer ends", param="stop")  # fmt: skip
+        try:
+            return lm.constrained(constraint)
+        except MlxLocalError as e:
+            raise ApiError(400, str(e), param="response_format") from e
+
     async def answer(request: Request, body, prepare: Callable, chat: bool):
         usage = request.state.usage = Usage(model=body.model)
         if log_prompts:
@@ -235,6 +253,7 @@ def create_app(
                 ensure_ascii=False,
             )
         ids, max_tokens = await run_in_threadpool(prepare, body)
+        constrained = await run_in_threadpool(constrain, body)
         usage.prompt_tokens = len(ids)
         sampling, processors = sampling_of(body)
         if chat:
@@ -251,6 +270,7 @@ def create_app(
             stop=body.stop_list(),
             top_logprobs=top,
             logits_processors=processors,
+            constrained=constrained,
         )
         try:
             engine.submit(job)

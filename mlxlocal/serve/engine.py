@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constraints import ConstrainedAnswer
 from ..errors import MlxLocalError
 from ..generate import Answer, LoadedModel, Sampling
 
@@ -66,6 +67,9 @@ class Job:
     stop: Sequence[str] = ()
     top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen one and top k
     logits_processors: list = field(default_factory=list)
+    # Under a response_format: the answer's matcher (`LoadedModel.constrained`); it masks the
+    # logits and ends the answer once complete.
+    constrained: ConstrainedAnswer | None = None
     # Set by the engine.
     uid: int | None = None
     done: bool = False
@@ -228,7 +232,11 @@ class Engine:
     def _start(self, job: Job) -> None:
         try:
             gen = self._generator(job.model)
+            # Only a constrained job gets its mask as a processor; a batch whose sequences have
+            # none stays on mlx-lm's batched path (a mixed one runs the processors per row).
             processors = job.sampling.logits_processors() + job.logits_processors
+            if job.constrained is not None:
+                processors.append(job.constrained.processor())
             cache, rest = None, job.ids
             if self._prefixes is not None:
                 cache, rest = self._reuse(job)
@@ -244,7 +252,7 @@ class Engine:
             log.exception("could not start a request")
             self._fail(job, f"could not start generating ({type(e).__name__}: {e})")
             return
-        job.answer = Answer(self.lm.tokenizer, job.stop)
+        job.answer = Answer(self.lm.tokenizer, job.stop, constrained=job.constrained)
         self._running[(job.model, job.uid)] = job
 
     def _sampler(self, sampling: Sampling):

@@ -71,6 +71,8 @@ class _Generation(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
+    # text, json_object, or json_schema {"name", "schema", "strict"}: see constraints.py
+    response_format: dict[str, Any] | None = None
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
