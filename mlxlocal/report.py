@@ -277,7 +277,7 @@ def overview(files: RunFiles) -> list[tuple[str, Any]]:
         ("last loss", _number(last.get("loss"))),
         ("best validation loss", _number(min(val)) if val else "none recorded"),
         ("trained tokens", f"{last.get('trained_tokens', 0):,}"),
-        ("peak memory", f"{max(files.series('peak_memory_gb')[1], default=0):.2f} GB"),
+        ("peak memory", _gigabytes(max(files.series("peak_memory_gb")[1], default=0))),
     ]
     if files.summary:
         t = files.summary.get("training") or {}
@@ -291,6 +291,10 @@ def overview(files: RunFiles) -> list[tuple[str, Any]]:
             before, after = b["metrics"][name], a["metrics"][name]
             rows.append((f"{b['task']} {name}", f"{before:.4g} before, {after:.4g} after"))
     return rows
+
+
+def _gigabytes(value: float) -> str:
+    return f"{value:.2f} GB" if value >= 1 else f"{value * 1000:.0f} MB"
 
 
 def _number(value: Any) -> str:

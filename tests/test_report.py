@@ -171,3 +171,15 @@ def test_bad_runs_get_one_clear_line(finished, tmp_path):
     assert_clean_failure(invoke("report", empty), "no training metrics")
     assert_clean_failure(invoke("info", empty), "no training metrics")
     assert not (empty / "report").exists()
+
+
+def test_checkpoints_refresh_the_report_at_most_once_per_interval(finished, tmp_path):
+    from mlxlocal.report import Refresher
+
+    run, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "step-*", "adapters"))
+    Refresher(copy, every=3600).checkpoint()
+    assert not (copy / "report").exists()  # the last drawing (the start) is too recent
+    Refresher(copy, every=0).checkpoint()
+    assert (copy / "report" / "index.html").is_file()
