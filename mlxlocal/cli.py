@@ -306,12 +306,31 @@ def quantize(src, out, dtype, shard_size, revision, force, **qflags) -> None:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def info(path, as_json) -> None:
-    """Describe the checkpoint at PATH (HF or MLX folder, or a cached Hub repo id)."""
+    """Describe PATH: a checkpoint (HF or MLX folder, or a cached Hub repo id), an adapter
+    folder, or a training run directory."""
     from .info import format_info
     from .info import info as run_info
 
     data = run_info(path)
     click.echo(strict_dumps(data, indent=2) if as_json else format_info(data))
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--open", "show", is_flag=True, help="Open the page in your web browser.")
+def report(run, show) -> None:
+    """Draw the training run in RUN (a recipe's output) as a page: RUN/report/index.html.
+
+    Loss (training and validation) against steps and tokens, learning rate, gradient norm,
+    tokens/s, peak memory, task scores before and after, and the recipe; `run` keeps it
+    up to date by itself.
+    """
+    from .report import open_in_browser, write_report
+
+    page = write_report(run)
+    click.echo(f"report: {page}")
+    if show and not open_in_browser(page):
+        click.echo(f"no web browser found: open {page} yourself", err=True)
 
 
 _encoding_option = click.option(

@@ -1,4 +1,5 @@
-"""`info`: what a checkpoint is, read from its headers without loading a single tensor."""
+"""`info`: what a checkpoint, an adapter folder or a training run is, read from headers and
+small files without loading a single tensor."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .adapters.files import CONFIG as ADAPTER_CONFIG
+from .adapters.files import WEIGHTS as ADAPTER_WEIGHTS
+from .adapters.files import read_adapter_config
 from .checkpoint.files import weight_files
 from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
@@ -27,6 +31,44 @@ _DTYPE_NAMES = {
 
 
 def info(path: str | Path) -> dict[str, Any]:
+    """A plain dict describing the checkpoint (folder or cached Hub id), adapter folder or
+    training run directory at `path`."""
+    folder = Path(path).expanduser()
+    if (folder / ADAPTER_CONFIG).is_file():
+        return describe_adapter(folder)
+    if (folder / "recipe.yaml").is_file() and not (folder / "config.json").exists():
+        from .report import describe_run
+
+        return describe_run(folder)
+    return checkpoint_info(path)
+
+
+def describe_adapter(path: Path) -> dict[str, Any]:
+    """An adapter folder (mlx-lm's layout, as `run` writes it): method, rank, targets, base."""
+    config = read_adapter_config(path)
+    header, _ = read_header(path / ADAPTER_WEIGHTS)
+    lora = config.get("lora_parameters") or {}
+    ours = config.get("mlxlocal") or {}
+    quant = ours.get("quantize") or None
+    return {
+        "path": str(path),
+        "kind": "adapter",
+        "method": config.get("fine_tune_type", "lora"),
+        "rank": lora.get("rank"),
+        "alpha": lora.get("alpha"),
+        "scale": lora.get("scale"),
+        "targets": lora.get("keys"),
+        "layers": ours.get("layers") or config.get("num_layers"),
+        "base": ours.get("model"),
+        "base quantization": f"{quant['bits']}-bit, group size {quant['group_size']}"
+        if quant
+        else None,
+        "parameters": sum(math.prod(e["shape"]) for e in header.values()),
+        "size_bytes": (path / ADAPTER_WEIGHTS).stat().st_size,
+    }
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """A plain dict describing the checkpoint at `path` (folder or cached Hub id)."""
     src = resolve_source(path, download=False)  # info reads only what is on this machine
     config = check_quantization(read_config(src))
@@ -128,6 +170,10 @@ def has_chat_template(path: Path) -> bool:
 
 def format_info(data: dict[str, Any]) -> str:
     """Human-readable lines for `mlxlocal info`."""
+    if "kind" in data:  # an adapter folder or a training run: its fields as they are
+        rows = [(k.replace("_", " "), _shown(k, v)) for k, v in data.items()]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     q = data["quantization"]
     quant = (
         f"{q['bits']}-bit {q['mode']}, group size {q['group_size']}, "
@@ -153,6 +199,18 @@ def format_info(data: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if key == "size_bytes":
+        return _human(value, "B")
+    if key == "parameters":
+        return f"{value:,} ({_human(value, '')})"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
 
 
 def _human(n: float, unit: str) -> str:

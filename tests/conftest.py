@@ -18,6 +18,8 @@ tempfile.tempdir = None
 
 from helpers import make_hf_checkpoint  # noqa: E402
 
+pytest_plugins = ["browser"]  # the `browser` fixture: headless chromium (tests/browser.py)
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):

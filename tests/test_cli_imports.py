@@ -25,13 +25,14 @@ HEAVY = {
     "gguf",
     "pydantic",
     "sacrebleu",
+    "matplotlib",
 }
 # The verbs that run models: the CLI imports each only inside its command.
 VERBS = {
     f"mlxlocal.{name}"
     for name in (
         "batch chat convert evaluate export generate gguf_import info quality quantize quickstart "
-        "recipe serve train verify"
+        "recipe report serve train verify"
     ).split()
 }
 

@@ -161,7 +161,8 @@ def test_the_commands_printed_after_a_run_work_as_printed(qlora_run, mlx_checkpo
         f"mlxlocal eval {adapters} --data builtin:tiny-chat.jsonl --task perplexity --limit 24",
         f"mlxlocal fuse {base} {run / 'adapters'} {run / 'fused'}",
         f"mlxlocal export gguf {run / 'fused'} {run / 'model.gguf'}",
-    ]  # no `report`: the CLI has no such command
+        f"mlxlocal report {run}",
+    ]
     for command in commands:
         done = subprocess.run(
             as_run(command), input="Hi\n", capture_output=True, text=True, env=compiling_env()

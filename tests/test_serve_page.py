@@ -9,20 +9,17 @@ Outside CI a machine without chromium skips with the reason; in CI (env CI set) 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
 import pytest
+from browser import WAIT
 from helpers import make_adapter
 from serving import LiveServer, http
 from serving import loopback_only as no_network  # noqa: F401 - replaces conftest's fixture
 
 from mlxlocal.generate import load_model
 from mlxlocal.serve import create_app
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-WAIT = 180  # seconds: a hang guard for loaded machines, not a timing assertion
 
 LAST_ANSWER = """
 const all = document.querySelectorAll('#messages .msg.assistant');
@@ -39,45 +36,6 @@ new MutationObserver((records) => {
   }
 }).observe(document.getElementById('messages'), {childList: true, subtree: true});
 """
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless chromium as root (no sandbox) with a private profile; never a driver download."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    if missing:
-        reason = (
-            f"{' and '.join(missing)} not found: the chat page test needs Debian's chromium and "
-            "chromedriver (apt-get install -y chromium chromium-driver; .ci/run installs them)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1200,800",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-    ):
-        options.add_argument(flag)
-    log = tmp_path_factory.mktemp("chromedriver") / "chromedriver.log"
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(log)), options=options)
-    driver.set_page_load_timeout(WAIT)
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@
                       last step and a step stopped by Ctrl-C are always checkpointed
 <run>/adapters/       the final adapters
 <run>/summary.json    written last: the run finished (until a longer recipe continues it)
+<run>/running         the process id of the `mlxlocal run` training it, while one does
+<run>/report/         index.html and its figures (report.py), refreshed as the run goes
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ class RunDir:
         return done
 
     # What a run writes into its directory: a failed attempt's are replaced, nothing else.
-    ATTEMPT_FILES = ("recipe.yaml", "metrics.jsonl", "latest", "evaluation.json")
-    ATTEMPT_DIRS = ("adapters",)
+    ATTEMPT_FILES = ("recipe.yaml", "metrics.jsonl", "latest", "evaluation.json", "running")
+    ATTEMPT_DIRS = ("adapters", "report")
 
     def _clear_attempt(self, keep_model: bool) -> None:
         """Remove what a failed attempt wrote (no complete checkpoint, no summary): its files,
@@ -173,6 +175,23 @@ class RunDir:
         for name in folders:
             if (p / name).is_dir():
                 shutil.rmtree(p / name)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The metrics lines written so far; a torn last line (a run under way) is left out."""
+        lines = self.metrics.read_bytes().split(b"\n")
+        return [r for line in lines if line.strip() and (r := _metrics_record(line)) is not None]
+
+    def mark_running(self) -> Callable[[], None]:
+        """Record this process as the one training the run; return what forgets it again."""
+        write_text_atomic(self.path / "running", str(os.getpid()))
+        return lambda: (self.path / "running").unlink(missing_ok=True)
+
+    def running_pid(self) -> int | None:
+        """The process recorded as training the run, if one is (it may have died since)."""
+        try:
+            return int((self.path / "running").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line; a failed write (a full disk) leaves the file as it was."""

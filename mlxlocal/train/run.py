@@ -63,6 +63,7 @@ class RunSummary:
     before: EvalResult | None = None  # the recipe's task evaluation, when it has one
     after: EvalResult | None = None
     next: list[str] = field(default_factory=list)  # commands that use what the run made
+    report: Path | None = None  # the run's HTML report
 
     def lines(self) -> list[str]:
         """What the CLI prints when the run ends."""
@@ -78,6 +79,7 @@ class RunSummary:
             f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
             f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
             *(side_by_side(self.before, self.after) if self.before and self.after else []),
+            *([f"report: {self.report}"] if self.report else []),
             *(["next:", *(f"  {command}" for command in self.next)] if self.next else []),
         ]
 
@@ -199,13 +201,24 @@ def run_recipe(
     `training.steps` had been N higher (raising `training.steps` does the same). Ctrl-C stops
     after the step under way, checkpointed (`trainer.Interrupted`).
     """
-    from mlx_lm.utils import get_total_parameters, maybe_set_recommended_wired_limit
-
     run = RunDir(Path(recipe.output).expanduser())
     if extend is not None:
         recipe = extended(recipe, run, extend)
     t = recipe.training
     ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=t.steps)
+    forget = run.mark_running()
+    try:
+        return _run(recipe, run, ckpt, echo)
+    finally:
+        forget()
+
+
+def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], None]) -> RunSummary:
+    from mlx_lm.utils import get_total_parameters, maybe_set_recommended_wired_limit
+
+    from ..report import Refresher
+
+    t = recipe.training
     # The checks `recipes validate` makes, before any weight is converted or loaded.
     src = resolve_source(recipe.model.path, recipe.model.revision)
     checked = preflight(recipe, load_tokenizer(src), read_config(src), echo)
@@ -254,6 +267,7 @@ def run_recipe(
         checkpoints=recipe.checkpoint,
         packed=d.packing,
         valid=valid,
+        on_checkpoint=(refresher := Refresher(run.path)).checkpoint,
     )
 
     with atomic_directory(run.path / "adapters", force=True) as tmp:
@@ -277,6 +291,7 @@ def run_recipe(
         next=next_commands(recipe, base, run.path),
     )
     write_text_atomic(run.path / "summary.json", strict_dumps(summary.to_json(), indent=2))
+    summary.report = refresher.final()  # after summary.json: the page says "finished"
     return summary
 
 
@@ -340,4 +355,5 @@ def next_commands(recipe: Recipe, base: Path, run: Path) -> list[str]:
     commands.append(["mlxlocal", "fuse", str(base), str(adapters), str(fused)])
     if (family_spec(read_config(base)["model_type"]) or {}).get("gguf_export"):
         commands.append(["mlxlocal", "export", "gguf", str(fused), str(run / "model.gguf")])
+    commands.append(["mlxlocal", "report", str(run)])
     return [shlex.join(c) for c in commands]

@@ -218,12 +218,14 @@ def train(
     checkpoints: CheckpointSection,
     packed: bool,
     valid: Callable[[], Iterable[Batch]] | None = None,
+    on_checkpoint: Callable[[], None] = lambda: None,
 ) -> TrainResult:
     """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
 
     The last step is always checkpointed, so a finished run can be continued exactly; Ctrl-C
     checkpoints the step under way and raises `Interrupted`. `packed` says the batches hold
-    several examples per row (their segments mask attention).
+    several examples per row (their segments mask attention). `on_checkpoint` runs after
+    each checkpoint but the last (the run's report refreshes there).
     """
     t = training
     step_fn = make_step(
@@ -306,6 +308,8 @@ def train(
                 saved = run.save_checkpoint(
                     model, optimizer, position, adapter_config, checkpoints.keep
                 )
+                if not last and not stop_asked():
+                    on_checkpoint()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if stop_asked() and saved is not None:
