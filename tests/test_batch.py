@@ -346,3 +346,54 @@ def test_cli_batch_field_mapping_and_encoding(tiny_lm, tmp_path):
     )
     bad = CliRunner().invoke(cli, [*args, "--field", "promt=q", "--force"])
     assert bad.exit_code == 1 and "did you mean prompt?" in bad.stderr
+
+
+INSTRUCTION = (
+    "You label short notes. Read the note below and answer with one word that says what "
+    "it is about; keep the data local and the answer short. "
+)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_shared_prefix_is_processed_once_with_the_same_outputs(tiny_lm, tmp_path, batch_size):
+    prompts = texts(10, seed=3, longest=40)
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(prompts)])
+    template = INSTRUCTION + "Note: {text}"
+    runs = {}
+    for cached in (True, False):
+        out = tmp_path / f"out-{cached}.jsonl"
+        runs[cached] = mlxlocal.batch(
+            tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=10,
+            batch_size=batch_size, prefix_cache=cached,
+        )  # fmt: skip
+        runs[cached] = (runs[cached], read_jsonl(out))
+    (with_cache, cached_out), (without, plain_out) = runs[True], runs[False]
+    assert cached_out == plain_out
+    # And each equals generate on the record alone (the reference the batch path is held to).
+    expected = [generate(tiny_lm, template.format(text=t), max_tokens=10) for t in prompts]
+    assert [r["output"] for r in cached_out] == [g.text for g in expected]
+    # The instruction (and the chat template's head) came from the prefix cache, once per chunk.
+    shared = len(tiny_lm.tokenizer.encode(INSTRUCTION)) // 2
+    assert with_cache.prefix_tokens >= shared * len(prompts)
+    assert without.prefix_tokens == 0
+    assert with_cache.generated_tokens == without.generated_tokens
+
+
+def test_resuming_with_the_prefix_cache(tiny_lm, tmp_path):
+    good = [{"text": t} for t in texts(9, seed=4, longest=40)]
+    write_jsonl(tmp_path / "in.jsonl", good)
+    template = INSTRUCTION + "Note: {text}"
+    whole = tmp_path / "whole.jsonl"
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", whole, template=template, max_tokens=8,
+                   prefix_cache=False)  # fmt: skip
+    broken = [json.dumps(r) for r in good]
+    broken[5] = "{oops"
+    (tmp_path / "in.jsonl").write_text("\n".join(broken) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(MlxLocalError, match=":6:"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=8)
+    write_jsonl(tmp_path / "in.jsonl", good)
+    # The prefix cache is no setting of the output: either run may continue the other's.
+    result = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=8)
+    assert result.resumed == 5 and result.prefix_tokens > 0
+    assert read_jsonl(out) == read_jsonl(whole)
