@@ -436,7 +436,7 @@ class SharedPrefix:
         be shared). At least one token of each prompt is left to feed."""
         room = max(min(map(len, prompts)) - 1, 0)
         if not self._starts_all(prompts, self.tokens) or len(self.tokens) > room:
-            self._prefill(_common_prefix(prompts)[:room])
+            self._prefill(common_prefix(prompts)[:room])
         if self.cache is None:
             return prompts, None
         n = len(self.tokens)
@@ -464,7 +464,7 @@ class SharedPrefix:
         self.tokens, self.cache = tokens, cache
 
 
-def _common_prefix(prompts: list[list[int]]) -> list[int]:
+def common_prefix(prompts: list[list[int]]) -> list[int]:
     """The longest token prefix every prompt starts with."""
     first, n = prompts[0], min(map(len, prompts))
     for p in prompts[1:]:
