@@ -419,8 +419,9 @@ class SharedPrefix:
 
     One cache object serves every record of the chunk: mlx-lm's batch merges the records'
     caches into new arrays and never writes to them, so the prefix is held once, not once per
-    waiting record. It is never extended in place (records still waiting may hold it); a chunk
-    whose prompts do not all start with it gets a new one.
+    waiting record (serve's `LRUPromptCache` hands out a deep copy per fetch: right for a chat's
+    next turn, 8 × batch size copies here). It is never extended in place (records still waiting
+    may hold it); a chunk whose prompts do not all start with it gets a new one.
     """
 
     MIN_TOKENS = 16  # shorter shared prefixes are not worth a separate pass
