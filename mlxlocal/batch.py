@@ -374,9 +374,9 @@ def batch(
                         processors = [
                             lm.logits_processors(sampling, f[2].answer.constrained) for f in fresh
                         ] if constrained else None  # fmt: skip
-                        prompts, caches = [f[0] for f in fresh], None
+                        prompts, caches, history = [f[0] for f in fresh], None, None
                         if shared is not None:
-                            prompts, caches = shared.split(prompts)
+                            prompts, caches, history = shared.split(prompts)
                             result.prefix_tokens += sum(len(f[0]) for f in fresh) - sum(
                                 map(len, prompts)
                             )
@@ -384,6 +384,7 @@ def batch(
                             prompts,
                             [f[1] for f in fresh],
                             caches=caches,
+                            all_tokens=history,
                             logits_processors=processors,
                         )
                         active.update((uid, f[2]) for uid, f in zip(uids, fresh, strict=True))
@@ -431,17 +432,20 @@ class SharedPrefix:
         self.tokens: list[int] = []
         self.cache: list | None = None
 
-    def split(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list] | None]:
-        """(each prompt's tokens after the shared prefix, the prefix cache for each), or the
-        prompts unchanged and None where they share too little (or the model's cache cannot
-        be shared). At least one token of each prompt is left to feed."""
+    def split(self, prompts: list[list[int]]) -> tuple[list[list[int]], list | None, list | None]:
+        """(each prompt's tokens after the shared prefix, the prefix cache for each, the prefix
+        tokens for each: the history a repetition penalty sees), or the prompts unchanged and
+        None, None where they share too little (or the model's cache cannot be shared). At
+        least one token of each prompt is left to feed."""
         room = max(min(map(len, prompts)) - 1, 0)
         if not self._starts_all(prompts, self.tokens) or len(self.tokens) > room:
             self._prefill(common_prefix(prompts)[:room])
         if self.cache is None:
-            return prompts, None
+            return prompts, None, None
         n = len(self.tokens)
-        return [p[n:] for p in prompts], [self.cache] * len(prompts)
+        # A list each: mlx-lm appends the processed tokens to it in place.
+        history = [list(self.tokens) for _ in prompts]
+        return [p[n:] for p in prompts], [self.cache] * len(prompts), history
 
     @staticmethod
     def _starts_all(prompts: list[list[int]], prefix: list[int]) -> bool:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import mlxlocal
 from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
-from mlxlocal.generate import generate
+from mlxlocal.generate import Sampling, generate
 
 WORDS = "the quick brown fox jumps over a lazy dog and your local model keeps data".split()
 
@@ -355,8 +355,11 @@ INSTRUCTION = (
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_a_shared_prefix_is_processed_once_with_the_same_outputs(tiny_lm, tmp_path, batch_size):
-    prompts = texts(10, seed=3, longest=40)
+@pytest.mark.parametrize("penalty", [None, 1.5])
+def test_a_shared_prefix_is_processed_once_with_the_same_outputs(
+    tiny_lm, tmp_path, batch_size, penalty
+):
+    prompts = texts(10, seed=3, longest=24)
     write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(prompts)])
     template = INSTRUCTION + "Note: {text}"
     runs = {}
@@ -365,12 +368,17 @@ def test_a_shared_prefix_is_processed_once_with_the_same_outputs(tiny_lm, tmp_pa
         runs[cached] = mlxlocal.batch(
             tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=10,
             batch_size=batch_size, prefix_cache=cached,
+            sampling=Sampling(repetition_penalty=penalty),  # it sees the prompt's tokens too
         )  # fmt: skip
         runs[cached] = (runs[cached], read_jsonl(out))
     (with_cache, cached_out), (without, plain_out) = runs[True], runs[False]
     assert cached_out == plain_out
     # And each equals generate on the record alone (the reference the batch path is held to).
-    expected = [generate(tiny_lm, template.format(text=t), max_tokens=10) for t in prompts]
+    expected = [
+        generate(tiny_lm, template.format(text=t), max_tokens=10,
+                 sampling=Sampling(repetition_penalty=penalty))
+        for t in prompts
+    ]  # fmt: skip
     assert [r["output"] for r in cached_out] == [g.text for g in expected]
     # The instruction (and the chat template's head) came from the prefix cache, once per chunk.
     shared = len(tiny_lm.tokenizer.encode(INSTRUCTION)) // 2
