@@ -405,3 +405,17 @@ def test_resuming_with_the_prefix_cache(tiny_lm, tmp_path):
     result = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=8)
     assert result.resumed == 5 and result.prefix_tokens > 0
     assert read_jsonl(out) == read_jsonl(whole)
+
+
+def test_cli_no_prefix_cache_gives_the_same_outputs(tiny_lm, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"q": t} for t in texts(5, seed=5, longest=20)])
+    outputs = []
+    for flags in ([], ["--no-prefix-cache"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        args = ["batch", str(tiny_lm.path), "--input", str(tmp_path / "in.jsonl")]
+        args += ["--output", str(out), "--template", INSTRUCTION + "Q: {q}", "--max-tokens", "6"]
+        args += flags
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(read_jsonl(out))
+    assert outputs[0] == outputs[1]
