@@ -3,7 +3,9 @@ one, and vs `mlx_lm.batch_generate` on the same prompts (in input order).
 
 In this process, on the fp32 model of the generate suite, alternately after a warm-up. Batching
 pays most where decoding dominates, so two mixes are measured: short prompts with longer
-answers, and long prompts with short answers (classification-like).
+answers, and long prompts with short answers (classification-like). A third has long prompts
+made of one shared instruction (a template's) and a short record: there `batch` processes the
+instruction once (its prefix cache), also measured with `prefix_cache=False`.
 """
 
 from __future__ import annotations
@@ -18,27 +20,37 @@ import numpy as np
 from .generate import model_path
 
 RECORDS, BATCH_SIZE = 256, 32
-# Prompt length range in words (the chat template adds ~8 tokens), max_tokens.
-MIXES = {"short prompts": ((4, 48), 64), "long prompts": ((48, 240), 16)}
+# Prompt length range in words (the chat template adds ~8 tokens), max_tokens, and the words of
+# an instruction every prompt starts with (a template's), if any.
+MIXES = {
+    "short prompts": ((4, 48), 64, 0),
+    "long prompts": ((48, 240), 16, 0),
+    "shared-prefix long prompts": ((4, 48), 16, 200),
+}
 WORDS = "the quick brown fox jumps over a lazy dog while your local model keeps the data".split()
 
 
-def _batch_figures(lm, reps: int, words: tuple[int, int], max_tokens: int, work: Path) -> dict:
+def _batch_figures(
+    lm, reps: int, words: tuple[int, int], max_tokens: int, shared: int, work: Path
+) -> dict:
     from mlx_lm.generate import batch_generate
 
-    from mlxlocal.batch import batch
+    from mlxlocal.batch import batch, common_prefix
     from mlxlocal.generate import encode_prompt, generate
 
     rng = np.random.default_rng(1)
-    prompts = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(*words, RECORDS)]
+    texts = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(*words, RECORDS)]
+    template = " ".join(rng.choice(WORDS, shared)) + "\n\n{text}" if shared else "{text}"
+    prompts = [template.format(text=t) for t in texts]
     records = work / "generate-batch-in.jsonl"
-    records.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
 
-    def ours():
+    def ours(prefix_cache: bool = True):
         tic = time.perf_counter()
-        r = batch(lm, records, work / "generate-batch-out.jsonl", max_tokens=max_tokens,
-                  batch_size=BATCH_SIZE, force=True)  # fmt: skip
+        r = batch(lm, records, work / "generate-batch-out.jsonl", template=template,
+                  max_tokens=max_tokens, batch_size=BATCH_SIZE, force=True,
+                  prefix_cache=prefix_cache)  # fmt: skip
         return time.perf_counter() - tic, r.generated_tokens
 
     def one_by_one():
@@ -53,6 +65,8 @@ def _batch_figures(lm, reps: int, words: tuple[int, int], max_tokens: int, work:
         return time.perf_counter() - tic, sum(len(t) for t in r.token_ids)
 
     contenders = {"batch": ours, "one_by_one": one_by_one, "mlx_lm_batch": mlx_lm_batch}
+    if shared:
+        contenders["batch_no_prefix_cache"] = lambda: ours(prefix_cache=False)
     ours()  # warm-up
     runs = {name: [] for name in contenders}
     for _ in range(reps):
@@ -63,6 +77,7 @@ def _batch_figures(lm, reps: int, words: tuple[int, int], max_tokens: int, work:
         "prompt_tokens": f"{min(map(len, ids))}–{max(map(len, ids))}",
         "max_tokens": max_tokens,
         "batch_size": BATCH_SIZE,
+        "shared_prefix_tokens": len(common_prefix(ids)) if shared else 0,
     }
     for name, rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
@@ -78,6 +93,10 @@ def _batch_figures(lm, reps: int, words: tuple[int, int], max_tokens: int, work:
     result["ratio_vs_mlx_lm_batch"] = round(
         result["mlx_lm_batch"]["wall_s"] / result["batch"]["wall_s"], 3
     )
+    if shared:
+        result["ratio_vs_no_prefix_cache"] = round(
+            result["batch_no_prefix_cache"]["wall_s"] / result["batch"]["wall_s"], 2
+        )
     return result
 
 
@@ -86,17 +105,19 @@ def run(size: str, reps: int, work: Path) -> dict:
 
     lm = load_model(model_path(size, work))
     return {
-        mix: _batch_figures(lm, reps, words, max_tokens, work)
-        for mix, (words, max_tokens) in MIXES.items()
+        mix: _batch_figures(lm, reps, words, max_tokens, shared, work)
+        for mix, (words, max_tokens, shared) in MIXES.items()
     }
 
 
 def table(result: dict) -> list[str]:
     rows = []
     for mix, b in result.items():
+        shared = b.get("shared_prefix_tokens")
         mixed = (
-            f"{mix}: {b['records']} × {b['prompt_tokens']} tokens, ≤ {b['max_tokens']} new, "
-            f"batch {b['batch_size']}"
+            f"{mix}: {b['records']} × {b['prompt_tokens']} tokens"
+            + (f" ({shared} shared)" if shared else "")
+            + f", ≤ {b['max_tokens']} new, batch {b['batch_size']}"
         )
         rows += [
             f"| batch throughput ({mixed}) vs mlxlocal one by one "
@@ -107,4 +128,11 @@ def table(result: dict) -> list[str]:
             f"| {b['batch']['tok_per_s']} tok/s | {b['mlx_lm_batch']['tok_per_s']} tok/s "
             f"| {b['ratio_vs_mlx_lm_batch']}× | ≥ 0.95× |",
         ]
+        if "batch_no_prefix_cache" in b:
+            rows.append(
+                f"| batch throughput ({mixed}) with vs without the prefix cache "
+                f"| {b['batch']['tok_per_s']} tok/s "
+                f"| {b['batch_no_prefix_cache']['tok_per_s']} tok/s (--no-prefix-cache) "
+                f"| {b['ratio_vs_no_prefix_cache']}× | |"
+            )
     return rows

@@ -66,6 +66,7 @@ class BatchResult:
     seconds: float
     peak_memory_gb: float
     warnings: list[str] = field(default_factory=list)
+    prefix_tokens: int = 0  # prompt tokens not processed: taken from a shared prefix's cache
 
     def summary(self) -> str:
         done = self.records - self.resumed
@@ -229,6 +230,7 @@ def batch(
     regex: str | None = None,
     json_schema: dict | str | Path | None = None,
     json_object: bool = False,
+    prefix_cache: bool = True,
 ) -> BatchResult:
     """Generate for every record of `input`, one output record per input record, in order.
 
@@ -241,7 +243,9 @@ def batch(
     The prompt is `template` filled from the record, else the column `field` (or
     `fields["prompt"]`; by default `prompt`, else `text`); `fields["system"]` names a column
     holding each record's system prompt. `encoding` names the input's (default UTF-8, or what
-    its byte-order mark says). `note` receives messages meant for a person.
+    its byte-order mark says). `note` receives messages meant for a person. With
+    `prefix_cache`, the token prefix every prompt of a chunk shares (a template's instruction,
+    a system prompt) is processed once and its KV cache reused by each record (same outputs).
     """
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
@@ -336,6 +340,7 @@ def batch(
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )
+    shared = SharedPrefix(lm.model, gen.prefill_step_size) if prefix_cache else None
     mx.reset_peak_memory()
     result = BatchResult(output, total, resumed, [], 0, 0, 0.0, 0.0)
     start = time.perf_counter()
@@ -389,9 +394,17 @@ def batch(
                         processors = [
                             lm.logits_processors(sampling, f[2].answer.constrained) for f in fresh
                         ] if constrained else None  # fmt: skip
+                        prompts, caches, history = [f[0] for f in fresh], None, None
+                        if shared is not None:
+                            prompts, caches, history = shared.split(prompts)
+                            result.prefix_tokens += sum(len(f[0]) for f in fresh) - sum(
+                                map(len, prompts)
+                            )
                         uids = gen.insert(
-                            [f[0] for f in fresh],
+                            prompts,
                             [f[1] for f in fresh],
+                            caches=caches,
+                            all_tokens=history,
                             logits_processors=processors,
                         )
                         active.update((uid, f[2]) for uid, f in zip(uids, fresh, strict=True))
@@ -419,6 +432,69 @@ def batch(
         raise MlxLocalError(f"{message} — fix the line ({kept}), or pass --on-error skip")
     out.finish()
     return result
+
+
+class SharedPrefix:
+    """The token prefix all prompts of a chunk share, processed once: each record's sequence
+    starts from its KV cache and processes only its own suffix.
+
+    One cache object serves every record of the chunk: mlx-lm's batch merges the records'
+    caches into new arrays and never writes to them, so the prefix is held once, not once per
+    waiting record (serve's `LRUPromptCache` hands out a deep copy per fetch: right for a chat's
+    next turn, 8 × batch size copies here). It is never extended in place (records still waiting
+    may hold it); a chunk whose prompts do not all start with it gets a new one.
+    """
+
+    MIN_TOKENS = 16  # shorter shared prefixes are not worth a separate pass
+
+    def __init__(self, model, step: int):
+        self.model, self.step = model, step
+        self.tokens: list[int] = []
+        self.cache: list | None = None
+
+    def split(self, prompts: list[list[int]]) -> tuple[list[list[int]], list | None, list | None]:
+        """(each prompt's tokens after the shared prefix, the prefix cache for each, the prefix
+        tokens for each: the history a repetition penalty sees), or the prompts unchanged and
+        None, None where they share too little (or the model's cache cannot be shared). At
+        least one token of each prompt is left to feed."""
+        room = max(min(map(len, prompts)) - 1, 0)
+        if not self._starts_all(prompts, self.tokens) or len(self.tokens) > room:
+            self._prefill(common_prefix(prompts)[:room])
+        if self.cache is None:
+            return prompts, None, None
+        n = len(self.tokens)
+        # A list each: mlx-lm appends the processed tokens to it in place.
+        history = [list(self.tokens) for _ in prompts]
+        return [p[n:] for p in prompts], [self.cache] * len(prompts), history
+
+    @staticmethod
+    def _starts_all(prompts: list[list[int]], prefix: list[int]) -> bool:
+        return bool(prefix) and all(p[: len(prefix)] == prefix for p in prompts)
+
+    def _prefill(self, tokens: list[int]) -> None:
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        self.tokens, self.cache = [], None
+        if len(tokens) < self.MIN_TOKENS:
+            return
+        cache = make_prompt_cache(self.model)
+        # Only plain KV caches merge by copying; others (rotating, recurrent) go the usual way.
+        if not all(type(c) is KVCache for c in cache):
+            return
+        ids = mx.array(tokens)[None]
+        for start in range(0, len(tokens), self.step):
+            self.model(ids[:, start : start + self.step], cache=cache)
+            mx.eval([c.state for c in cache])
+        self.tokens, self.cache = tokens, cache
+
+
+def common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The longest token prefix every prompt starts with."""
+    first, n = prompts[0], min(map(len, prompts))
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return first[:n]
 
 
 class _Item:

@@ -517,8 +517,15 @@ def chat(model, **flags) -> None:
 @click.option("--no-chat-template", is_flag=True, help="Send prompts as plain text.")
 @click.option("--truncate", is_flag=True, help="Drop a too-long prompt's oldest tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep going past EOS and end-of-turn tokens.")
+@click.option(
+    "--no-prefix-cache",
+    is_flag=True,
+    help="Process each prompt whole, not its shared prefix once (same outputs, slower).",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT, discarding an interrupted run.")
-def batch(model, input_path, output, no_chat_template, field_specs, **flags) -> None:
+def batch(
+    model, input_path, output, no_chat_template, field_specs, no_prefix_cache, **flags
+) -> None:
     """Run every record of a JSONL/CSV file through MODEL, batched; resumable.
 
     Each output line is the input record's fields plus id (its own "id" field, or its line
@@ -547,6 +554,7 @@ def batch(model, input_path, output, no_chat_template, field_specs, **flags) -> 
             field=bare[0] if bare else None,
             fields=fields,
             chat_template=not no_chat_template,
+            prefix_cache=not no_prefix_cache,
             note=lambda text: click.echo(text, err=True),
             **_generation_kwargs(flags),
         )

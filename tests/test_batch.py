@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import mlxlocal
 from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
-from mlxlocal.generate import generate
+from mlxlocal.generate import Sampling, generate
 
 WORDS = "the quick brown fox jumps over a lazy dog and your local model keeps data".split()
 
@@ -346,3 +346,76 @@ def test_cli_batch_field_mapping_and_encoding(tiny_lm, tmp_path):
     )
     bad = CliRunner().invoke(cli, [*args, "--field", "promt=q", "--force"])
     assert bad.exit_code == 1 and "did you mean prompt?" in bad.stderr
+
+
+INSTRUCTION = (
+    "You label short notes. Read the note below and answer with one word that says what "
+    "it is about; keep the data local and the answer short. "
+)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("penalty", [None, 1.5])
+def test_a_shared_prefix_is_processed_once_with_the_same_outputs(
+    tiny_lm, tmp_path, batch_size, penalty
+):
+    prompts = texts(10, seed=3, longest=24)
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(prompts)])
+    template = INSTRUCTION + "Note: {text}"
+    runs = {}
+    for cached in (True, False):
+        out = tmp_path / f"out-{cached}.jsonl"
+        runs[cached] = mlxlocal.batch(
+            tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=10,
+            batch_size=batch_size, prefix_cache=cached,
+            sampling=Sampling(repetition_penalty=penalty),  # it sees the prompt's tokens too
+        )  # fmt: skip
+        runs[cached] = (runs[cached], read_jsonl(out))
+    (with_cache, cached_out), (without, plain_out) = runs[True], runs[False]
+    assert cached_out == plain_out
+    # And each equals generate on the record alone (the reference the batch path is held to).
+    expected = [
+        generate(tiny_lm, template.format(text=t), max_tokens=10,
+                 sampling=Sampling(repetition_penalty=penalty))
+        for t in prompts
+    ]  # fmt: skip
+    assert [r["output"] for r in cached_out] == [g.text for g in expected]
+    # The instruction (and the chat template's head) came from the prefix cache, once per chunk.
+    shared = len(tiny_lm.tokenizer.encode(INSTRUCTION)) // 2
+    assert with_cache.prefix_tokens >= shared * len(prompts)
+    assert without.prefix_tokens == 0
+    assert with_cache.generated_tokens == without.generated_tokens
+
+
+def test_resuming_with_the_prefix_cache(tiny_lm, tmp_path):
+    good = [{"text": t} for t in texts(9, seed=4, longest=40)]
+    write_jsonl(tmp_path / "in.jsonl", good)
+    template = INSTRUCTION + "Note: {text}"
+    whole = tmp_path / "whole.jsonl"
+    mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", whole, template=template, max_tokens=8,
+                   prefix_cache=False)  # fmt: skip
+    broken = [json.dumps(r) for r in good]
+    broken[5] = "{oops"
+    (tmp_path / "in.jsonl").write_text("\n".join(broken) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(MlxLocalError, match=":6:"):
+        mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=8)
+    write_jsonl(tmp_path / "in.jsonl", good)
+    # The prefix cache is no setting of the output: either run may continue the other's.
+    result = mlxlocal.batch(tiny_lm, tmp_path / "in.jsonl", out, template=template, max_tokens=8)
+    assert result.resumed == 5 and result.prefix_tokens > 0
+    assert read_jsonl(out) == read_jsonl(whole)
+
+
+def test_cli_no_prefix_cache_gives_the_same_outputs(tiny_lm, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"q": t} for t in texts(5, seed=5, longest=20)])
+    outputs = []
+    for flags in ([], ["--no-prefix-cache"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        args = ["batch", str(tiny_lm.path), "--input", str(tmp_path / "in.jsonl")]
+        args += ["--output", str(out), "--template", INSTRUCTION + "Q: {q}", "--max-tokens", "6"]
+        args += flags
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(read_jsonl(out))
+    assert outputs[0] == outputs[1]
