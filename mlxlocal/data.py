@@ -349,9 +349,13 @@ def _decoded(f: BinaryIO, form: FileFormat) -> Iterator[_Line]:
             ) from e
         return
     offset = 0
-    for number, raw in enumerate(f, 1):
+    for number, (raw, size) in enumerate(_bounded_lines(f), 1):
         start = offset
-        offset += len(raw)
+        offset += size
+        if raw is None:
+            problem = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
+            yield _Line("(too long)\n", problem, LINE_FIX)  # not blank: a row, not skipped
+            continue
         if number == 1 and form.bom:
             raw = raw.removeprefix(codecs.BOM_UTF8)
             start += len(codecs.BOM_UTF8)
@@ -359,6 +363,26 @@ def _decoded(f: BinaryIO, form: FileFormat) -> Iterator[_Line]:
             yield _Line(raw.decode(codec))
         except UnicodeDecodeError as e:
             yield _Line(raw.decode(codec, "surrogateescape"), *_not_decodable(raw, e, start, form))
+
+
+# A record is an example, not a corpus: a longer line is a bad row, never read whole (a 200 MB
+# line would be tokenized whole, taking GBs).
+MAX_LINE_BYTES = 8 << 20
+LINE_FIX = "split it into examples of at most a few thousand tokens"
+
+
+def _bounded_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its size in bytes) for each line of `f`; None past MAX_LINE_BYTES (not kept)."""
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while rest := f.readline(1 << 20):
+            size += len(rest)
+            if rest.endswith(b"\n"):
+                break
+        yield None, size
 
 
 def _not_decodable(

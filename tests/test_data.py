@@ -12,6 +12,7 @@ from helpers import write_recipe
 
 import mlxlocal
 from mlxlocal.data import (
+    MAX_LINE_BYTES,
     DataSection,
     Example,
     Sample,
@@ -526,3 +527,22 @@ def test_cli_eval_field_flags(tiny_mlx, tmp_path):
     assert "classify on" in result.stdout and "2 examples" in result.stdout
     bad = CliRunner().invoke(cli, [*args, "--field", "prompt"])
     assert bad.exit_code == 1 and "expected NAME=COLUMN" in bad.stderr
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_line_past_the_cap_is_a_bad_row_never_read_whole(tmp_path, suffix):
+    """A record is an example: a line over MAX_LINE_BYTES becomes a bad row (skippable) and the
+    rows after it keep their line numbers."""
+    path = tmp_path / f"data{suffix}"
+    huge = "x" * (MAX_LINE_BYTES + 10)
+    if suffix == ".jsonl":
+        lines = ['{"text": "a"}', json.dumps({"text": huge}), '{"text": "b"}']
+    else:
+        lines = ["text", "a", huge, "b"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MlxLocalError, match=r"data\..*:(2|3): the line is longer than 8 MiB"):
+        read_rows(path)
+    rows, skipped = read_rows(path, skip_bad=True)
+    assert [r.values["text"] for r in rows] == ["a", "b"]
+    assert [r.line for r in rows] == ([1, 3] if suffix == ".jsonl" else [2, 4])
+    assert len(skipped) == 1 and skipped[0].values is None
