@@ -509,8 +509,8 @@ def _loading(path: str | Path, what: str) -> Iterator[None]:
     """mlx-lm's and transformers' load failures as one-line errors naming `what`."""
     try:
         yield
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _cannot_load(path, what, e) from e
+    except (OSError, ValueError, KeyError, ImportError, RecursionError) as e:
+        raise _cannot_load(path, what, e) from e  # RecursionError: JSON nested past the limit
     except AttributeError as e:
         # A tool_parser_type naming a module that is no parser, or a config value transformers
         # looks up by name (`"dtype": "Float32"` → torch.Float32).
@@ -521,10 +521,8 @@ def hf_tokenizer(path: str | Path):
     """The transformers tokenizer of a checkpoint directory, without checkpoint code."""
     from transformers import AutoTokenizer
 
-    try:
+    with _loading(path, "tokenizer"):
         return AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
-    except (OSError, ValueError, KeyError) as e:
-        raise _cannot_load(path, "tokenizer", e) from e
 
 
 def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False):

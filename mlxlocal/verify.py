@@ -63,7 +63,7 @@ def verify_conversion(
             src_dir, dtype=torch.float32, trust_remote_code=False
         ).eval()
         tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
         problem = " ".join(str(e).split())[:300]
         raise MlxLocalError(
             f"--verify: transformers cannot load {src} as the reference ({problem}); the "

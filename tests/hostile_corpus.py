@@ -513,7 +513,7 @@ class Corpus:
         ci_models = {
             "convert": {"config-deep", "header-huge-int", "many-tiny-layers", "config-fifo"},
             "generate": {"tokenizer-code", "header-length-2^62", "quantization-4"},
-            "verify": {"header-deep"},
+            "verify": {"header-deep", "tokenizer-deep"},
             "export gguf": {"many-tiny-layers", "layers-1e7"},
             "batch": {"config-dev-zero"},
             "info": {"header-deep"},
