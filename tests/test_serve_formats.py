@@ -19,22 +19,12 @@ import pytest
 from click.testing import CliRunner
 from serving import LiveServer, http
 from serving import loopback_only as no_network  # noqa: F401 - replaces conftest's fixture
+from test_constraints import SCHEMA
 
 from mlxlocal.cli import cli
 from mlxlocal.generate import generate
 from mlxlocal.serve import create_app
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "label": {"enum": ["spam", "ham"]},
-        "score": {"type": "integer", "minimum": 0, "maximum": 100},
-        "word": {"type": "string", "pattern": "^[a-z]{1,6}$"},
-        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
-    },
-    "required": ["label", "score", "word", "flags"],
-    "additionalProperties": False,
-}
 TEXTS = ["classify: buy now", "the lazy dog", "your local model keeps data", "a fox"]
 
 
