@@ -759,6 +759,62 @@ def run(recipe, overrides, resume, extend) -> None:
         click.echo(line)
 
 
+@cli.command()
+@click.argument("target")
+@click.argument("overrides", nargs=-1)
+@click.option(
+    "--memory",
+    help="Memory to fit in, e.g. 16GB (default: this machine's).",
+)
+@click.option("--context", type=click.IntRange(1), help="Inference: tokens per sequence.")
+@click.option("--batch", type=click.IntRange(1), help="Inference: sequences at once.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Compute dtype (default: the recipe's, `auto` being this machine's).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(target, overrides, memory, context, batch, dtype, as_json) -> None:
+    """Estimate peak memory for a recipe (training) or a model (inference), from its config.
+
+    TARGET is a recipe file or built-in recipe name (OVERRIDES as with `run`), or a model
+    (folder, config.json, builtin:tiny or a Hub id in the cache) with --context/--batch.
+    Nothing is downloaded and no weights are read. When the estimate exceeds --memory
+    (default: this machine's), the changes that make it fit are listed with their estimates.
+
+    \b
+      mlxlocal plan qwen2.5-1.5b-lora --memory 8GB
+      mlxlocal plan Qwen/Qwen2.5-7B-Instruct --context 8192 --batch 4
+    """
+    import json as json_module
+    from pathlib import Path
+
+    from .plan import machine_memory, parse_memory, plan_model, plan_recipe
+    from .recipe import builtin_recipe_path
+
+    budget = parse_memory(memory) if memory is not None else machine_memory()
+    path = Path(target).expanduser()
+    is_recipe = path.suffix in (".yaml", ".yml") and path.is_file()
+    if not is_recipe and not path.exists() and "/" not in target:
+        try:
+            builtin_recipe_path(target)
+            is_recipe = True
+        except MlxLocalError:
+            pass
+    if is_recipe:
+        if context or batch:
+            raise MlxLocalError("--context and --batch plan inference: give a model, not a recipe")
+        result = plan_recipe(target, list(overrides), budget, dtype)
+    else:
+        if overrides:
+            raise MlxLocalError(f"{target} is a model: overrides apply to recipes only")
+        result = plan_model(target, context or 4096, batch or 1, budget, dtype)
+    if as_json:
+        click.echo(json_module.dumps(result.to_json()))
+    else:
+        click.echo("\n".join(result.lines()))
+
+
 @cli.command("eval")
 @click.argument("model", type=click.Path())
 @click.option("--adapter", type=click.Path(), help="Adapters folder (from `mlxlocal run`).")

@@ -31,7 +31,7 @@ from ..errors import MlxLocalError
 from ..evaluate import EvalResult, evaluate_recipe, side_by_side
 from ..models import load, load_tokenizer, read_config
 from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Quantize, Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
 from .batches import iterate_batches
@@ -126,23 +126,27 @@ def load_base(recipe: Recipe, run_dir: Path, echo: Callable[[str], None]) -> tup
             convert(src, path, dtype=dtype, revision=recipe.model.revision, force=True)
     model, tokenizer = load(path, lazy=True)
     model.set_dtype(DTYPES[dtype])
-    quantize = recipe.model.quantize
-    if quantize is not None:  # (on a float model: preflight.check_model)
-        # The plan `mlxlocal quantize` makes with a rule keeping the family's
-        # keep_high_precision layers in float (QLoRA's choice); unfitting widths get a group.
-        keep = (family_spec(model.model_type) or {}).get("keep_high_precision", DEFAULT_KEEP_HIGH)
-        layers = plan_layers(
-            model,
-            check_spec(quantize.bits, quantize.group_size, "affine"),
-            weights=dict(tree_flatten(model.parameters())),
-            rules=[(rf"(^|\.)({'|'.join(map(re.escape, keep))})$", str(KEEP))],
-        )
-        specs = {layer.path: layer.spec for layer in layers}
-        nn.quantize(
-            model, class_predicate=lambda p, _: specs[p].config() if specs.get(p) else False
-        )
+    if recipe.model.quantize is not None:  # (on a float model: preflight.check_model)
+        quantize_for_training(model, recipe.model.quantize)
     mx.eval(model.parameters())
     return model, tokenizer, path
+
+
+def quantize_for_training(model: nn.Module, quantize: Quantize) -> None:
+    """Quantize a float model in memory for QLoRA.
+
+    The plan `mlxlocal quantize` makes, with a rule keeping the family's keep_high_precision
+    layers in float (QLoRA's choice); widths the group size does not divide get a group.
+    """
+    keep = (family_spec(model.model_type) or {}).get("keep_high_precision", DEFAULT_KEEP_HIGH)
+    layers = plan_layers(
+        model,
+        check_spec(quantize.bits, quantize.group_size, "affine"),
+        weights=dict(tree_flatten(model.parameters())),
+        rules=[(rf"(^|\.)({'|'.join(map(re.escape, keep))})$", str(KEEP))],
+    )
+    specs = {layer.path: layer.spec for layer in layers}
+    nn.quantize(model, class_predicate=lambda p, _: specs[p].config() if specs.get(p) else False)
 
 
 def prepare_method(model: nn.Module, recipe: Recipe, base: Path) -> dict[str, Any]:
