@@ -664,10 +664,13 @@ def recipes() -> None:
 
 @recipes.command("list")
 def recipes_list() -> None:
-    """Table of the built-in recipes: what each is for and its expected peak memory."""
+    """Table of the built-in recipes: what each is for and its estimated peak memory on this
+    machine (`mlxlocal plan NAME` breaks it down)."""
+    from .plan import recipe_memory
     from .recipe import builtin_recipes, format_recipe_table
 
-    click.echo(format_recipe_table(builtin_recipes()))
+    recipes = builtin_recipes()
+    click.echo(format_recipe_table(recipes, {r.name: recipe_memory(r.path) for r in recipes}))
 
 
 @recipes.command("show")
@@ -708,6 +711,11 @@ def recipes_validate(file, overrides) -> None:
     note = lambda text: click.echo(f"note: {text}", err=True)  # noqa: E731
     for line in validate_recipe(file, list(overrides), note):
         click.echo(line)
+    from .plan import memory_warning
+
+    warning = memory_warning(file, list(overrides))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     click.echo("ok")
 
 

@@ -564,11 +564,31 @@ def plan_model(
     return plan
 
 
-def recipe_estimate(path: str | Path) -> Estimate | None:
-    """A built-in recipe's estimate, or None when its model's config is not at hand."""
-    recipe = load_recipe(path)
+def recipe_memory(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """A recipe's estimated total for `recipes list` ("?" when its model's config is not
+    at hand)."""
+    recipe = load_recipe(path, overrides)
+    try:
+        config, _ = model_config(recipe.model.path, recipe.model.revision)
+    except MlxLocalError:
+        return "?"
+    e = training_estimate(recipe, config)
+    return f"{e.total / GiB:.1f} GiB"
+
+
+def memory_warning(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), memory: int | None = None
+) -> str | None:
+    """What `recipes validate` warns when the estimate exceeds `memory` (this machine's)."""
+    recipe = load_recipe(path, overrides)
     try:
         config, _ = model_config(recipe.model.path, recipe.model.revision)
     except MlxLocalError:
         return None
-    return training_estimate(recipe, config)
+    total, have = training_estimate(recipe, config).total, memory or machine_memory()
+    if total <= have:
+        return None
+    return (
+        f"the estimated peak memory {gib(total)} exceeds {gib(have)} of memory; "
+        f"`mlxlocal plan {path}` lists changes that fit"
+    )

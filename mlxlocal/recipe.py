@@ -439,9 +439,11 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
     return out
 
 
-def format_recipe_table(recipes: list[BuiltinRecipe]) -> str:
-    """NAME, MEMORY, PURPOSE columns; memory up to its first parenthesis."""
+def format_recipe_table(recipes: list[BuiltinRecipe], memory: dict[str, str] | None = None) -> str:
+    """NAME, MEMORY, PURPOSE columns; memory from `memory` (computed estimates by name), else
+    the header's up to its first parenthesis."""
+    memory = memory or {}
     rows = [("NAME", "MEMORY", "PURPOSE")]
-    rows += [(r.name, r.memory.split(" (")[0], r.purpose) for r in recipes]
+    rows += [(r.name, memory.get(r.name, r.memory.split(" (")[0]), r.purpose) for r in recipes]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
