@@ -488,6 +488,8 @@ def fit_changes(recipe: Recipe, quantized: bool) -> list[list[str]]:
     changes: list[list[str]] = []
     if t.loss_chunk_size is None:
         changes.append(["training.loss_chunk_size=256"])
+    elif t.loss_chunk_size > 64:
+        changes.append([f"training.loss_chunk_size={t.loss_chunk_size // 4}"])
     if not t.grad_checkpoint:
         changes.append(["training.grad_checkpoint=true"])
     size = t.batch_size

@@ -26,5 +26,6 @@ def test_wheel_builds_quietly_with_its_data(tmp_path):
         "mlxlocal/serve/static/index.html",
         "mlxlocal/serve/static/app.js",
         "mlxlocal/recipes/tiny-lora.yaml",
+        "mlxlocal/model_configs/Qwen--Qwen2.5-7B-Instruct.json",  # `plan` offline
     ):
         assert shipped in names

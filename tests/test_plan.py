@@ -119,19 +119,20 @@ def test_kv_cache_is_what_mlx_lm_allocates():
 
 
 def test_plan_suggests_changes_that_fit():
-    """A 7B QLoRA recipe in 8 GB (bf16): each change comes with its own estimate, lower than
+    """The 1.5B LoRA recipe in 6 GB (bf16): each change comes with its own estimate, lower than
     the recipe's, and the estimate of each suggestion is the plan of the recipe so changed."""
-    plan = plan_recipe("qwen2.5-7b-qlora", [], parse_memory("8GB"), "bfloat16")
+    plan = plan_recipe("qwen2.5-1.5b-lora", [], parse_memory("6GB"), "bfloat16")
     assert plan.fits is False
+    assert "model.quantize.bits=4" in [c for s in plan.suggestions for c in s.changes]
     assert plan.suggestions and all(
         s.estimate.total < plan.estimate.total for s in plan.suggestions
     )
     fitting = [s for s in plan.suggestions if s.fits]
     assert fitting
-    again = plan_recipe("qwen2.5-7b-qlora", fitting[0].changes, parse_memory("8GB"), "bfloat16")
+    again = plan_recipe("qwen2.5-1.5b-lora", fitting[0].changes, parse_memory("6GB"), "bfloat16")
     assert again.fits and again.estimate.total == fitting[0].estimate.total
     text = "\n".join(plan.lines())
-    assert "does not fit in 8.00 GiB" in text and fitting[0].changes[0] in text
+    assert "does not fit in 6.00 GiB" in text and fitting[0].changes[0] in text
 
 
 def test_plan_cli_recipe_model_and_json():
