@@ -31,8 +31,8 @@ HEAVY = {
 VERBS = {
     f"mlxlocal.{name}"
     for name in (
-        "batch chat convert evaluate export generate gguf_import info quality quantize quickstart "
-        "recipe report serve train verify"
+        "batch chat convert evaluate export generate gguf_import info plan quality quantize "
+        "quickstart recipe report serve train verify"
     ).split()
 }
 
@@ -75,6 +75,7 @@ def too_early(module: str) -> bool:
         ["run", "--help"],
         ["export", "gguf", "--help"],
         ["recipes", "--help"],
+        ["plan", "--help"],
     ],
 )
 def test_help_imports_no_model_code(args):
