@@ -527,7 +527,9 @@ def plan_recipe(
     for change in fit_changes(recipe, "quantization" in config):
         single = training_estimate(load_recipe(path, [*overrides, *change]), config, dtype)
         plan.suggestions.append(Suggestion(change, single, single.total <= memory))
-    # Then the cheapest changes together, in order, until the estimate fits.
+    if any(s.fits for s in plan.suggestions):
+        return plan
+    # No one change is enough: the cheapest together, in order, until the estimate fits.
     for change in fit_changes(recipe, "quantization" in config):
         keys = {c.split("=")[0] for c in change}
         applied = [a for a in applied if a.split("=")[0] not in keys] + change

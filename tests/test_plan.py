@@ -184,3 +184,12 @@ def test_recipes_list_and_validate_use_the_estimate():
     assert memory_warning("tiny-lora", memory=parse_memory("1GB")) is None
     warning = memory_warning("tiny-lora", memory=parse_memory("100MB"))
     assert warning and "exceeds" in warning and "mlxlocal plan tiny-lora" in warning
+
+
+def test_plan_combines_changes_when_no_one_change_fits():
+    plan = plan_recipe("qwen2.5-7b-qlora", [], parse_memory("6.7GB"), "bfloat16")
+    *singles, combined = plan.suggestions
+    assert not any(s.fits for s in singles)
+    assert combined.fits and len({c.split("=")[0] for c in combined.changes}) > 2
+    again = plan_recipe("qwen2.5-7b-qlora", combined.changes, parse_memory("6.7GB"), "bfloat16")
+    assert again.fits
