@@ -781,8 +781,14 @@ def run(recipe, overrides, resume, extend) -> None:
     type=click.Choice(["float32", "float16", "bfloat16"]),
     help="Compute dtype (default: the recipe's, `auto` being this machine's).",
 )
+@click.option(
+    "--throughput",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Training tokens/s measured on this machine, for the time per step "
+    "(default: from the recipe's earlier run in its output directory, if any).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(target, overrides, memory, context, batch, dtype, as_json) -> None:
+def plan(target, overrides, memory, context, batch, dtype, throughput, as_json) -> None:
     """Estimate peak memory for a recipe (training) or a model (inference), from its config.
 
     TARGET is a recipe file or built-in recipe name (OVERRIDES as with `run`), or a model
@@ -812,10 +818,12 @@ def plan(target, overrides, memory, context, batch, dtype, as_json) -> None:
     if is_recipe:
         if context or batch:
             raise MlxLocalError("--context and --batch plan inference: give a model, not a recipe")
-        result = plan_recipe(target, list(overrides), budget, dtype)
+        result = plan_recipe(target, list(overrides), budget, dtype, throughput)
     else:
-        if overrides:
-            raise MlxLocalError(f"{target} is a model: overrides apply to recipes only")
+        if overrides or throughput:
+            raise MlxLocalError(
+                f"{target} is a model: overrides and --throughput apply to recipes only"
+            )
         result = plan_model(target, context or 4096, batch or 1, budget, dtype)
     if as_json:
         click.echo(json_module.dumps(result.to_json()))

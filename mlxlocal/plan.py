@@ -507,11 +507,46 @@ def fit_changes(recipe: Recipe, quantized: bool) -> list[list[str]]:
     return changes
 
 
+def measured_speed(run: Path) -> tuple[float, float] | None:
+    """Tokens per optimizer step and tokens/s measured by an earlier run of the recipe on
+    this machine (its metrics.jsonl), medians over its steps; None before any step."""
+    from .train.checkpoints import RunDir
+
+    runs = RunDir(run)
+    if not runs.metrics.is_file():
+        return None
+    rows = [r for r in runs.records() if r.get("tokens_per_s") and r.get("tokens")]
+    if not rows:
+        return None
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return median([r["tokens"] for r in rows]), median([r["tokens_per_s"] for r in rows])
+
+
+def time_note(recipe: Recipe, throughput: float | None) -> str | None:
+    """Time per step from a measured throughput: `throughput` tokens/s if given (tokens per
+    step then at most batch_size × grad_accumulation × max_length), else the recipe's own
+    earlier run in its output directory."""
+    t = recipe.training
+    if throughput is not None:
+        tokens, speed = t.batch_size * t.grad_accumulation * recipe.data.max_length, throughput
+        source, bound = f"at {speed:,.0f} tokens/s (given)", "at most "
+    else:
+        measured = measured_speed(Path(recipe.output).expanduser())
+        if measured is None:
+            return None
+        (tokens, speed), bound = measured, "~"
+        source = f"at {speed:,.0f} tokens/s measured in {recipe.output}/metrics.jsonl"
+    step = tokens / speed
+    whole = f", {bound}{step * t.steps / 60:.1f} min for {t.steps} steps" if t.steps else ""
+    return f"time: {bound}{step:.2f} s per step ({tokens:,.0f} tokens) {source}{whole}"
+
+
 def plan_recipe(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     memory: int | None = None,
     dtype: str | None = None,
+    throughput: float | None = None,
 ) -> Plan:
     """The estimate for a recipe; with `memory`, the changes that make it fit."""
     recipe = load_recipe(path, overrides)
@@ -520,6 +555,9 @@ def plan_recipe(
     notes = [f"model {recipe.model.path}: {config['model_type']}, config from {where}"]
     if recipe.data.packing:
         notes.append("packing: rows are filled to data.max_length, so every batch is full")
+    timing = time_note(recipe, throughput)
+    if timing:
+        notes.append(timing)
     plan = Plan(estimate, memory, notes=notes)
     if memory is None or estimate.total <= memory:
         return plan

@@ -193,3 +193,28 @@ def test_plan_combines_changes_when_no_one_change_fits():
     assert combined.fits and len({c.split("=")[0] for c in combined.changes}) > 2
     again = plan_recipe("qwen2.5-7b-qlora", combined.changes, parse_memory("6.7GB"), "bfloat16")
     assert again.fits
+
+
+def test_plan_gives_time_per_step_from_a_measured_throughput(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    done = runner.invoke(cli, ["plan", "tiny-lora", f"output={out}"])
+    assert done.exit_code == 0 and "time:" not in done.output  # nothing measured yet
+    # tiny-lora: 4 rows × 128 tokens per step at most, 40 steps.
+    done = runner.invoke(cli, ["plan", "tiny-lora", f"output={out}", "--throughput", "256"])
+    assert done.exit_code == 0, done.output
+    assert "time: at most 2.00 s per step (512 tokens) at 256 tokens/s (given)" in done.output
+    assert "at most 1.3 min for 40 steps" in done.output
+    # An earlier run of the recipe: medians of its steps (a torn last line is left out).
+    out.mkdir()
+    rows = [
+        {"step": i + 1, "tokens": t, "tokens_per_s": s}
+        for i, (t, s) in enumerate([(300, 100.0), (400, 200.0), (500, 150.0)])
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "tok'
+    (out / "metrics.jsonl").write_text(text)
+    done = runner.invoke(cli, ["plan", "tiny-lora", f"output={out}"])
+    assert done.exit_code == 0, done.output
+    assert f"time: ~2.67 s per step (400 tokens) at 150 tokens/s measured in {out}" in done.output
+    done = runner.invoke(cli, ["plan", "builtin:tiny", "--throughput", "5"])
+    assert done.exit_code == 1 and "apply to recipes only" in done.output
