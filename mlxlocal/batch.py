@@ -335,8 +335,9 @@ def batch(
         lm.model,
         max_tokens=max_tokens,
         stop_tokens=[] if ignore_eos else [[t] for t in sorted(lm.stop_ids)],
-        sampler=sampling.sampler(),
-        logits_processors=lm.logits_processors(sampling),
+        # The vocabulary mask is in the sampler, not a processor: see `batch_sampler`.
+        sampler=lm.batch_sampler(sampling),
+        logits_processors=sampling.logits_processors(),
         completion_batch_size=batch_size,
         prefill_batch_size=min(batch_size, 8),
     )

@@ -127,6 +127,27 @@ class LoadedModel:
         width = self.width or len(self.tokenizer.get_vocab())
         return constraint.start(self.tokenizer, width, self.stop_ids)
 
+    def batch_sampler(self, sampling: Sampling) -> Callable:
+        """`sampling`'s sampler over the decodable ids only, for mlx-lm's `BatchGenerator`: the
+        mask cannot be a logits processor there, since any processor sends the whole batch down
+        its one-sequence-at-a-time path (a slice, a call and a concatenation per sequence per
+        step). Log-probabilities are renormalised over the kept ids, as the processor leaves
+        them; argmax (temperature 0) needs no renormalising."""
+        import mlx.core as mx
+
+        sample, mask = sampling.sampler(), self.decodable_only
+        if mask is None:
+            return sample
+        normalize = sampling.temp > 0
+
+        def masked(logprobs):
+            logprobs = mask(None, logprobs)
+            if normalize:
+                logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+            return sample(logprobs)
+
+        return masked
+
     def logits_processors(
         self, sampling: Sampling, answer: ConstrainedAnswer | None = None
     ) -> list:

@@ -184,3 +184,45 @@ def test_a_template_that_raises_is_one_clear_line(folder, name, tmp_path):
     assert "\n" not in message and "d.jsonl:2" in message
     assert "roles must alternate" in message
     assert "chat template" in message
+
+
+# A tool round trip as the openai client sends it: the assistant's call with its arguments as a
+# JSON string and no content, then the tool's answer.
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
+]
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-0.5B-Instruct", "Llama-3.2-1B-Instruct"])
+def test_serve_tool_messages_render_as_transformers_does(folder, name):
+    """serve passes tool calls and tool results to the template as transformers documents them
+    (arguments as an object, not a JSON string the template would encode twice)."""
+    from mlxlocal.generate import render_chat as render_request
+    from mlxlocal.serve.schemas import ChatRequest
+
+    tokenizer, hf = load_tokenizer(folder(name)), hf_tokenizer(folder(name))
+    request = ChatRequest.model_validate({"model": "m", "messages": TOOL_TURNS, "tools": TOOLS})
+    ids = render_request(tokenizer, [m.for_template() for m in request.messages], request.tools)
+    documented = json.loads(json.dumps(TOOL_TURNS))
+    documented[1]["content"] = ""
+    documented[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    text = hf.apply_chat_template(
+        documented, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    assert ids == hf(text, add_special_tokens=False)["input_ids"]
+    shown = hf.decode(ids)
+    assert '{"city": "Paris"}' in shown and '\\"city\\"' not in shown
+    # (Llama's template writes a string tool result with tojson too: its own choice.)
+    assert "sunny" in shown and "get_weather" in shown

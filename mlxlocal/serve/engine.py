@@ -185,7 +185,7 @@ class Engine:
         # Ids the tokenizer cannot decode are masked inside the samplers, not by a logits
         # processor: any processor sends mlx-lm's batch down its one-sequence-at-a-time path.
         self._mask = self.lm.decodable_only
-        self._greedy = self._masked(Sampling().sampler(), normalize=False)
+        self._greedy = self.lm.batch_sampler(Sampling(temp=0.0))
         self._gens: dict[str, Any] = {}
         self._running: dict[tuple[str, int], Job] = {}
         self._prefixes = None
@@ -260,7 +260,7 @@ class Engine:
         request's own; with a seed, its draws depend on the seed alone, not on its neighbours."""
         if sampling.temp == 0:
             return self._greedy
-        sample = self._masked(sampling.sampler())
+        sample = self.lm.batch_sampler(sampling)
         if sampling.seed is None:
             return sample
         mx, steps, seed = self._mx, itertools.count(), sampling.seed
@@ -270,21 +270,6 @@ class Engine:
             return sample(logprobs)
 
         return seeded
-
-    def _masked(self, sample, normalize: bool = True):
-        """`sample` over the decodable ids only (log-probabilities renormalised over them, as
-        `generate`'s processor leaves them; argmax needs no renormalising)."""
-        if self._mask is None:
-            return sample
-        mask, mx = self._mask, self._mx
-
-        def masked(logprobs):
-            logprobs = mask(None, logprobs)
-            if normalize:
-                logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-            return sample(logprobs)
-
-        return masked
 
     def _remove(self, job: Job) -> None:
         """Take a running job out of its batch (cancelled, or ended on a stop string)."""

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..checkpoint.inputs import JSONProblem, decode_json
+
 MAX_STOP = 16
 
 
@@ -45,7 +47,24 @@ class Message(BaseModel):
         if self.role == "developer":  # OpenAI's newer name for the system role
             message["role"] = "system"
         message.setdefault("content", "")
+        for call in message.get("tool_calls") or []:
+            _arguments_as_object(call)
         return message
+
+
+def _arguments_as_object(call: Any) -> None:
+    """OpenAI sends a tool call's arguments as a JSON string; chat templates (Qwen's, Llama's,
+    Mistral's) write them with `tojson` and expect the object, as transformers documents — a
+    string would reach the model encoded twice. A string that is not a JSON object stays as is."""
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if isinstance(arguments, str):
+        try:
+            parsed = decode_json(arguments)
+        except JSONProblem:
+            return
+        if isinstance(parsed, dict):
+            function["arguments"] = parsed
 
 
 class StreamOptions(BaseModel):
