@@ -8,12 +8,15 @@ is the one a single process makes on the whole global batch. Rank 0 alone writes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,21 @@ def rank_share(count: int, rank: int, size: int) -> list[int]:
     if count % size:
         raise ValueError(f"{count} micro-batches do not split evenly over {size} ranks")
     return list(range(rank, count, size))
+
+
+def take_step(
+    batches: Iterator[tuple[int, int, T]], per_rank: int, world: World
+) -> tuple[int, int, list[T]]:
+    """Draw one optimizer step's micro-batches (`per_rank` × world size of them, in the global
+    order) from `batches` of (epoch, next index, batch); keep this rank's share.
+
+    Returns the (epoch, next index) after the step, as every rank sees it, and the kept ones.
+    """
+    count = per_rank * world.size
+    mine = set(rank_share(count, world.rank, world.size))
+    kept = []
+    for j in range(count):
+        epoch, index, batch = next(batches)
+        if j in mine:
+            kept.append(batch)
+    return epoch, index, kept

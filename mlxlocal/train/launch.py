@@ -99,18 +99,26 @@ class Outcome:
             self.errors.setdefault(int(m.group(1)), m.group(2))
 
     def failure(self, returncode: int) -> str | None:
-        """The one line saying which rank failed first and why, or None when all finished."""
-        if self.exited:
-            rank, code = next(iter(self.exited.items()))
+        """The one line saying which rank failed and why, or None when all finished.
+
+        A rank's own error line wins; then a rank killed by a signal (the others then fail
+        on the broken ring); then the first rank that exited non-zero."""
+        for rank in self.exited:
             if rank in self.errors:
                 return f"rank {rank}: {self.errors[rank]}"
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            if code == 255:
-                how += " (ssh could not reach its host?)"
-            return f"rank {rank} {how}; run again to resume from the last checkpoint"
         if self.errors:
             rank, text = next(iter(self.errors.items()))
             return f"rank {rank}: {text}"
+        if self.exited:
+            signalled = [r for r, code in self.exited.items() if code < 0]
+            rank = signalled[0] if signalled else next(iter(self.exited))
+            code = self.exited[rank]
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            if code == 255:
+                how += " (could ssh reach its host?)"
+            return (
+                f"rank {rank} {how}; run the same command again to resume from the last checkpoint"
+            )
         if self.killed or returncode != 0:
             return f"mlx.launch failed (exit code {returncode}); see its messages above"
         return None

@@ -225,6 +225,8 @@ def run_recipe(
         return _run(recipe, run, ckpt, echo, world)
     if extend is not None:
         recipe = extended(recipe, run, extend)
+    if (latest := run.latest()) is not None:
+        check_world(latest, world)  # before prepare touches the run
     ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=recipe.training.steps)
     forget = run.mark_running()
     try:
@@ -239,10 +241,10 @@ def check_world(ckpt: Path, world: World) -> None:
     and global batch mean something else there."""
     saved = read_position(ckpt).world_size
     if saved != world.size:
-        how = f"--nproc {saved}" if saved > 1 else "without --nproc/--hosts"
+        how = f"with {saved} ranks (--nproc {saved})" if saved > 1 else "as one process"
         raise MlxLocalError(
             f"{ckpt} was trained by {saved} rank{'s' * (saved > 1)}, this run has {world.size}: "
-            f"resume it with {saved} ({how}), or start a new output"
+            f"resume it {how}, or choose another output"
         )
 
 
@@ -256,7 +258,7 @@ def _run(
     t = recipe.training
     # The checks `recipes validate` makes, before any weight is converted or loaded.
     src = resolve_source(recipe.model.path, recipe.model.revision)
-    if ckpt is not None:
+    if ckpt is not None and not world.main:
         check_world(ckpt, world)
     checked = preflight(recipe, load_tokenizer(src), read_config(src), echo, world.size)
     examples, report = checked.examples, checked.report

@@ -31,7 +31,7 @@ from ..progress import LineProgress
 from ..progress import bar as progress_bar
 from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
-from .distributed import SINGLE, World, rank_share
+from .distributed import SINGLE, World, take_step
 from .loss import loss_sums
 
 
@@ -272,13 +272,7 @@ def train(
     ):
         while position.step < total_steps:
             tic = time.perf_counter()
-            micro = []
-            count = t.grad_accumulation * world.size  # the global step, in the global order
-            mine = set(rank_share(count, world.rank, world.size))
-            for j in range(count):
-                epoch, index, batch = next(batches)
-                if j in mine:
-                    micro.append(batch)
+            epoch, index, micro = take_step(batches, t.grad_accumulation, world)
             loss_sum, n, tokens, norm = step_fn(micro)
             mx.eval(state, loss_sum, n, tokens, norm)
             seconds = time.perf_counter() - tic
