@@ -200,3 +200,33 @@ def test_a_bad_hostfile_is_one_clear_line(tiny, tmp_path, content, expected):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": {"type": "full"}, "data__packing": False},  # length buckets
+        {"model__quantize": {"bits": 4, "group_size": 32}, "training__grad_clip": 0.5},  # QLoRA
+    ],
+    ids=["full-buckets", "qlora-packed-clipped"],
+)
+def test_full_fine_tuning_and_qlora_train_alike_on_two_ranks(tiny, tmp_path, compiled, overrides):
+    from mlxlocal.recipe import load_recipe
+    from mlxlocal.train.run import run_recipe
+
+    settings = {"training__batch_size": 2, "training__steps": 2, **overrides}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = write_recipe(tmp_path / "one", tiny, training__grad_accumulation=2, **settings)
+    run_recipe(load_recipe(one))
+    two = write_recipe(tmp_path / "two", tiny, **settings)
+    result = run_cli("run", str(two), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    ones, twos = read_metrics(tmp_path / "one" / "run"), read_metrics(tmp_path / "two" / "run")
+    for a, b in zip(ones, twos, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b.get("grad_norm") == pytest.approx(a.get("grad_norm"), abs=1e-5)
+    theirs = mx.load(str(tmp_path / "one" / "run" / "adapters" / "adapters.safetensors"))
+    ours = mx.load(str(tmp_path / "two" / "run" / "adapters" / "adapters.safetensors"))
+    for name, value in theirs.items():
+        np.testing.assert_allclose(np.array(ours[name]), np.array(value), atol=1e-5)
