@@ -124,7 +124,9 @@ def _step_times(work: Path, method: str, nproc: int) -> tuple[float, int]:
     recipe = {
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"train": "builtin:tiny-chat.jsonl", "max_length": 128},
-        "method": {"type": method, "rank": 8, "alpha": 16},
+        "method": {"type": method, "rank": 8, "alpha": 16}
+        if method == "lora"
+        else {"type": method},
         "training": {"learning_rate": 1e-4, "batch_size": 2, "steps": 8},
         "output": str(folder / "run"),
     }
@@ -158,13 +160,15 @@ def table(result: dict) -> list[str]:
     for nbytes, seconds in sorted(result["allreduce_s"].items()):
         mb = int(nbytes) / 1e6
         rows.append(
-            f"| all-reduce {mb:.3g} MB, 2 ranks, ring on loopback | {seconds * 1e3:.2f} ms "
-            f"| | {mb / 1e3 / seconds:.2f} GB/s | |"
+            f"| all-reduce of {mb:.3g} MB, 2 ranks, ring on loopback "
+            f"({mb / 1e3 / seconds:.3f} GB/s) | {seconds * 1e3:.2f} ms | | | |"
         )
     for name, s in result["steps"].items():
+        method, ranks = name.split("-")
+        reduced = f"{s['gradient_bytes'] / 1e3:.0f} kB all-reduced" if ranks != "1" else "alone"
         rows.append(
-            f"| step time {name.replace('-', ', ')} rank(s), "
-            f"{s['gradient_bytes'] / 1e3:.0f} kB reduced | {s['step_s'] * 1e3:.1f} ms | | | |"
+            f"| step time, {method}, {ranks} rank(s) ({reduced}) | {s['step_s'] * 1e3:.1f} ms "
+            "| | | |"
         )
     return rows
 
