@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -31,11 +33,18 @@ class Cli(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             msg = str(e) if isinstance(e, MlxLocalError) else f"{e} (run with --debug for details)"
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {rank_prefix()}{msg}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was left half-written", err=True)
             ctx.exit(130)
+
+
+def rank_prefix() -> str:
+    """ "rank R: " in a process `mlx.launch` started (it sets MLX_RANK), so a launcher relaying
+    every rank's output shows whose error a line is."""
+    rank = os.environ.get("MLX_RANK")
+    return f"rank {rank}: " if rank else ""
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -729,7 +738,27 @@ def recipes_validate(file, overrides) -> None:
     metavar="N",
     help="Continue the finished run in `output` for N more steps.",
 )
-def run(recipe, overrides, resume, extend) -> None:
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Train data-parallel on N processes of this machine (through mlx.launch).",
+)
+@click.option(
+    "--hosts",
+    "hostfile",
+    type=click.Path(),
+    metavar="FILE",
+    help="Train data-parallel on the machines of an mlx.launch hostfile (JSON; see README).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["ring", "mpi", "jaccl", "nccl"]),
+    default="ring",
+    show_default=True,
+    help="mlx.distributed back end for --nproc/--hosts.",
+)
+def run(recipe, overrides, resume, extend, nproc, hostfile, backend) -> None:
     """Fine-tune as the RECIPE file (or built-in recipe name) says.
 
     OVERRIDES are key.path=value settings that win over the file, e.g.
@@ -740,16 +769,26 @@ def run(recipe, overrides, resume, extend) -> None:
     --resume insists on that. Ctrl-C stops after the step under way, saves it and prints the
     command that continues. --extend N (or a higher training.steps) continues a finished run.
     Outside a terminal a progress line is printed every 30 s ($MLXLOCAL_PROGRESS_SECONDS).
+    --nproc N or --hosts FILE trains data-parallel on N processes or the hostfile's machines
+    (mlx.launch; the same command works started by `mlx.launch` itself).
 
     \b
       mlxlocal run tiny-lora
       mlxlocal run my-recipe.yaml training.steps=200
       mlxlocal run my-recipe.yaml --extend 100
+      mlxlocal run my-recipe.yaml --nproc 2
     """
     from .recipe import load_recipe
     from .train.run import rerun_command, run_recipe
 
     loaded = load_recipe(recipe, list(overrides))
+    if nproc is not None or hostfile is not None:
+        from .train.launch import launch
+
+        args = ["run", recipe, *overrides, *(["--resume"] if resume else [])]
+        args += ["--extend", str(extend)] if extend is not None else []
+        launch(args, nproc, Path(hostfile) if hostfile else None, backend)
+        return
     try:
         summary = run_recipe(
             loaded,
@@ -763,7 +802,7 @@ def run(recipe, overrides, resume, extend) -> None:
         command = rerun_command(loaded, recipe, list(overrides), resume, extend)
         click.echo(f"stopped{where}; to continue:\n  {command}", err=True)
         raise
-    for line in summary.lines():
+    for line in summary.lines() if summary.rank == 0 else []:
         click.echo(line)
 
 

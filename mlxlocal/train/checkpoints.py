@@ -4,7 +4,8 @@
 <run>/metrics.jsonl   one JSON line per optimizer step (a NaN or infinite value is written as
                       null: see checkpoint/jsonout.py)
 <run>/step-<N>/       adapters.safetensors + adapter_config.json (loadable as they are),
-                      optimizer.safetensors, state.json (step, data position, RNG key, ...)
+                      optimizer.safetensors, state.json (step, data position, RNG key,
+                      world size, ...)
 <run>/latest          the name of the newest complete checkpoint, replaced only after it is
                       whole, so a kill at any moment leaves the previous one in force; the
                       last step and a step stopped by Ctrl-C are always checkpointed
@@ -51,6 +52,7 @@ class Position:
     elapsed_s: float = 0.0
     rng: list[int] = field(default_factory=list)
     loss: float | None = None  # of the last step
+    world_size: int = 1  # ranks that trained it (the data each step saw depends on it)
 
 
 class RunDir:

@@ -57,9 +57,14 @@ class Checked:
 
 
 def preflight(
-    recipe: Recipe, tokenizer: Any, config: dict[str, Any], note: Callable[[str], None]
+    recipe: Recipe,
+    tokenizer: Any,
+    config: dict[str, Any],
+    note: Callable[[str], None],
+    world_size: int = 1,
 ) -> Checked:
-    """Every check `run` makes before loading weights; raises the first failure."""
+    """Every check `run` makes before loading weights; raises the first failure. With
+    `world_size` ranks a step takes grad_accumulation micro-batches on each."""
     check_model(recipe, config)
     check_eval(recipe, tokenizer, note)
     examples, report = load_examples(recipe.data, tokenizer, "train", note)
@@ -73,7 +78,7 @@ def preflight(
             f"through, above the model's context of {context} tokens; set data.max_length: "
             f"{context} or less"
         )
-    total_steps = recipe.training.steps or epoch_steps(examples, recipe, capacity)
+    total_steps = recipe.training.steps or epoch_steps(examples, recipe, capacity, world_size)
     return Checked(examples, report, valid_examples, valid_report, capacity, total_steps)
 
 
@@ -117,17 +122,19 @@ def check_eval(recipe: Recipe, tokenizer: Any, note: Callable[[str], None]) -> N
         check_labels(tokenizer, section.train, gold, e.labels)
 
 
-def epoch_steps(examples: list, recipe: Recipe, capacity: int) -> int:
+def epoch_steps(examples: list, recipe: Recipe, capacity: int, world_size: int = 1) -> int:
     t, d = recipe.training, recipe.data
+    per_step = t.grad_accumulation * world_size
     count = sum(
         num_batches(examples, t.batch_size, capacity, d.packing, t.seed, e) for e in range(t.epochs)
     )
-    if count < t.grad_accumulation:
+    if count < per_step:
+        ranks = f" × {world_size} ranks" if world_size > 1 else ""
         raise MlxLocalError(
             f"the training data gives {count} batches, fewer than one step needs "
-            f"(training.grad_accumulation = {t.grad_accumulation}): add examples"
+            f"(training.grad_accumulation = {t.grad_accumulation}{ranks}): add examples"
         )
-    return count // t.grad_accumulation
+    return count // per_step
 
 
 def validate_recipe(

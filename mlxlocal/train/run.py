@@ -43,6 +43,7 @@ from .checkpoints import (
     rng_key,
     write_text_atomic,
 )
+from .distributed import World, init
 from .loss import check_output_head
 from .optim import build_optimizer
 from .preflight import preflight
@@ -64,18 +65,21 @@ class RunSummary:
     after: EvalResult | None = None
     next: list[str] = field(default_factory=list)  # commands that use what the run made
     report: Path | None = None  # the run's HTML report
+    world_size: int = 1  # ranks that trained together
+    rank: int = 0  # this process's (only rank 0 wrote the run directory)
 
     def lines(self) -> list[str]:
         """What the CLI prints when the run ends."""
         r = self.training
         val = f", validation loss {r.val_loss:.4f}" if r.val_loss is not None else ""
         resumed = f" (resumed at step {self.resumed_from})" if self.resumed_from else ""
+        ranks = f" (the most of {self.world_size} ranks)" if self.world_size > 1 else ""
         return [
             *self.data,
             f"trained {self.method} for {self.total_steps} steps{resumed}: "
             f"final loss {r.loss:.4f}{val}",
             f"{r.trained_tokens:,} tokens, {r.tokens_per_s:,.0f} tokens/s, "
-            f"peak memory {r.peak_memory_gb:.2f} GB, {r.elapsed_s:.1f} s training",
+            f"peak memory {r.peak_memory_gb:.2f} GB{ranks}, {r.elapsed_s:.1f} s training",
             f"trainable parameters: {self.trainable_parameters:,} of {self.parameters:,}",
             f"adapters: {self.adapters}  (metrics: {self.output / 'metrics.jsonl'})",
             *(side_by_side(self.before, self.after) if self.before and self.after else []),
@@ -101,6 +105,7 @@ class RunSummary:
             "parameters": self.parameters,
             "data": self.data,
             "evaluation": scores,
+            "world_size": self.world_size,
         }
 
 
@@ -204,20 +209,52 @@ def run_recipe(
     `extend` N continues the finished run in the output for N more steps, as if its
     `training.steps` had been N higher (raising `training.steps` does the same). Ctrl-C stops
     after the step under way, checkpointed (`trainer.Interrupted`).
+
+    Started by `mlx.launch` (N ranks), the ranks train data-parallel (train/distributed.py):
+    rank 0 prepares and writes the run directory, the others read what it holds.
     """
+    world = init()
     run = RunDir(Path(recipe.output).expanduser())
+    if not world.main:
+        echo = lambda _: None  # noqa: E731  (rank 0 speaks for the run)
+        world.barrier()  # rank 0 has prepared the directory
+        if extend is not None:  # to the length rank 0 resolved (the summary is gone now)
+            steps = {"steps": run.recipe_steps(), "epochs": None}
+            recipe = recipe.model_copy(
+                update={"training": recipe.training.model_copy(update=steps)}
+            )
+        ckpt = run.latest()
+        if ckpt is None and resume:
+            raise MlxLocalError(f"--resume: rank {world.rank} finds no checkpoint in {run.path}")
+        return _run(recipe, run, ckpt, echo, world)
     if extend is not None:
         recipe = extended(recipe, run, extend)
-    t = recipe.training
-    ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=t.steps)
+    if (latest := run.latest()) is not None:
+        check_world(latest, world)  # before prepare touches the run
+    ckpt = run.prepare(dump_recipe(recipe), resume, note=echo, steps=recipe.training.steps)
     forget = run.mark_running()
     try:
-        return _run(recipe, run, ckpt, echo)
+        world.barrier()
+        return _run(recipe, run, ckpt, echo, world)
     finally:
         forget()
 
 
-def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], None]) -> RunSummary:
+def check_world(ckpt: Path, world: World) -> None:
+    """Refuse to resume a checkpoint trained by another number of ranks: its data position
+    and global batch mean something else there."""
+    saved = read_position(ckpt).world_size
+    if saved != world.size:
+        how = f"with {saved} ranks (--nproc {saved})" if saved > 1 else "as one process"
+        raise MlxLocalError(
+            f"{ckpt} was trained by {saved} rank{'s' * (saved > 1)}, this run has {world.size}: "
+            f"resume it {how}, or choose another output"
+        )
+
+
+def _run(
+    recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], None], world: World
+) -> RunSummary:
     from mlx_lm.utils import get_total_parameters, maybe_set_recommended_wired_limit
 
     from ..report import Refresher
@@ -225,13 +262,25 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
     t = recipe.training
     # The checks `recipes validate` makes, before any weight is converted or loaded.
     src = resolve_source(recipe.model.path, recipe.model.revision)
-    checked = preflight(recipe, load_tokenizer(src), read_config(src), echo)
+    if ckpt is not None and not world.main:
+        check_world(ckpt, world)
+    checked = preflight(recipe, load_tokenizer(src), read_config(src), echo, world.size)
     examples, report = checked.examples, checked.report
     valid_examples, valid_report = checked.valid_examples, checked.valid_report
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
-    model, tokenizer, base = load_base(recipe, run.path, echo)
-    before = evaluate_recipe(recipe, model, tokenizer, base, "before training", echo)
+    if world.main:
+        model, tokenizer, base = load_base(recipe, run.path, echo)
+        world.barrier()  # a converted base is whole before the other ranks look for it
+    else:
+        world.barrier()
+        model, tokenizer, base = load_base(recipe, run.path, echo)
+    # The task evaluation runs on rank 0 (the others wait for it at the first all-reduce).
+    before = (
+        evaluate_recipe(recipe, model, tokenizer, base, "before training", echo)
+        if world.main
+        else None
+    )
     if t.loss_chunk_size is not None:
         check_output_head(model)
     config = prepare_method(model, recipe, base)
@@ -272,8 +321,22 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
         packed=d.packing,
         valid=valid,
         on_checkpoint=(refresher := Refresher(run.path)).checkpoint,
+        world=world,
     )
-
+    parameters = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if not world.main:
+        return RunSummary(
+            output=run.path,
+            adapters=run.path / "adapters",
+            method=recipe.method.type,
+            total_steps=total_steps,
+            resumed_from=resumed_from,
+            training=result,
+            trainable_parameters=parameters,
+            parameters=get_total_parameters(model),
+            world_size=world.size,
+            rank=world.rank,
+        )
     with atomic_directory(run.path / "adapters", force=True) as tmp:
         save_adapters(model, tmp, config)
     after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo)
@@ -287,8 +350,9 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
         total_steps=total_steps,
         resumed_from=resumed_from,
         training=result,
-        trainable_parameters=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        trainable_parameters=parameters,
         parameters=get_total_parameters(model),
+        world_size=world.size,
         data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
         before=before,
         after=after,

@@ -27,9 +27,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from ..errors import MlxLocalError
+from ..progress import LineProgress
 from ..progress import bar as progress_bar
 from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
+from .distributed import SINGLE, World, take_step
 from .loss import loss_sums
 
 
@@ -89,12 +91,15 @@ def make_step(
     loss_chunk_size: int | None = None,
     packed: bool = False,
     compile: bool = True,
+    world: World = SINGLE,
 ) -> Callable[[Sequence[Batch]], tuple[mx.array, mx.array, mx.array, mx.array]]:
     """A function that trains one optimizer step on its micro-batches.
 
     It returns lazy (loss sum, target tokens, non-pad tokens, gradient norm); the caller
     evaluates them together with the model and optimizer state. Initialise (or restore) the
-    optimizer state before calling this: the compiled graph captures it.
+    optimizer state before calling this: the compiled graph captures it. Under several ranks
+    the sums are over every rank's micro-batches: gradients divided by the whole step's target
+    tokens and summed across ranks, then clipped, so all ranks make the same update.
     """
 
     def batch_loss(tokens, weights, segments):
@@ -110,6 +115,7 @@ def make_step(
 
     def update(grads, n):
         grads = tree_map(lambda g: (g / mx.maximum(n, 1)).astype(g.dtype), grads)
+        grads = world.sum_gradients(grads)
         norm = mx.array(0.0)
         if grad_clip is not None:
             grads, norm = optim.clip_grad_norm(grads, grad_clip)
@@ -128,6 +134,9 @@ def make_step(
             loss, n, tokens = loss + part, n + count, tokens + (b.segments > 0).sum()
             if i < len(batches) - 1:
                 mx.eval(acc, loss, n, tokens)  # one micro-batch's graph alive at a time
+        if world.size > 1:  # one small all-reduce for the step's sums
+            sums = world.all_sum(mx.stack([loss, n, tokens]).astype(mx.float32))
+            loss, n, tokens = sums[0], sums[1], sums[2]
         return loss, n, tokens, update(acc, n)
 
     return step
@@ -140,17 +149,22 @@ def evaluate(
     max_batches: int | None = None,
     loss_chunk_size: int | None = None,
     packed: bool = False,
+    world: World = SINGLE,
 ) -> float:
-    """Mean loss per target token over (at most `max_batches` of) `batches`."""
+    """Mean loss per target token over (at most `max_batches` of) `batches`; under several
+    ranks each evaluates every W-th batch and the sums are gathered."""
     model.eval()
     total, n = mx.array(0.0), mx.array(0.0)
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        if i % world.size != world.rank:
+            continue
         loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
         total, n = total + loss, n + count
         mx.eval(total, n)
     model.train()
+    total, n = world.all_sum(total), world.all_sum(n)
     return total.item() / max(n.item(), 1.0)
 
 
@@ -219,13 +233,16 @@ def train(
     packed: bool,
     valid: Callable[[], Iterable[Batch]] | None = None,
     on_checkpoint: Callable[[], None] = lambda: None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
 
     The last step is always checkpointed, so a finished run can be continued exactly; Ctrl-C
     checkpoints the step under way and raises `Interrupted`. `packed` says the batches hold
     several examples per row (their segments mask attention). `on_checkpoint` runs after
-    each checkpoint but the last (the run's report refreshes there).
+    each checkpoint but the last (the run's report refreshes there). Under several ranks
+    (`world`) each trains its share of every step's micro-batches (`rank_share`) and only rank
+    0 logs and checkpoints.
     """
     t = training
     step_fn = make_step(
@@ -235,12 +252,17 @@ def train(
         loss_chunk_size=t.loss_chunk_size,
         packed=packed,
         compile=t.compile,
+        world=world,
     )
     state = [model.state, optimizer.state, mx.random.state]
     batches = stream.iterate(position.epoch, position.batch)
     loss, val_loss = position.loss, None
     start_step, start_tokens, train_time = position.step, position.trained_tokens, 0.0
-    bar = progress_bar("training", total_steps, "step")
+    bar = (
+        progress_bar("training", total_steps, "step")
+        if world.main
+        else LineProgress("training", total_steps, "step", None, None)
+    )
     bar.initial = bar.n = bar.last_print_n = position.step  # a resumed run's ETA counts on
     model.train()
     with (
@@ -250,10 +272,7 @@ def train(
     ):
         while position.step < total_steps:
             tic = time.perf_counter()
-            micro = []
-            for _ in range(t.grad_accumulation):
-                epoch, index, batch = next(batches)
-                micro.append(batch)
+            epoch, index, micro = take_step(batches, t.grad_accumulation, world)
             loss_sum, n, tokens, norm = step_fn(micro)
             mx.eval(state, loss_sum, n, tokens, norm)
             seconds = time.perf_counter() - tic
@@ -267,6 +286,7 @@ def train(
                 elapsed_s=position.elapsed_s + seconds,
                 rng=rng_key(),
                 loss=loss,
+                world_size=world.size,
             )
             record = {
                 "step": position.step,
@@ -279,10 +299,15 @@ def train(
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "elapsed_s": position.elapsed_s,
             }
+            if world.size > 1:
+                peaks = world.all_gather(mx.array([mx.get_peak_memory() / 1e9])).tolist()
+                record["peak_memory_gb"] = max(peaks)
+                record["rank_peak_memory_gb"] = peaks
             if t.grad_clip is not None:
                 record["grad_norm"] = norm.item()
             if not math.isfinite(loss):
-                run.log(record)
+                if world.main:
+                    run.log(record)
                 kept = run.latest()
                 raise MlxLocalError(
                     f"loss became {loss} at step {position.step}: training stopped"
@@ -298,17 +323,21 @@ def train(
                     max_batches=evaluation.batches,
                     loss_chunk_size=t.loss_chunk_size,
                     packed=packed,
+                    world=world,
                 )
                 record["val_loss"] = val_loss
                 mx.clear_cache()  # validation's buffers are not the training step's shapes
-            run.log(record)
+            if world.main:
+                run.log(record)
             every = checkpoints.every
             saved = None
             if (every and position.step % every == 0) or last or stop_asked():
-                saved = run.save_checkpoint(
-                    model, optimizer, position, adapter_config, checkpoints.keep
-                )
-                if not last and not stop_asked():
+                saved = run.path / f"step-{position.step}"
+                if world.main:
+                    saved = run.save_checkpoint(
+                        model, optimizer, position, adapter_config, checkpoints.keep
+                    )
+                if world.main and not last and not stop_asked():
                     on_checkpoint()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -321,6 +350,6 @@ def train(
         val_loss=val_loss,
         trained_tokens=position.trained_tokens,
         tokens_per_s=trained / train_time if train_time else 0.0,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        peak_memory_gb=max(world.all_gather(mx.array([mx.get_peak_memory() / 1e9])).tolist()),
         elapsed_s=position.elapsed_s,
     )
