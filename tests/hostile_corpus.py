@@ -82,6 +82,13 @@ class Base:
     peft: Path  # the same adapter as a PEFT folder
 
 
+# batch chooses its format by the output's extension: an output named `out` would be refused
+# before any hostile input is read (every batch case would pass for the wrong reason).
+BATCH_OUT = "out.jsonl"
+BATCH_KEPT = (f"{BATCH_OUT}.partial", f"{BATCH_OUT}.partial-settings.json")
+BATCH_FILES = (BATCH_OUT, *BATCH_KEPT)
+
+
 @dataclass
 class Case:
     verb: str
@@ -94,7 +101,7 @@ class Case:
     dir: Path | None = None
     make: Callable[[Path], list] | None = None  # writes the case's folder, returns its args
     # What a failed run may leave for its re-run to continue: batch's partial output.
-    kept: tuple[str, ...] = ("out.partial", "out.partial-settings.json")
+    kept: tuple[str, ...] = BATCH_KEPT
 
 
 @dataclass
@@ -543,7 +550,7 @@ class Corpus:
                     "--input",
                     data,
                     "--output",
-                    d / "out",
+                    d / BATCH_OUT,
                     "--max-tokens",
                     "2",
                 ],
@@ -559,7 +566,7 @@ class Corpus:
             }
             return io[verb]
 
-        outputs = {"batch": ("out", "out.partial", "out.partial-settings.json")}
+        outputs = {"batch": BATCH_FILES}
         # Checkpoints: HF sources for convert/verify/info/quantize, MLX ones for the rest.
         for verb in ["convert", "verify", "info", "quantize", *MODEL_VERBS[:-3], "export gguf"]:
             src = b.hf if verb in ("convert", "verify", "info") else b.mlx
@@ -588,9 +595,7 @@ class Corpus:
                     expect=expect,
                     stdin=b"hi\n/quit\n",
                     # --verify checks after writing: a failed check keeps the output.
-                    kept=("out",)
-                    if verb == "verify"
-                    else ("out.partial", "out.partial-settings.json"),
+                    kept=("out",) if verb == "verify" else BATCH_KEPT,
                     ci=kind in ci_models.get(verb, ()),
                 )
         for verb in ["fuse", "import peft", "export ollama"]:
@@ -725,7 +730,7 @@ class Corpus:
                             "--input",
                             path,
                             "--output",
-                            d / "out",
+                            d / BATCH_OUT,
                             "--field",
                             "prompt",
                             "--max-tokens",
@@ -746,8 +751,21 @@ class Corpus:
                     ("batch", "input-fifo"),
                     ("batch", "line-surrogate"),
                     ("eval", "line-deep"),
+                    ("eval", "line-nan-id"),
+                    ("batch", "line-nan-id"),
                 )
-                yield self._case(verb, kind, args, outputs=outputs.get(verb, ("out",)), ci=ci)
+                # eval carries no field of a row into its output, only scores (NaN never reaches it)
+                # and scores the row right: an "id": NaN is harmless there. batch keys its
+                # records (and resume) by id, so it refuses that record.
+                harmless = verb == "eval" and kind == "line-nan-id"
+                yield self._case(
+                    verb,
+                    kind,
+                    args,
+                    outputs=outputs.get(verb, ("out",)),
+                    ci=ci,
+                    expect=(0,) if harmless else (1,),
+                )
 
         yield from self._flags()
         yield from self._outputs()
@@ -843,7 +861,7 @@ class Corpus:
         for verb, cases in flags.items():
             for kind, args in cases.items():
 
-                def make(d, args=args) -> list:
+                def make(d, args=args, v=verb) -> list:
                     (d / "data.jsonl").write_text(
                         json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n"
                     )
@@ -851,7 +869,8 @@ class Corpus:
                     os.mkfifo(d / "fifo")
                     (d / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
                     (d / "recipe.yaml").write_text(RECIPE.format(model=b.mlx))
-                    names = {"OUT": "out", "DATA": "data.jsonl", "RULES": "rules.yaml"}
+                    names = {"OUT": BATCH_OUT if v == "batch" else "out", "DATA": "data.jsonl"}
+                    names |= {"RULES": "rules.yaml"}
                     names |= {"FIFO": "fifo", "RECIPE": "recipe.yaml"}
                     return [str(d / names[a]) if a in names else a for a in args]
 
@@ -859,7 +878,7 @@ class Corpus:
                     verb,
                     f"flag-{kind}",
                     make,
-                    outputs=("out", "out.partial", "out.partial-settings.json"),
+                    outputs=("out", *BATCH_FILES),
                     stdin=b"hi\n/quit\n",
                     ci=kind in ci,
                 )
@@ -898,9 +917,9 @@ class Corpus:
             ],
         }
         kinds = {
-            "out-fifo": lambda d: [_fifo(d / "out"), d / "out"][1],
-            "out-dev-null": lambda d: [(d / "out").symlink_to("/dev/null"), d / "out"][1],
-            "out-under-a-file": lambda d: [(d / "file").write_text("x"), d / "file" / "out"][1],
+            "out-fifo": lambda d, n: [_fifo(d / n), d / n][1],
+            "out-dev-null": lambda d, n: [(d / n).symlink_to("/dev/null"), d / n][1],
+            "out-under-a-file": lambda d, n: [(d / "file").write_text("x"), d / "file" / n][1],
         }
         ci = ("convert", "eval", "export gguf")
         for verb, command in commands.items():
@@ -909,7 +928,10 @@ class Corpus:
                     yield self._case(
                         verb,
                         kind + ("-force" if force else ""),
-                        lambda d, c=command, m=make, f=force: [*c(m(d)), *f],
+                        lambda d, c=command, m=make, f=force, v=verb: [
+                            *c(m(d, BATCH_OUT if v == "batch" else "out")),
+                            *f,
+                        ],
                         outputs=(),
                         ci=bool(force) and kind == "out-fifo" and verb in ci,
                     )
@@ -1175,7 +1197,7 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
                     "--input",
                     d / "in.jsonl",
                     "--output",
-                    d / "out",
+                    d / BATCH_OUT,
                     "--field",
                     "prompt",
                     "--max-tokens",
@@ -1246,7 +1268,7 @@ def mutation_cases(base: Base, root: Path, seed: int, count: int, start: int = 0
                 verb,
                 f"mutated {name}",
                 args,
-                outputs=("out", "out.partial", "out.partial-settings.json"),
+                outputs=("out", *BATCH_FILES),
                 expect=(0, 1),
                 dir=d,
             )
