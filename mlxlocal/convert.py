@@ -28,7 +28,7 @@ from .errors import MlxLocalError
 from .models import (
     build_model,
     check_config_sizes,
-    check_quantization,
+    check_tokenizer_modules,
     ignored_settings,
     model_classes,
     normalize_config,
@@ -114,7 +114,8 @@ def open_source(src: str | Path, revision: str | None = None) -> Source:
     """Resolve `src` and read what it is, without touching a tensor; a config the weight
     files cannot fill (more layers, larger sizes) fails here, before a model is built."""
     src_dir = resolve_source(src, revision)
-    config, notes = normalize_config(check_quantization(read_config(src_dir)))
+    config, notes = normalize_config(read_config(src_dir))
+    check_tokenizer_modules(src_dir)  # copied unread: the output must load
     warnings = ignored_settings(config, model_classes(config)[1])
     kind, files = weight_files(src_dir)
     shapes, dtypes = _tensor_table(kind, files)

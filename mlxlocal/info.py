@@ -15,7 +15,7 @@ from .checkpoint.files import weight_files
 from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.safetensors import DTYPE_BYTES, read_header
 from .checkpoint.torch_bin import read_torch_bin_header
-from .models import check_quantization, context_length, read_config
+from .models import context_length, read_config
 from .sources import resolve_source
 
 _DTYPE_NAMES = {
@@ -71,7 +71,7 @@ def describe_adapter(path: Path) -> dict[str, Any]:
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """A plain dict describing the checkpoint at `path` (folder or cached Hub id)."""
     src = resolve_source(path, download=False)  # info reads only what is on this machine
-    config = check_quantization(read_config(src))
+    config = read_config(src)
     kind, files = weight_files(src)
     tensors, fmt = _tensor_table(kind, files)
     quant = config.get("quantization") or None

@@ -63,7 +63,8 @@ def check_config(config: dict[str, Any]) -> None:
     Every field the architecture's ModelArgs declares as a bool, number, string, list or dict
     must hold that JSON type (`tie_word_embeddings: "no"` would drop lm_head; `rope_theta:
     "fast"` converts and fails at the first token); rope settings must be complete; the
-    model_type must name an architecture, not one of mlx-lm's building blocks.
+    model_type must name an architecture, not one of mlx-lm's building blocks; a `quantization`
+    block must be one mlx-lm can apply (every verb reads config.json through here).
     """
     from mlx_lm.utils import MODEL_REMAPPING
 
@@ -73,6 +74,7 @@ def check_config(config: dict[str, Any]) -> None:
     ):
         raise _unsupported(model_type)
     eos_token_ids(config, "config.json")
+    check_quantization(config)
     for key in ("rope_parameters", "rope_scaling"):
         _check_rope(key, config.get(key))
     if model_type in supported_model_types():
@@ -474,14 +476,50 @@ def _named_key(error: Exception) -> str | None:
     return next((k for k, pkg in _NAMED_MODULES.items() if f"{pkg}." in str(error)), None)
 
 
+def _known_modules(key: str) -> list[str]:
+    package = importlib.import_module(_NAMED_MODULES[key])
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+
+
+def tokenizer_module_problem(path: str | Path) -> str | None:
+    """What is wrong with a tokenizer_config.json key that mlx-lm imports as a module
+    (`tool_parser_type`, `chat_template_type`) when it names none mlx-lm has, else None.
+
+    convert and quantize copy tokenizer files unread, so without this check their output would
+    fail in every verb that loads it; GGUF export, which carries neither key, only notes it.
+    """
+    file = Path(path) / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    try:
+        settings = read_json(file, "tokenizer config")
+    except MlxLocalError:
+        return None  # loading it says what is wrong
+    for key in _NAMED_MODULES:
+        value = settings.get(key)
+        if value is None or (key == "chat_template_type" and not value):
+            continue  # what mlx-lm skips
+        known = _known_modules(key)
+        if value not in known:
+            return (
+                f"{file}: {key} is {_shown(value)}, which names nothing mlx-lm has; use one of "
+                f"{', '.join(known)}, or remove the key"
+            )
+    return None
+
+
+def check_tokenizer_modules(path: str | Path) -> None:
+    """Refuse a checkpoint whose tokenizer_config.json names an mlx-lm module it lacks."""
+    if problem := tokenizer_module_problem(path):
+        raise MlxLocalError(problem)
+
+
 def _cannot_load(path: str | Path, what: str, error: Exception) -> MlxLocalError:
     if key := _named_key(error):
-        package = importlib.import_module(_NAMED_MODULES[key])
-        known = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
         return MlxLocalError(
             f"{path}: tokenizer_config.json's {key} names nothing mlx-lm has "
-            f"({' '.join(str(error).split())}); use one of {', '.join(known)}, or "
-            "remove the key"
+            f"({' '.join(str(error).split())}); use one of {', '.join(_known_modules(key))}, "
+            "or remove the key"
         )
     if "trust_remote_code" in str(error):
         return MlxLocalError(
@@ -535,7 +573,7 @@ def load(path: str | Path, adapter: str | Path | None = None, lazy: bool = False
     from mlx_lm import load as mlx_load
 
     path = Path(path)
-    config = check_quantization(read_config(path))
+    config = read_config(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise MlxLocalError(

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import struct
@@ -83,6 +82,13 @@ class Base:
     peft: Path  # the same adapter as a PEFT folder
 
 
+# batch chooses its format by the output's extension: an output named `out` would be refused
+# before any hostile input is read (every batch case would pass for the wrong reason).
+BATCH_OUT = "out.jsonl"
+BATCH_KEPT = (f"{BATCH_OUT}.partial", f"{BATCH_OUT}.partial-settings.json")
+BATCH_FILES = (BATCH_OUT, *BATCH_KEPT)
+
+
 @dataclass
 class Case:
     verb: str
@@ -95,7 +101,7 @@ class Case:
     dir: Path | None = None
     make: Callable[[Path], list] | None = None  # writes the case's folder, returns its args
     # What a failed run may leave for its re-run to continue: batch's partial output.
-    kept: tuple[str, ...] = ("out.partial", "out.partial-settings.json")
+    kept: tuple[str, ...] = BATCH_KEPT
 
 
 @dataclass
@@ -105,6 +111,7 @@ class Outcome:
     output: str
     peak_mb: int
     problems: list[str]
+    seconds: float = 0.0
 
 
 def build_base(root: Path) -> Base:
@@ -511,10 +518,22 @@ class Corpus:
         mark = str(self.marks / "bin-code")
         models = model_kinds()
         ci_models = {
-            "convert": {"config-deep", "header-huge-int", "many-tiny-layers", "config-fifo"},
+            "convert": {
+                "config-deep",
+                "header-huge-int",
+                "many-tiny-layers",
+                "config-fifo",
+                "tool-parser-bogus",
+            },
             "generate": {"tokenizer-code", "header-length-2^62", "quantization-4"},
             "verify": {"header-deep", "tokenizer-deep"},
-            "export gguf": {"many-tiny-layers", "layers-1e7"},
+            "quantize": {"tool-parser-bogus"},
+            "export gguf": {
+                "many-tiny-layers",
+                "layers-1e7",
+                "quantization-4",
+                "tool-parser-bogus",
+            },
             "batch": {"config-dev-zero"},
             "info": {"header-deep"},
         }
@@ -531,7 +550,7 @@ class Corpus:
                     "--input",
                     data,
                     "--output",
-                    d / "out",
+                    d / BATCH_OUT,
                     "--max-tokens",
                     "2",
                 ],
@@ -547,7 +566,7 @@ class Corpus:
             }
             return io[verb]
 
-        outputs = {"batch": ("out", "out.partial", "out.partial-settings.json")}
+        outputs = {"batch": BATCH_FILES}
         # Checkpoints: HF sources for convert/verify/info/quantize, MLX ones for the rest.
         for verb in ["convert", "verify", "info", "quantize", *MODEL_VERBS[:-3], "export gguf"]:
             src = b.hf if verb in ("convert", "verify", "info") else b.mlx
@@ -563,6 +582,11 @@ class Corpus:
                 harmless |= kind.startswith("tokenizer") and verb in ("convert", "quantize")
                 harmless |= kind == "dtype-unknown" and verb in ("convert", "quantize")
                 expect = (0, 1) if harmless else (1,)
+                if verb == "export gguf" and kind == "tool-parser-bogus":
+                    # An mlx-lm-only key no GGUF field carries: the GGUF is right without it,
+                    # so the export goes on and notes it (convert and quantize refuse: their
+                    # output would fail to load).
+                    expect = (0,)
                 yield self._case(
                     verb,
                     kind,
@@ -571,9 +595,7 @@ class Corpus:
                     expect=expect,
                     stdin=b"hi\n/quit\n",
                     # --verify checks after writing: a failed check keeps the output.
-                    kept=("out",)
-                    if verb == "verify"
-                    else ("out.partial", "out.partial-settings.json"),
+                    kept=("out",) if verb == "verify" else BATCH_KEPT,
                     ci=kind in ci_models.get(verb, ()),
                 )
         for verb in ["fuse", "import peft", "export ollama"]:
@@ -584,7 +606,13 @@ class Corpus:
                     lambda d, v=verb, k=models[kind]: model_args(
                         v, self._model_copy(d, b.mlx, k), d
                     ),
-                    ci=(verb, kind) in (("fuse", "layers-1e7"), ("import peft", "config-deep")),
+                    ci=(verb, kind)
+                    in (
+                        ("fuse", "layers-1e7"),
+                        ("import peft", "config-deep"),
+                        ("import peft", "layers-1e7"),
+                        ("import peft", "many-tiny-layers"),
+                    ),
                 )
         # Chat templates that fail at run time.
         for verb in ["generate", "chat", "batch", "eval", "export ollama"]:
@@ -659,6 +687,7 @@ class Corpus:
                     ("adapter-config-deep", "fuse"),
                     ("adapter-header-deep", "export peft"),
                     ("adapter-rank-1e9", "import peft"),
+                    ("adapter-rank-1e9", "export gguf --adapter"),  # full run: it exported
                 )
                 yield self._case(
                     verb.split(" --")[0],
@@ -701,7 +730,7 @@ class Corpus:
                             "--input",
                             path,
                             "--output",
-                            d / "out",
+                            d / BATCH_OUT,
                             "--field",
                             "prompt",
                             "--max-tokens",
@@ -722,8 +751,21 @@ class Corpus:
                     ("batch", "input-fifo"),
                     ("batch", "line-surrogate"),
                     ("eval", "line-deep"),
+                    ("eval", "line-nan-id"),
+                    ("batch", "line-nan-id"),
                 )
-                yield self._case(verb, kind, args, outputs=outputs.get(verb, ("out",)), ci=ci)
+                # eval carries no field of a row into its output, only scores (NaN never reaches it)
+                # and scores the row right: an "id": NaN is harmless there. batch keys its
+                # records (and resume) by id, so it refuses that record.
+                harmless = verb == "eval" and kind == "line-nan-id"
+                yield self._case(
+                    verb,
+                    kind,
+                    args,
+                    outputs=outputs.get(verb, ("out",)),
+                    ci=ci,
+                    expect=(0,) if harmless else (1,),
+                )
 
         yield from self._flags()
         yield from self._outputs()
@@ -819,7 +861,7 @@ class Corpus:
         for verb, cases in flags.items():
             for kind, args in cases.items():
 
-                def make(d, args=args) -> list:
+                def make(d, args=args, v=verb) -> list:
                     (d / "data.jsonl").write_text(
                         json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n"
                     )
@@ -827,7 +869,8 @@ class Corpus:
                     os.mkfifo(d / "fifo")
                     (d / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
                     (d / "recipe.yaml").write_text(RECIPE.format(model=b.mlx))
-                    names = {"OUT": "out", "DATA": "data.jsonl", "RULES": "rules.yaml"}
+                    names = {"OUT": BATCH_OUT if v == "batch" else "out", "DATA": "data.jsonl"}
+                    names |= {"RULES": "rules.yaml"}
                     names |= {"FIFO": "fifo", "RECIPE": "recipe.yaml"}
                     return [str(d / names[a]) if a in names else a for a in args]
 
@@ -835,7 +878,7 @@ class Corpus:
                     verb,
                     f"flag-{kind}",
                     make,
-                    outputs=("out", "out.partial", "out.partial-settings.json"),
+                    outputs=("out", *BATCH_FILES),
                     stdin=b"hi\n/quit\n",
                     ci=kind in ci,
                 )
@@ -874,9 +917,9 @@ class Corpus:
             ],
         }
         kinds = {
-            "out-fifo": lambda d: [_fifo(d / "out"), d / "out"][1],
-            "out-dev-null": lambda d: [(d / "out").symlink_to("/dev/null"), d / "out"][1],
-            "out-under-a-file": lambda d: [(d / "file").write_text("x"), d / "file" / "out"][1],
+            "out-fifo": lambda d, n: [_fifo(d / n), d / n][1],
+            "out-dev-null": lambda d, n: [(d / n).symlink_to("/dev/null"), d / n][1],
+            "out-under-a-file": lambda d, n: [(d / "file").write_text("x"), d / "file" / n][1],
         }
         ci = ("convert", "eval", "export gguf")
         for verb, command in commands.items():
@@ -885,7 +928,10 @@ class Corpus:
                     yield self._case(
                         verb,
                         kind + ("-force" if force else ""),
-                        lambda d, c=command, m=make, f=force: [*c(m(d)), *f],
+                        lambda d, c=command, m=make, f=force, v=verb: [
+                            *c(m(d, BATCH_OUT if v == "batch" else "out")),
+                            *f,
+                        ],
                         outputs=(),
                         ci=bool(force) and kind == "out-fifo" and verb in ci,
                     )
@@ -918,10 +964,29 @@ def _leftovers(folder: Path) -> list[str]:
     ]
 
 
+# Runs one case's command from a small fresh process and writes "exit-code peak-RSS" to argv[1].
+# Linux copies the parent's memory high-water mark into a forked child and keeps it across
+# exec, so a case started by the runner itself (torch, mlx and the base models loaded: ~400 MB)
+# would read at least the runner's size; started from here it reads its own (floor ~15 MB).
+_MEASURE = """
+import os, resource, subprocess, sys
+out, limit = sys.argv[1], int(sys.argv[2])
+try:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+except (OSError, ValueError):
+    pass  # not Linux: the budget is still checked
+proc = subprocess.Popen(sys.argv[3:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(out, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S) -> Outcome:
     """Run one case in a fresh CLI process and check what it did."""
     d = case.dir
     before = _snapshot(d)
+    started = time.monotonic()
     tmp = logs / f"{d.name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {
@@ -933,11 +998,12 @@ def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S)
         "PYTHONUNBUFFERED": "1",
     }
     out_path, in_path = logs / f"{d.name}.out", logs / f"{d.name}.in"
+    measured = logs / f"{d.name}.rss"
     in_path.write_bytes(case.stdin)
     args = [a if isinstance(a, bytes) else str(a) for a in case.args]
     with open(out_path, "wb") as out, open(in_path, "rb") as stdin:
         proc = subprocess.Popen(
-            [*cli, *args],
+            [sys.executable, "-I", "-c", _MEASURE, str(measured), str(AS_LIMIT), *cli, *args],
             cwd=d,
             env=env,
             stdin=stdin,
@@ -945,28 +1011,26 @@ def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S)
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            resource.prlimit(proc.pid, resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-        except (OSError, AttributeError):  # not Linux: the budget is still checked below
-            pass
         timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
         timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    peak_mb = usage.ru_maxrss // ((1 << 20) if sys.platform == "darwin" else (1 << 10))
+    rc, maxrss = os.waitstatus_to_exitcode(status), usage.ru_maxrss  # killed: no record
+    if measured.exists():
+        rc, maxrss = map(int, measured.read_text().split())
+    peak_mb = maxrss // ((1 << 20) if sys.platform == "darwin" else (1 << 10))
     output = out_path.read_bytes().decode(errors="replace")
     problems = []
-    if proc.returncode not in case.expect:
-        problems.append(f"exit {proc.returncode}, expected {case.expect}")
+    if rc not in case.expect:
+        problems.append(f"exit {rc}, expected {case.expect}")
     if "Traceback" in output:
         problems.append("traceback")
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    if proc.returncode == 1 and len(errors) != 1:
+    if rc == 1 and len(errors) != 1:
         problems.append(f"{len(errors)} error lines")
     after = _snapshot(d)
     # A failed batch keeps what it wrote so far, for its re-run to continue.
-    allowed = case.outputs if proc.returncode == 0 else case.kept
+    allowed = case.outputs if rc == 0 else case.kept
     created = [p for p in set(after) - set(before) if p.split("/")[0] not in allowed]
     if created:
         problems.append(f"created {sorted(created)[:3]}")
@@ -983,7 +1047,7 @@ def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S)
     marks = Path(d).parent / "marks"
     if marks.exists() and list(marks.iterdir()):
         problems.append(f"CODE RAN: {[p.name for p in marks.iterdir()]}")
-    return Outcome(case, proc.returncode, output, peak_mb, problems)
+    return Outcome(case, rc, output, peak_mb, problems, time.monotonic() - started)
 
 
 def run_cases(cases: list[Case], jobs: int, logs: Path, report=None) -> list[Outcome]:
@@ -1011,7 +1075,7 @@ def summary(outcomes: list[Outcome]) -> str:
     )
     lines.append(
         f"largest peak RSS {worst.peak_mb} MB ({worst.case.verb} {worst.case.kind}); "
-        f"budget {RSS_BUDGET_MB} MB"
+        f"budget {RSS_BUDGET_MB} MB; {sum(o.seconds for o in outcomes) / 60:.1f} min in cases"
     )
     return "\n".join(lines)
 
@@ -1133,7 +1197,7 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
                     "--input",
                     d / "in.jsonl",
                     "--output",
-                    d / "out",
+                    d / BATCH_OUT,
                     "--field",
                     "prompt",
                     "--max-tokens",
@@ -1204,7 +1268,7 @@ def mutation_cases(base: Base, root: Path, seed: int, count: int, start: int = 0
                 verb,
                 f"mutated {name}",
                 args,
-                outputs=("out", "out.partial", "out.partial-settings.json"),
+                outputs=("out", *BATCH_FILES),
                 expect=(0, 1),
                 dir=d,
             )
@@ -1221,6 +1285,9 @@ def main() -> int:
     parser.add_argument("--sample", type=int, help="a seeded sample of this many corpus cases")
     parser.add_argument("--no-corpus", action="store_true", help="only random mutations")
     parser.add_argument("--keep", type=Path, help="work here and keep the cases")
+    parser.add_argument(
+        "--each", action="store_true", help="one line per case: exit code, peak RSS, seconds"
+    )
     ns = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -1232,6 +1299,11 @@ def main() -> int:
     failures: list[Outcome] = []
 
     def report(o: Outcome) -> None:
+        if ns.each:
+            print(
+                f"case {o.case.dir.name}: exit {o.rc}, peak {o.peak_mb} MB, {o.seconds:.1f} s",
+                flush=True,
+            )
         if o.problems:
             failures.append(o)
             tail = o.output.strip().splitlines()[-3:]

@@ -214,9 +214,14 @@ def test_bad_quantization_blocks_are_one_line(tiny_mlx, tmp_path, quantization, 
     shutil.copytree(tiny_mlx, folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "quantization": quantization}))
+    from mlxlocal.export.gguf import export_gguf
     from mlxlocal.models import load
 
-    for verb in (info, load):
+    def gguf(model):  # read config.json through the same check (it once exported as float)
+        return export_gguf(model, tmp_path / "m.gguf")
+
+    for verb in (info, load, gguf):
         with pytest.raises(MlxLocalError, match=says) as e:
             verb(folder)
         assert "\n" not in str(e.value)
+    assert not (tmp_path / "m.gguf").exists()

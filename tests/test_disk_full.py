@@ -48,14 +48,15 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def _full(args: list[str], out: Path, filler: Path) -> None:
-    """The command fails with one line naming `out`; only the filler is left; with space freed,
-    the same command succeeds."""
+def _full(args: list[str], out: Path, filler: Path, printed: int = 0) -> None:
+    """The command fails with one line naming `out` (after the `printed` lines of a report it
+    printed before writing); only the filler is left; with space freed, the same command
+    succeeds."""
     runner = CliRunner()
     result = runner.invoke(cli, [*args, str(out)])
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
-    lines = result.output.strip().splitlines()
+    lines = result.output.strip().splitlines()[printed:]
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}: the disk is full")
     assert [p.name for p in filler.parent.iterdir()] == ["filler"]
     filler.unlink()
@@ -110,3 +111,55 @@ def test_small_file_write(disk):
     with pytest.raises(MlxLocalError, match="the disk is full"):
         run.prepare("a: 1\n" + "#" * 100_000 + "\n", None)
     assert sorted(p.name for p in run.path.iterdir()) == ["recipe.yaml"]
+
+
+def test_export_gguf(tiny_mlx, disk):
+    _full(["export", "gguf", str(tiny_mlx)], disk / "m.gguf", _fill(disk, 100_000))
+
+
+def test_export_ollama(tiny_mlx, disk):
+    _full(["export", "ollama", str(tiny_mlx)], disk / "out", _fill(disk, 100_000))
+
+
+def test_export_then_import_peft(tiny_mlx, tmp_path, disk):
+    adapters = make_adapter(tiny_mlx, tmp_path / "adapters")
+    _full(["export", "peft", str(adapters)], disk / "peft", _fill(disk, 1_000))
+    shutil.copytree(disk / "peft", tmp_path / "peft")
+    shutil.rmtree(disk / "peft")
+    args = ["import", "peft", str(tmp_path / "peft"), "--model", str(tiny_mlx)]
+    filler = _fill(disk, 1_000)  # OUT comes before --model: _full's shape does not fit
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args[:3], str(disk / "back"), *args[3:]])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"error: cannot write {disk / 'back'}: the disk is full")
+    assert [p.name for p in disk.iterdir()] == ["filler"]
+    filler.unlink()
+    again = runner.invoke(cli, [*args[:3], str(disk / "back"), *args[3:]])
+    assert again.exit_code == 0, again.output
+
+
+def test_eval_output(tiny_mlx, tmp_path, disk):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "The film was", "completion": " great"}\n')
+    args = ["eval", str(tiny_mlx), "--data", str(data), "--task", "perplexity", "--output"]
+    _full(args, disk / "scores.json", _fill(disk, 0), printed=2)  # the scores, then the error
+
+
+def test_batch_then_resume(tiny_mlx, tmp_path, disk):
+    """A batch that runs out of space keeps the records it wrote; freed, the re-run finishes."""
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(f'{{"prompt": "Review {i}"}}\n' for i in range(4)))
+    args = ["batch", str(tiny_mlx), "--input", str(rows), "--max-tokens", "2", "--output"]
+    out = disk / "out.jsonl"
+    filler = _fill(disk, 0)
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args, str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the disk is full" in errors[0], result.output
+    assert not out.exists()
+    filler.unlink()
+    again = runner.invoke(cli, [*args, str(out)])
+    assert again.exit_code == 0, again.output
+    assert len(out.read_text().splitlines()) == 4
+    assert sorted(p.name for p in disk.iterdir()) == ["out.jsonl"]

@@ -91,3 +91,13 @@ def test_fuse_cli_is_atomic_and_explains_mistakes(mlx_checkpoints, tmp_path):
     missing = runner.invoke(cli, ["fuse", str(path), str(tmp_path), str(tmp_path / "x")])
     assert missing.exit_code == 1 and "not an adapter folder" in missing.output
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+    # A config whose rank is not the tensors' (mlx-lm builds layers from it, then fails): refused
+    # in one line by every verb that reads the adapter (found by the hostile corpus: it fused).
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 10**9
+    (tmp_path / "adapters" / "adapter_config.json").write_text(json.dumps(config))
+    for args in (["fuse", str(path)], ["export", "peft"]):
+        wrong = runner.invoke(cli, [*args, str(tmp_path / "adapters"), str(tmp_path / "y")])
+        assert wrong.exit_code == 1, wrong.output
+        assert "lora_parameters.rank is 1000000000 but the weights have rank" in wrong.output
+        assert not (tmp_path / "y").exists()

@@ -202,3 +202,20 @@ def test_unknown_tool_parser_type(value, tiny_mlx, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     result = run("generate", model, "-p", "Hi", "--max-tokens", 2)
     assert_clean_failure(result, "tool_parser_type", "json_tools", "remove the key")
+
+
+@pytest.mark.parametrize("key", ["tool_parser_type", "chat_template_type"])
+def test_unknown_tokenizer_module_is_refused_before_writing(key, tiny_mlx, tmp_path):
+    """convert and quantize copy tokenizer_config.json unread: an output every verb would then
+    refuse is not written. GGUF export carries no such key: it writes the file and says so."""
+    model = shutil.copytree(tiny_mlx, tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config[key] = "bogus"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    for verb in (["convert"], ["quantize", "--no-eval"]):
+        result = run(verb[0], model, tmp_path / "out", *verb[1:])
+        assert_clean_failure(result, key, "names nothing mlx-lm has", "remove the key")
+        assert not (tmp_path / "out").exists()
+    result = run("export", "gguf", model, tmp_path / "m.gguf")
+    assert result.exit_code == 0, result.output
+    assert f'{key} is "bogus"' in result.output and (tmp_path / "m.gguf").is_file()

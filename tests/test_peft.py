@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -163,4 +164,17 @@ def test_bad_peft_adapters_are_refused(base, tmp_path):
     )
     with pytest.raises(MlxLocalError, match="another model size"):
         import_peft(src, tmp_path / "out", mlx_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_base_whose_config_the_weights_cannot_fill(base, tmp_path):
+    """The written adapter's layer count comes from --model's config: a config claiming 10^7
+    layers beside two (found by the hostile corpus: it wrote an adapter) is refused first."""
+    hf, mlx_dir = base
+    src = peft_written(hf, tmp_path / "p", target_modules=["q_proj"])
+    model = shutil.copytree(mlx_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+    with pytest.raises(MlxLocalError, match="num_hidden_layers is 10000000 but the weight"):
+        import_peft(src, tmp_path / "out", model)
     assert not (tmp_path / "out").exists()

@@ -133,9 +133,17 @@ def read_adapter(path: str | Path) -> Adapter:
                 f"{path / WEIGHTS}: unexpected tensor {key}; not a LoRA/DoRA adapter"
             )
         modules.setdefault(module, {})[leaf] = value
+    rank = check_modules(modules, kind, path / WEIGHTS)
+    if params.get("rank", rank) != rank:
+        # mlx-lm builds its layers from the config's rank, then fails on the tensors.
+        raise MlxLocalError(
+            f"{path / CONFIG}: lora_parameters.rank is {str(params['rank'])[:40]} but the "
+            f"weights have rank {rank}; mlx-lm would refuse this adapter — is the config from "
+            "another adapter?"
+        )
     return Adapter(
         kind=kind,
-        rank=check_modules(modules, kind, path / WEIGHTS),
+        rank=rank,
         scale=float(params["scale"]),
         modules=modules,
         dropout=float(params.get("dropout", 0.0)),
@@ -183,18 +191,24 @@ def write_adapter(
     (out / CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def linear_shapes(model: Path, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """Module name → (out, in) of every linear layer in an MLX checkpoint, from headers only."""
+def header_shapes(model: Path) -> dict[str, list[int]]:
+    """Tensor name → shape of every tensor in an MLX checkpoint, from headers only."""
     header: dict[str, dict] = {}
     for f in weight_files(Path(model))[1]:
         header.update(read_header(f)[0])
+    return {name: entry["shape"] for name, entry in header.items()}
+
+
+def linear_shapes(model: Path, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Module name → (out, in) of every linear layer in an MLX checkpoint, from headers only."""
+    header = header_shapes(model)
     quant = config.get("quantization") or {}
     shapes = {}
-    for key, entry in header.items():
+    for key, shape in header.items():
         module, _, leaf = key.rpartition(".")
-        if leaf != "weight" or len(entry["shape"]) != 2 or module.endswith("embed_tokens"):
+        if leaf != "weight" or len(shape) != 2 or module.endswith("embed_tokens"):
             continue
-        out_dim, in_dim = entry["shape"]
+        out_dim, in_dim = shape
         if f"{module}.scales" in header:
             bits = (quant.get(module) if isinstance(quant.get(module), dict) else quant)["bits"]
             in_dim = in_dim * 32 // bits

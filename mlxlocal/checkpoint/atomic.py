@@ -103,11 +103,16 @@ def disk_errors(out: Path) -> Iterator[None]:
     """A write under `out` that fails for want of space is one line naming `out`.
 
     Python says ENOSPC (or EDQUOT); MLX's writers (`mx.save_safetensors`, `mx.save`) say only
-    "[write] Unable to write N bytes to file", which on a file we just created means the same.
+    "[write] Unable to write N bytes to file", and numpy's `tofile` (the gguf package's tensor
+    writer) "N requested and M written", which on a file we just created mean the same.
     """
     try:
         yield
+    except DiskFull as e:  # a write nested inside this output (a file in its folder)
+        raise _disk_full(out, e.detail) from e
     except OSError as e:
+        if e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(e)):
+            raise _disk_full(out, str(e)) from e
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise _disk_full(out, e.strerror) from e
@@ -117,14 +122,23 @@ def disk_errors(out: Path) -> Iterator[None]:
         raise _disk_full(out, str(e).removeprefix("[write] ").rstrip(".")) from e
 
 
-def _disk_full(out: Path, detail: str) -> MlxLocalError:
+class DiskFull(MlxLocalError):
+    """An output that did not fit; `detail` is what the writer said."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def _disk_full(out: Path, detail: str) -> DiskFull:
     try:
         free = f", {shutil.disk_usage(out.parent).free / 2**20:.1f} MB free there"
     except OSError:
         free = ""
-    return MlxLocalError(
+    return DiskFull(
         f"cannot write {out}: the disk is full ({detail}{free}); free some space, then run "
-        "again — nothing was written"
+        "again — nothing was written",
+        detail,
     )
 
 

@@ -29,7 +29,7 @@ from ..checkpoint.gguf_names import gguf_name, name_map, permute_heads, permute_
 from ..checkpoint.safetensors import load_lazy
 from ..choices import GGUF_TYPES
 from ..errors import MlxLocalError
-from ..models import check_config_sizes, context_length, read_config
+from ..models import check_config_sizes, context_length, read_config, tokenizer_module_problem
 from ..progress import progress
 from ..resources import family_spec, family_specs
 from .gguf_tokenizer import add_tokenizer
@@ -106,6 +106,8 @@ def export_gguf(
     if fused:
         check_fits(fused, linear_shapes(model, config), model)
     notes: set[str] = set()  # filled while planning and while writing
+    if problem := tokenizer_module_problem(model):  # mlx-lm's key only; no GGUF field holds it
+        notes.add(f"not carried into the GGUF, which has no such setting: {problem}")
     plan = _plan_tensors(weights, config, spec, type, fused, notes)
     qtype = _file_type(plan, type)
     with atomic_file(out, force) as tmp:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters.files import check_fits, linear_shapes, write_adapter
+from ..adapters.files import check_fits, header_shapes, linear_shapes, write_adapter
 from ..adapters.peft import check_targets, read_any, read_peft, write_peft
 from ..checkpoint.atomic import atomic_directory, check_output
-from ..models import read_config
+from ..models import check_config_sizes, read_config
 
 
 def export_peft(
@@ -34,6 +34,8 @@ def import_peft(
     check_output(out, force)
     adapter = read_peft(peft_dir)
     config = read_config(model)
+    # The adapter's layer count is written from the config: bound it by what the files hold.
+    check_config_sizes(config, header_shapes(model))
     shapes = linear_shapes(model, config)
     check_targets(adapter, shapes, str(peft_dir), f"{model} ({config['model_type']})")
     check_fits(adapter, shapes, model)
