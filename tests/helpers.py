@@ -273,3 +273,47 @@ def sentencepiece_checkpoint(hf: Path, out: Path) -> Path:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(settings))
     return out
+
+
+PROMPT = "The quick brown fox"
+PROMPTS = [PROMPT, "Convert the checkpoint", "A local model", "Questions and answers", "def add"]
+
+
+def rig_end_of_turn(folder: Path, end: int, at: int = 3) -> str:
+    """Swap two output rows of an MLX checkpoint so that greedy decoding gives `end` as token
+    `at`; the prompt. A model whose output layer is its embedding (tied) first gets an untied
+    copy, so that the prompt's embeddings stay as they were.
+
+    The first prompt whose tokens up to `at` hold no stop id (a random model may well begin
+    with EOS) is taken.
+    """
+    import json
+
+    import mlx.core as mx
+
+    from mlxlocal.generate import generate, load_model
+
+    lm = load_model(folder)
+    for prompt in PROMPTS:
+        tokens = generate(lm, prompt, max_tokens=at + 1, ignore_eos=True).tokens
+        if end not in tokens and tokens[at] not in tokens[:at] and not set(tokens) & lm.stop_ids:
+            break
+    else:
+        raise AssertionError(f"no prompt to rig {folder.name} with")
+    file = folder / "model.safetensors"
+    weights = mx.load(str(file))
+    if "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        for name in ("config.json", "model.safetensors.index.json"):
+            if (folder / name).exists():
+                data = json.loads((folder / name).read_text())
+                if name == "config.json":
+                    data["tie_word_embeddings"] = False
+                else:
+                    data["weight_map"]["lm_head.weight"] = file.name
+                (folder / name).write_text(json.dumps(data))
+    head = np.array(weights["lm_head.weight"])
+    head[[end, tokens[at]]] = head[[tokens[at], end]]
+    weights["lm_head.weight"] = mx.array(head)
+    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
+    return prompt

@@ -1,5 +1,6 @@
 """The real chat templates of the models the built-in recipes name (tests/data/models/*/
-tokenizer_config.json, SOURCE.md there) on a stand-in tokenizer with their special tokens:
+tokenizer_config.json, SOURCE.md there) on the model's real vocabulary where it is vendored
+(real_models.REAL_VOCAB), else a stand-in tokenizer with the real special tokens:
 assistant masks token by token, the end-of-turn stop, system prompts on a template without a
 system role, and a template's own refusals as one-line errors."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from real_models import TEMPLATES, write_stand_in_tokenizer
+from real_models import REAL_VOCAB, TEMPLATES, write_real_tokenizer, write_stand_in_tokenizer
 
 from mlxlocal.data import DataSection, load_examples, render_chat
 from mlxlocal.decoding import end_of_turn_ids, stop_ids
@@ -59,7 +60,10 @@ def folder(tmp_path_factory):
     def get(name: str):
         if name not in made:
             out = root / name
-            write_stand_in_tokenizer(name, out)
+            if name in REAL_VOCAB:
+                write_real_tokenizer(name, out)
+            else:
+                write_stand_in_tokenizer(name, out)
             (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
             made[name] = out
         return made[name]

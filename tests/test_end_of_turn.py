@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import PROMPT, rig_end_of_turn
 
 import mlxlocal
 from mlxlocal.chat import ChatSession
@@ -36,9 +37,6 @@ from mlxlocal.generate import Sampling, generate, load_model
 from mlxlocal.models import load, load_tokenizer
 from mlxlocal.sources import builtin_model
 from mlxlocal.tiny import write_tokenizer
-
-PROMPT = "The quick brown fox"
-PROMPTS = [PROMPT, "Convert the checkpoint", "A local model", "Questions and answers", "def add"]
 
 QWEN25 = (  # Qwen/Qwen2.5-0.5B-Instruct, tokenizer_config.json
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'sys"
@@ -117,28 +115,6 @@ def set_eos(folder, eos: int) -> None:
         config = json.loads(file.read_text()) if file.exists() else {}
         config.update(bos_token_id=None, eos_token_id=eos, pad_token_id=None)
         file.write_text(json.dumps(config))
-
-
-def rig_end_of_turn(folder, end: int, at: int = 3) -> str:
-    """Swap two output rows so that greedy decoding gives `end` as token `at`; the prompt.
-
-    The first prompt whose tokens up to `at` hold no stop id (a random model may well begin
-    with EOS) is taken.
-    """
-    lm = load_model(folder)
-    for prompt in PROMPTS:
-        tokens = generate(lm, prompt, max_tokens=at + 1, ignore_eos=True).tokens
-        if end not in tokens and tokens[at] not in tokens[:at] and not set(tokens) & lm.stop_ids:
-            break
-    else:
-        raise AssertionError(f"no prompt to rig {folder.name} with")
-    file = folder / "model.safetensors"
-    weights = mx.load(str(file))
-    head = np.array(weights["lm_head.weight"])
-    head[[end, tokens[at]]] = head[[tokens[at], end]]
-    weights["lm_head.weight"] = mx.array(head)
-    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
-    return prompt
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,17 @@ export → llama.cpp's tokenizer → ids.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import gguf
 import pytest
+from real_models import (
+    QWEN25_SPECIAL,
+    llama3_special_tokens,
+    write_llama3_tokenizer,
+    write_qwen2_tokenizer,
+)
 
 from mlxlocal.checkpoint.gguf import open_gguf
 from mlxlocal.checkpoint.gguf_tokenizer import write_tokenizer_files
@@ -42,43 +47,15 @@ def mismatches(encode, family: str) -> list[tuple[str, list[int], list[int]]]:
 def _tiktoken_tokenizer(family: str, out: Path) -> Path:
     """The family's HF tokenizer, as transformers' own TikTokenConverter makes it from the
     model's tiktoken ranks (how Llama 3's tokenizer.json was made)."""
-    from tokenizers import normalizers, processors
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    class Converter(TikTokenConverter):
-        @staticmethod
-        def load_tiktoken_bpe(path):  # tiktoken's file format, without the tiktoken package
-            pairs = (line.split() for line in Path(path).read_text().splitlines() if line)
-            return {base64.b64decode(t): int(r) for t, r in pairs}
-
     out.mkdir()
     if family == "llama-bpe":
-        # Meta's names (llama-models, models/llama3/tokenizer.py), ids 128000…128255.
-        special = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"]
-        special += ["<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>"]
-        special += ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
-        special += ["<|python_tag|>", "<|image|>"]
-        special += [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
-        tokenizer = Converter(str(DATA / "llama3-tokenizer.model"), extra_special_tokens=special)
-        tokenizer = tokenizer.converted()
-        bos = special[0]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 128000)]
-        )
-        config = {"bos_token": bos, "eos_token": special[1]}
+        special = llama3_special_tokens()
+        write_llama3_tokenizer(out, special)
+        config = {"bos_token": special[0], "eos_token": special[1]}
     else:
-        pattern = (
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-        )
-        special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tokenizer = Converter(str(DATA / "qwen.tiktoken"), pattern, extra_special_tokens=special)
-        tokenizer = tokenizer.converted()
-        tokenizer.model.ignore_merges = False  # as Qwen2's tokenizer.json
-        tokenizer.normalizer = normalizers.NFC()
-        tokenizer.post_processor = None
-        config = {"eos_token": special[0], "pad_token": special[0], "add_bos_token": False}
-    tokenizer.save(str(out / "tokenizer.json"))
+        write_qwen2_tokenizer(out, QWEN25_SPECIAL[:3])
+        config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+        config["add_bos_token"] = False
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out

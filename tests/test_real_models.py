@@ -1,20 +1,27 @@
 """Every built-in recipe's model, as its real config (tests/real_models.py says what shrinks),
 converts to transformers' logits, quantizes as mlx-lm does, generates what transformers'
 greedy decoding gives through its chat template, and exports to a GGUF llama.cpp runs with
-transformers' logits."""
+transformers' logits. Where the real vocabulary is vendored (real_models.REAL_VOCAB: all but
+Gemma 2) the model carries it at its real size and ids: it tokenizes as the real tokenizer
+(llama.cpp's `.out` ids of the real HF tokenizers; SentencePiece itself for Mistral), and
+generate/chat stop at the model's real end-of-turn tokens."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import hf_logits
-from real_models import MODELS, make_real_checkpoint, real_config
+from click.testing import CliRunner
+from helpers import hf_logits, rig_end_of_turn
+from real_models import MODELS, REAL_VOCAB, VOCAB, make_real_checkpoint, real_config
+from test_llama_vocab import cases
 
 from mlxlocal import convert
+from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
 from mlxlocal.export.gguf import export_gguf
 from mlxlocal.generate import generate, load_model
@@ -25,6 +32,24 @@ FP32 = 1e-4  # max |Δlogit| against transformers, fp32
 GGUF_REL = 1e-4  # max |Δlogit| / max |logit|, F32 GGUF and KV cache (as tests/test_gguf.py)
 # …except where llama.cpp's CPU GELU (Gemma's activation) reads an fp16 table: 1.6e-4 measured.
 GGUF_REL_GELU = 1e-3
+# One model per vocabulary (the other sizes of a family ship the same tokenizer and template).
+REAL = ["Llama-3.2-1B-Instruct", "Qwen2.5-0.5B-Instruct", "Phi-3.5-mini-instruct"]
+REAL += ["Mistral-7B-Instruct-v0.3"]
+MISTRAL = VOCAB / "mistral-v0.3-tokenizer.model"
+# family → (the stop set: tokenizer EOS ∪ generation_config.json's eos ids ∪ the template's end
+# of turn, all at their real ids; the id that ends an assistant turn in the template).
+STOPS = {
+    "llama-bpe": ({128001, 128008, 128009}, 128009),  # <|eot_id|>
+    "qwen2": ({151643, 151645}, 151645),  # <|im_end|>
+    "phi-3": ({32000, 32001, 32007}, 32007),  # <|end|>
+    "mistral": ({2}, 2),  # </s>
+}
+# Special tokens (from the template), unicode, whitespace runs and tabs, digits, an apostrophe.
+SAMPLE = [
+    {"role": "user", "content": "Héllo  wörld!\n\n   1234567 + 89 = ?\t日本語 🦙 don't"},
+    {"role": "assistant", "content": "  It's 1234656.\n"},
+    {"role": "user", "content": "Thanks…   ok 3.14"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +83,22 @@ def test_converts_to_transformers_logits(real, name):
     ref, got = hf_logits(src, ids), our_logits(load(out)[0], ids)
     assert np.abs(ref - got).max() <= FP32
     assert ref.std() > 0.5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rope_is_read_as_the_real_config_says(real, name):
+    """transformers 5 saves the real rope_theta/rope_scaling as `rope_parameters`: the
+    converted model is built with the real theta and every real scaling field."""
+    _, out = real(name)
+    config, args = real_config(name), load(out)[0].args
+    assert args.rope_theta == config["rope_theta"]
+    scaling, got = config.get("rope_scaling"), getattr(args, "rope_scaling", None)
+    assert (got is None) == (scaling is None)
+    for key, value in (scaling or {}).items():
+        assert got[key] == (value if isinstance(value, str) else pytest.approx(value)), key
+    if "original_max_position_embeddings" in config:  # Phi-3.5: where longrope switches
+        got = getattr(args, "original_max_position_embeddings", None)
+        assert got == config["original_max_position_embeddings"]
 
 
 def test_phi35_past_its_original_context_takes_the_long_factors(real):
@@ -160,6 +201,91 @@ def test_generates_through_its_chat_template(real, name):
     assert result.tokens == hf_greedy(src, ids, 6, size)
 
 
+def reference_cases(family: str) -> list[tuple[str, list[int]]]:
+    """(text, ids) of llama.cpp's 46 tokenizer texts: the ids the real HF tokenizer gave
+    (`.out`); for Mistral v0.3, whose tokenizer llama.cpp has no fixture of, SentencePiece's
+    own ids from the real tokenizer.model."""
+    if family != "mistral":
+        return cases(family)
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))
+    return [(text, sp.encode(text)) for text, _ in cases("llama-spm")]
+
+
+def sentencepiece_with_specials(text: str, specials: dict[str, int]) -> list[int]:
+    """SentencePiece's ids of a text holding special tokens: each piece between them encoded
+    on its own (as the tokenizer.json of a SentencePiece model splits at added tokens)."""
+    import re
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        ids += [specials[part]] if part in specials else sp.encode(part) if part else []
+    return ids
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_tokenizes_as_the_real_tokenizer(real, name):
+    """The converted checkpoint's tokenizer, as generate loads it: the real ids on the 46 texts
+    (and back to the text), and a chat through the real template equal to transformers' ids."""
+    src, out = real(name)
+    ours = load_tokenizer(out)
+    family = REAL_VOCAB[name]
+    wrong = []
+    for text, ids in reference_cases(family):
+        if ours.encode(text, add_special_tokens=False) != ids or ours.decode(ids) != text:
+            wrong.append(text)
+    assert wrong == []
+    from transformers import AutoTokenizer
+
+    rendered = ours.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
+    ids = ours.encode(rendered, add_special_tokens=False)
+    reference = AutoTokenizer.from_pretrained(src)
+    assert ids == reference.apply_chat_template(
+        SAMPLE, add_generation_prompt=True, return_dict=False
+    )
+    # Back to the text as transformers decodes it; exactly the text for byte-level BPE (a
+    # SentencePiece piece after a special token carries its own word marker: one more space).
+    assert ours.decode(ids) == reference.decode(ids)
+    assert ours.decode(ids) == rendered or family in ("mistral", "phi-3")
+    if family == "mistral":
+        specials = {t: i for t, i in ours.get_vocab().items() if i < 771}
+        assert ids == sentencepiece_with_specials(rendered, specials)
+    if family == "phi-3":  # llama.cpp's own Phi-3 vocabulary on the same text
+        import llama_cpp
+
+        gguf_file = VOCAB / "ggml-vocab-phi-3.gguf"
+        llm = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+        assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_generate_and_chat_stop_at_the_real_end_of_turn(real, name, tmp_path):
+    """The stop set is exactly the real ids; a model rigged to end its turn at the third token
+    stops there in generate and chat and never shows the token."""
+    _, out = real(name)
+    stops, end = STOPS[REAL_VOCAB[name]]
+    assert load_model(out).stop_ids == stops
+    folder = tmp_path / "rigged"
+    shutil.copytree(out, folder)
+    prompt = rig_end_of_turn(folder, end)
+    lm = load_model(folder)
+    free = generate(lm, prompt, max_tokens=4, ignore_eos=True)
+    assert free.tokens[3] == end
+    result = generate(lm, prompt, max_tokens=12)
+    assert result.tokens == free.tokens and result.finish_reason == "stop"
+    shown = generate(lm, prompt, max_tokens=3, ignore_eos=True).text
+    assert result.text == shown
+    marker = lm.tokenizer.convert_ids_to_tokens(end)
+    assert marker not in result.text
+    answer = CliRunner().invoke(cli, ["chat", str(folder), "--max-tokens", "12"], input=prompt)
+    assert answer.exit_code == 0, answer.output
+    assert answer.stdout == shown + "\n"
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     """llama_cpp with weight repacking off (see tests/test_gguf.py)."""
@@ -190,6 +316,12 @@ def test_exports_to_a_gguf_llama_cpp_runs_with_transformers_logits(real, name, l
         n_threads=2,
         verbose=False,
     )
+    if name in REAL_VOCAB:  # llama.cpp tokenizes as the real tokenizer through our GGUF
+        ours = load_tokenizer(out)
+        encode = lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)  # noqa: E731
+        assert [t for t, ids in reference_cases(REAL_VOCAB[name]) if encode(t) != ids] == []
+        rendered = ours.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
+        assert encode(rendered) == ours.encode(rendered, add_special_tokens=False)
     ids = probe(src)
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
