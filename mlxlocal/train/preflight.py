@@ -64,6 +64,16 @@ def preflight(
     check_eval(recipe, tokenizer, note)
     examples, report = load_examples(recipe.data, tokenizer, "train", note)
     valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid", note)
+    objective = recipe.method.objective
+    if (objective == "sft") == (report.format == "preference"):
+        raise MlxLocalError(
+            f"method.objective: {objective} cannot train on {report.format} data; "
+            + (
+                "set method.objective: dpo, orpo or simpo"
+                if objective == "sft"
+                else "give prompt/chosen/rejected rows (data.format: preference)"
+            )
+        )
     # Packed rows no longer than the longest example: no batch outgrows the unpacked worst case.
     capacity = min(recipe.data.max_length, max(len(e.tokens) for e in examples + valid_examples))
     context = context_length(config)

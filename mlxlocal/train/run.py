@@ -34,7 +34,7 @@ from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
 from ..recipe import Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
-from .batches import iterate_batches
+from .batches import iterate_batches, iterate_pair_batches
 from .checkpoints import (
     Position,
     RunDir,
@@ -45,6 +45,7 @@ from .checkpoints import (
 )
 from .loss import check_output_head
 from .optim import build_optimizer
+from .preference import Objective, cached_reference, with_reference
 from .preflight import preflight
 from .trainer import BatchStream, TrainResult, train
 
@@ -230,13 +231,30 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
     before = evaluate_recipe(recipe, model, tokenizer, base, "before training", echo)
     if t.loss_chunk_size is not None:
         check_output_head(model)
-    config = prepare_method(model, recipe, base)
-
     d = recipe.data
     capacity = checked.capacity
+    objective = Objective.of(recipe.method)
+    references: dict[int, Any] = {}
+    if objective is not None and objective.needs_reference:
+        # The base's scores, before any adapter is added or weight trained (cached, resumable).
+        for name, pairs in (("train", examples), ("valid", valid_examples)):
+            if pairs:
+                echo(f"scoring {len(pairs):,} {name} pairs with the reference model")
+                references[id(pairs)] = cached_reference(
+                    run.path, name, model, pairs, t.batch_size, capacity
+                )
+    config = prepare_method(model, recipe, base)
 
     def batches(examples, epoch, start=0):
-        return iterate_batches(examples, t.batch_size, capacity, d.packing, t.seed, epoch, start)
+        if objective is None:
+            return iterate_batches(
+                examples, t.batch_size, capacity, d.packing, t.seed, epoch, start
+            )
+        reference = references.get(id(examples))
+        return (
+            with_reference(b, reference)
+            for b in iterate_pair_batches(examples, t.batch_size, capacity, t.seed, epoch, start)
+        )
 
     stream = BatchStream(lambda e, s: batches(examples, e, s), t.epochs)
     total_steps = checked.total_steps
@@ -268,6 +286,7 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
         packed=d.packing,
         valid=valid,
         on_checkpoint=(refresher := Refresher(run.path)).checkpoint,
+        objective=objective,
     )
 
     with atomic_directory(run.path / "adapters", force=True) as tmp:
@@ -279,7 +298,8 @@ def _run(recipe: Recipe, run: RunDir, ckpt: Path | None, echo: Callable[[str], N
     summary = RunSummary(
         output=run.path,
         adapters=run.path / "adapters",
-        method=recipe.method.type,
+        method=recipe.method.type
+        + (f" {recipe.method.objective}" if recipe.method.objective != "sft" else ""),
         total_steps=total_steps,
         resumed_from=resumed_from,
         training=result,

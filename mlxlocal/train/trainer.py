@@ -31,6 +31,7 @@ from ..progress import bar as progress_bar
 from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
 from .loss import loss_sums
+from .preference import Objective, batch_loss, metrics_record
 
 
 class Interrupted(KeyboardInterrupt):
@@ -89,24 +90,30 @@ def make_step(
     loss_chunk_size: int | None = None,
     packed: bool = False,
     compile: bool = True,
-) -> Callable[[Sequence[Batch]], tuple[mx.array, mx.array, mx.array, mx.array]]:
+    objective: Objective | None = None,
+) -> Callable[[Sequence[Batch]], tuple[mx.array, ...]]:
     """A function that trains one optimizer step on its micro-batches.
 
-    It returns lazy (loss sum, target tokens, non-pad tokens, gradient norm); the caller
-    evaluates them together with the model and optimizer state. Initialise (or restore) the
-    optimizer state before calling this: the compiled graph captures it.
+    It returns lazy (loss sum, count, non-pad tokens, gradient norm, metric sums); the caller
+    evaluates them together with the model and optimizer state. The count is target tokens,
+    or pairs for a preference `objective` (whose metric sums are `preference.METRICS`).
+    Initialise (or restore) the optimizer state before calling this: the compiled graph
+    captures it.
     """
 
-    def batch_loss(tokens, weights, segments):
-        return loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
+    def loss_fn(tokens, weights, third):
+        if objective is not None:
+            return batch_loss(model, objective, tokens, weights, third)
+        loss, n = loss_sums(model, tokens, weights, third, packed, loss_chunk_size)
+        return loss, n, mx.zeros((0,))
 
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def accumulate(tokens, weights, segments, acc):
-        (loss, n), grads = loss_and_grad(tokens, weights, segments)
+    def accumulate(tokens, weights, third, acc):
+        (loss, n, sums), grads = loss_and_grad(tokens, weights, third)
         if acc is not None:
             grads = tree_map(mx.add, acc, grads)
-        return loss, n, grads
+        return loss, n, sums, grads
 
     def update(grads, n):
         grads = tree_map(lambda g: (g / mx.maximum(n, 1)).astype(g.dtype), grads)
@@ -122,13 +129,17 @@ def make_step(
         update = partial(mx.compile, inputs=state, outputs=state)(update)
 
     def step(batches: Sequence[Batch]):
-        acc, loss, n, tokens = None, 0, 0, 0
+        acc, loss, n, tokens, sums = None, 0, 0, 0, 0
         for i, b in enumerate(batches):
-            part, count, acc = accumulate(b.tokens, b.weights, b.segments, acc)
+            part, count, part_sums, acc = accumulate(b.tokens, b.weights, third(b), acc)
             loss, n, tokens = loss + part, n + count, tokens + (b.segments > 0).sum()
+            sums = sums + part_sums
             if i < len(batches) - 1:
-                mx.eval(acc, loss, n, tokens)  # one micro-batch's graph alive at a time
-        return loss, n, tokens, update(acc, n)
+                mx.eval(acc, loss, n, tokens, sums)  # one micro-batch's graph alive at a time
+        return loss, n, tokens, update(acc, n), sums
+
+    def third(b: Batch) -> mx.array:
+        return b.reference if objective is not None else b.segments
 
     return step
 
@@ -140,18 +151,25 @@ def evaluate(
     max_batches: int | None = None,
     loss_chunk_size: int | None = None,
     packed: bool = False,
-) -> float:
-    """Mean loss per target token over (at most `max_batches` of) `batches`."""
+    objective: Objective | None = None,
+) -> tuple[float, dict[str, float]]:
+    """(mean loss per target token, or per pair for a preference `objective`, and the
+    objective's metrics) over (at most `max_batches` of) `batches`."""
     model.eval()
-    total, n = mx.array(0.0), mx.array(0.0)
+    total, n, sums = mx.array(0.0), mx.array(0.0), mx.array(0.0)
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
+        if objective is not None:
+            loss, count, part = batch_loss(model, objective, b.tokens, b.weights, b.reference)
+            sums = sums + part
+        else:
+            loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
         total, n = total + loss, n + count
-        mx.eval(total, n)
+        mx.eval(total, n, sums)
     model.train()
-    return total.item() / max(n.item(), 1.0)
+    metrics = metrics_record(sums, n.item(), "val_") if objective is not None else {}
+    return total.item() / max(n.item(), 1.0), metrics
 
 
 @contextmanager
@@ -219,6 +237,7 @@ def train(
     packed: bool,
     valid: Callable[[], Iterable[Batch]] | None = None,
     on_checkpoint: Callable[[], None] = lambda: None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
 
@@ -235,6 +254,7 @@ def train(
         loss_chunk_size=t.loss_chunk_size,
         packed=packed,
         compile=t.compile,
+        objective=objective,
     )
     state = [model.state, optimizer.state, mx.random.state]
     batches = stream.iterate(position.epoch, position.batch)
@@ -254,8 +274,8 @@ def train(
             for _ in range(t.grad_accumulation):
                 epoch, index, batch = next(batches)
                 micro.append(batch)
-            loss_sum, n, tokens, norm = step_fn(micro)
-            mx.eval(state, loss_sum, n, tokens, norm)
+            loss_sum, n, tokens, norm, sums = step_fn(micro)
+            mx.eval(state, loss_sum, n, tokens, norm, sums)
             seconds = time.perf_counter() - tic
             train_time += seconds
             loss = loss_sum.item() / max(n.item(), 1.0)
@@ -279,6 +299,8 @@ def train(
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "elapsed_s": position.elapsed_s,
             }
+            if objective is not None:
+                record |= metrics_record(sums, n.item())
             if t.grad_clip is not None:
                 record["grad_norm"] = norm.item()
             if not math.isfinite(loss):
@@ -292,14 +314,16 @@ def train(
             last = position.step == total_steps
             every = evaluation.every
             if valid is not None and ((every and position.step % every == 0) or last):
-                val_loss = evaluate(
+                val_loss, val_metrics = evaluate(
                     model,
                     valid(),
                     max_batches=evaluation.batches,
                     loss_chunk_size=t.loss_chunk_size,
                     packed=packed,
+                    objective=objective,
                 )
                 record["val_loss"] = val_loss
+                record |= val_metrics
                 mx.clear_cache()  # validation's buffers are not the training step's shapes
             run.log(record)
             every = checkpoints.every
