@@ -47,15 +47,19 @@ class Objective:
         return self.name == "dpo"
 
 
-def sequence_logps(model: nn.Module, tokens: mx.array, weights: mx.array) -> tuple[mx.array, ...]:
-    """(Σ log p, number of answer tokens) of each row's weighted targets, float32.
+def token_logps(model: nn.Module, tokens: mx.array) -> mx.array:
+    """log p of every next token, (B, L-1) float32.
 
     Rows are padded on the right, so padding never changes a real token's log-probability.
     """
-    inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:]
-    logits = model(inputs).astype(mx.float32)
-    logp = -nn.losses.cross_entropy(logits, targets)
-    return (logp * w).sum(axis=-1), w.sum(axis=-1)
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    return -nn.losses.cross_entropy(logits, tokens[:, 1:])
+
+
+def sequence_logps(model: nn.Module, tokens: mx.array, weights: mx.array) -> tuple[mx.array, ...]:
+    """(Σ log p, number of answer tokens) of each row's weighted targets, float32."""
+    w = weights[:, 1:]
+    return (token_logps(model, tokens) * w).sum(axis=-1), w.sum(axis=-1)
 
 
 def _smoothed(z: mx.array, label_smoothing: float) -> mx.array:
@@ -70,12 +74,17 @@ def _log1mexp(x: mx.array) -> mx.array:
 
 
 def pair_losses(
-    objective: Objective, logps: mx.array, counts: mx.array, reference: mx.array
+    objective: Objective,
+    logps: mx.array,
+    counts: mx.array,
+    reference: mx.array,
+    nll: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(loss of the batch × pairs, chosen rewards, rejected rewards) from 2B rows' scores.
 
-    The first value is a sum over pairs (so micro-batches add up); for ORPO its NLL term is
-    the token mean over the batch's chosen answers, as TRL computes it, times B.
+    The first value is a sum over pairs (so micro-batches add up). ORPO adds `nll`, the mean
+    next-token loss over the chosen rows' every token (prompt included, as TRL's ORPO does),
+    times B.
     """
     o, b = objective, logps.shape[0] // 2
     if o.name == "dpo":
@@ -89,7 +98,6 @@ def pair_losses(
         return _smoothed(z, o.label_smoothing).sum(), chosen, rejected
     # ORPO: NLL of the chosen answers minus β·log σ(log odds ratio).
     odds = (mean[:b] - mean[b:]) - (_log1mexp(mean[:b]) - _log1mexp(mean[b:]))
-    nll = -logps[:b].sum() / mx.maximum(counts[:b].sum(), 1)
     return b * nll - (o.beta * nn.log_sigmoid(odds)).sum(), chosen, rejected
 
 
@@ -98,11 +106,19 @@ def batch_loss(
     objective: Objective,
     tokens: mx.array,
     weights: mx.array,
+    segments: mx.array,
     reference: mx.array,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(loss sum, pairs, metric sums in METRICS order) of one batch of pairs."""
-    logps, counts = sequence_logps(model, tokens, weights)
-    loss, chosen, rejected = pair_losses(objective, logps, counts, reference)
+    per_token = token_logps(model, tokens)
+    w = weights[:, 1:]
+    logps, counts = (per_token * w).sum(axis=-1), w.sum(axis=-1)
+    nll = None
+    if objective.name == "orpo":
+        b = tokens.shape[0] // 2
+        real = (segments[:b, 1:] > 0).astype(mx.float32)
+        nll = -(per_token[:b] * real).sum() / mx.maximum(real.sum(), 1)
+    loss, chosen, rejected = pair_losses(objective, logps, counts, reference, nll)
     chosen, rejected = mx.stop_gradient(chosen), mx.stop_gradient(rejected)
     margin = chosen - rejected
     sums = mx.stack([chosen.sum(), rejected.sum(), margin.sum(), (margin > 0).sum()])

@@ -101,16 +101,16 @@ def make_step(
     captures it.
     """
 
-    def loss_fn(tokens, weights, third):
+    def loss_fn(tokens, weights, segments, *reference):
         if objective is not None:
-            return batch_loss(model, objective, tokens, weights, third)
-        loss, n = loss_sums(model, tokens, weights, third, packed, loss_chunk_size)
+            return batch_loss(model, objective, tokens, weights, segments, *reference)
+        loss, n = loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
         return loss, n, mx.zeros((0,))
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def accumulate(tokens, weights, third, acc):
-        (loss, n, sums), grads = loss_and_grad(tokens, weights, third)
+    def accumulate(acc, *arrays):
+        (loss, n, sums), grads = loss_and_grad(*arrays)
         if acc is not None:
             grads = tree_map(mx.add, acc, grads)
         return loss, n, sums, grads
@@ -131,17 +131,20 @@ def make_step(
     def step(batches: Sequence[Batch]):
         acc, loss, n, tokens, sums = None, 0, 0, 0, 0
         for i, b in enumerate(batches):
-            part, count, part_sums, acc = accumulate(b.tokens, b.weights, third(b), acc)
+            part, count, part_sums, acc = accumulate(acc, *inputs(b, objective))
             loss, n, tokens = loss + part, n + count, tokens + (b.segments > 0).sum()
             sums = sums + part_sums
             if i < len(batches) - 1:
                 mx.eval(acc, loss, n, tokens, sums)  # one micro-batch's graph alive at a time
         return loss, n, tokens, update(acc, n), sums
 
-    def third(b: Batch) -> mx.array:
-        return b.reference if objective is not None else b.segments
-
     return step
+
+
+def inputs(b: Batch, objective: Objective | None) -> tuple[mx.array, ...]:
+    """The arrays of a batch the loss reads (a preference batch adds its reference scores)."""
+    arrays = (b.tokens, b.weights, b.segments)
+    return (*arrays, b.reference) if objective is not None else arrays
 
 
 def evaluate(
@@ -161,7 +164,7 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         if objective is not None:
-            loss, count, part = batch_loss(model, objective, b.tokens, b.weights, b.reference)
+            loss, count, part = batch_loss(model, objective, *inputs(b, objective))
             sums = sums + part
         else:
             loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
