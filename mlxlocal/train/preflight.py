@@ -17,7 +17,7 @@ from typing import Any
 
 from ..data import DataReport, Example, describe_dataset, load_examples
 from ..errors import MlxLocalError
-from ..evaluate import answered_samples, check_labels
+from ..evaluate import answered_samples, check_labels, preference_pairs
 from ..models import context_length
 from ..recipe import Recipe, dump_recipe, load_recipe
 from .batches import num_batches
@@ -120,6 +120,9 @@ def check_eval(recipe: Recipe, tokenizer: Any, note: Callable[[str], None]) -> N
     )
     if e.task == "perplexity":
         load_examples(section, tokenizer, "train", note)
+        return
+    if e.task == "preference":
+        preference_pairs(section, tokenizer, note)
         return
     samples = answered_samples(section, e.task, e.limit, note)
     if e.task == "classify":
