@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import batch, constrained, convert, data, generate, quantize, serve, train
+from . import batch, constrained, convert, data, generate, preference, quantize, serve, train
 from .common import machine
 
 SUITES = {
@@ -24,6 +24,7 @@ SUITES = {
     "data": data,
     "train": train,
     "serve": serve,
+    "preference": preference,
 }
 
 

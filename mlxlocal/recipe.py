@@ -188,6 +188,8 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
             return "data.format", f"objective {m.objective} trains on preference data"
         if r.data.packing and "packing" in r.data.model_fields_set:
             return "data.packing", "preference pairs are not packed; remove it"
+        if r.training.loss_chunk_size is not None:
+            return "training.loss_chunk_size", "the preference losses are not chunked; remove it"
         if r.eval.task not in (None, "preference"):
             return "eval.task", f"objective {m.objective} is scored by task preference"
     if isinstance(m.layers, list) and len(set(m.layers)) != len(m.layers):

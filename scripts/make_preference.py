@@ -3,7 +3,8 @@
 Deterministic (a fixed seed), so the shipped files can be rebuilt and checked:
     python scripts/make_preference.py   # writes mlxlocal/datasets/polite-{train,test}.jsonl
 The prompts are the shipped sentiment reviews (scripts/make_sentiment.py), answered as a support
-agent would: `chosen` thanks the customer and offers help, `rejected` says the same curtly.
+agent would: `chosen` thanks the customer and offers help, `rejected` is a curt reply of about
+the same length.
 The held-out split has reviews and answer wordings the training split does not.
 """
 
@@ -28,9 +29,20 @@ POLITE = {
         "Sorry about this, and thank you for your patience. We will sort it out.",
     ],
 }
+# As long as the polite replies, so the preference is for the tone, not for the length.
 CURT = {
-    "positive": ["Ok.", "Noted.", "Fine.", "Whatever."],
-    "negative": ["Not our problem.", "Deal with it.", "Too bad.", "So what?"],
+    "positive": [
+        "Fine, we read it. There is nothing more to say about it, so do not write again.",
+        "Noted. We do not need to hear about it, and we have other things to do today.",
+        "Ok, whatever. It is just a product, so there is no need to tell us about it.",
+        "Good for you. We have no time for this, so please keep such notes to yourself.",
+    ],
+    "negative": [
+        "That is your problem, not ours. We will not do anything about it, so stop asking.",
+        "Too bad. You bought it, so you deal with it. Do not contact us about this again.",
+        "So what? Everyone else is happy with it, so the fault must be yours, not ours.",
+        "Not our problem. Read the manual next time and stop wasting our time with this.",
+    ],
 }
 
 

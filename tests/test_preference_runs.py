@@ -158,7 +158,7 @@ def test_every_objective_trains_every_method(
         model,
         pairs_file,
         method={**method, "objective": objective},
-        model={"path": str(model), "dtype": "float32", "quantize": quantize},
+        model__quantize=quantize,
         eval={"task": "preference", "every": 3},
         training__learning_rate=1e-3,
     )
@@ -234,3 +234,22 @@ def test_a_killed_dpo_run_resumes_exactly_with_its_cached_reference(dpo_recipe, 
     assert_same_run(uninterrupted, run, 6)
     for a, b in zip(read_metrics(uninterrupted), read_metrics(run), strict=True):
         assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-6)
+
+
+def test_adapters_off_is_the_base(mlx_checkpoints, tokenizer, pairs_file):
+    from mlxlocal.adapters.layers import add_adapters
+    from mlxlocal.train.preference import adapters_off, reference_logps
+
+    pairs, _ = _load(tokenizer, pairs_file, max_length=96)
+    model, _ = load(mlx_checkpoints("llama"))
+    base = reference_logps(model, pairs[:6], 3, 96)
+    add_adapters(model, "dora", 4, 2.0, 0.0, ["self_attn.q_proj", "mlp.down_proj"], [0, 1])
+    for name, p in model.trainable_parameters()["layers"][0]["self_attn"]["q_proj"].items():
+        if name == "lora_b":
+            model.layers[0].self_attn.q_proj.lora_b = p + 0.5  # the adapters change the model
+    adapted = reference_logps(model, pairs[:6], 3, 96)
+    with adapters_off(model):
+        off = reference_logps(model, pairs[:6], 3, 96)
+    assert np.abs(adapted - base).max() > 1e-2
+    np.testing.assert_array_equal(off, base)
+    np.testing.assert_array_equal(reference_logps(model, pairs[:6], 3, 96), adapted)  # back on

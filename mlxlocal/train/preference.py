@@ -14,6 +14,8 @@ cached in the run directory, where a resumed run finds them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_unflatten
 
 from ..data import Pair, collate_pairs
 
@@ -177,6 +180,22 @@ def cached_reference(
     np.savez(buffer, logps=logps, fingerprint=np.array(key))
     write_bytes_atomic(path, buffer.getvalue())
     return logps
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every LoRA/DoRA layer swapped for the layer it wraps: the base, with no
+    copy of a weight (what scoring the reference during training would use)."""
+    wrapped = [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "linear") and hasattr(m, "lora_a")
+    ]
+    model.update_modules(tree_unflatten([(name, m.linear) for name, m in wrapped]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(wrapped))
 
 
 def with_reference(batch: Any, reference: np.ndarray | None) -> Any:
