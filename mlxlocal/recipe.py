@@ -174,15 +174,16 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
         for key in ("rank", "alpha", "dropout", "rslora"):
             if key in m.model_fields_set:
                 return f"method.{key}", "applies to lora and dora, not to method.type: full"
+    # Set to other than the default (a resolved recipe, written back, holds every default).
+    changed = {k for k in m.model_fields_set if getattr(m, k) != type(m).model_fields[k].default}
     if m.objective == "sft":
-        for key in ("beta", "label_smoothing", "simpo_gamma", "reference"):
-            if key in m.model_fields_set:
+        for key in ("beta", "label_smoothing", "simpo_gamma"):
+            if key in changed:
                 return f"method.{key}", "applies to preference objectives (dpo, orpo, simpo)"
     else:
         only = {"label_smoothing": ("dpo", "simpo"), "simpo_gamma": ("simpo",)}
-        only["reference"] = ("dpo",)
         for key, objectives in only.items():
-            if key in m.model_fields_set and m.objective not in objectives:
+            if key in changed and m.objective not in objectives:
                 return f"method.{key}", f"applies to objective {' and '.join(objectives)} only"
         if r.data.format not in ("auto", "preference"):
             return "data.format", f"objective {m.objective} trains on preference data"
