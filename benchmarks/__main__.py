@@ -12,7 +12,18 @@ from pathlib import Path
 
 from mlxlocal.blas import fast_blas_env
 
-from . import batch, constrained, convert, data, distributed, generate, quantize, serve, train
+from . import (
+    batch,
+    constrained,
+    convert,
+    data,
+    distributed,
+    generate,
+    preference,
+    quantize,
+    serve,
+    train,
+)
 from .common import machine
 
 SUITES = {
@@ -25,6 +36,7 @@ SUITES = {
     "train": train,
     "serve": serve,
     "distributed": distributed,
+    "preference": preference,
 }
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "DataReport",
     "DataSection",
     "Example",
+    "Pair",
     "Row",
     "Sample",
     "apply_chat_template",
@@ -72,6 +73,7 @@ REQUIRED = {
     "completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 NOTES_KEPT = 20
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so few shapes are compiled
@@ -96,6 +98,8 @@ FieldName = Literal[
     "output",
     "system",
     "tools",
+    "chosen",
+    "rejected",
 ]
 FIELD_NAMES: tuple[str, ...] = get_args(FieldName)
 
@@ -112,7 +116,7 @@ class DataSection(BaseModel):
     train: str = Field(min_length=1)
     valid: str | None = None
     valid_fraction: float | None = Field(None, gt=0, lt=1)
-    format: Literal["auto", "text", "completion", "chat", "instruction"] = "auto"
+    format: Literal["auto", "text", "completion", "chat", "instruction", "preference"] = "auto"
     fields: dict[FieldName, str] = {}
     system_prompt: str | None = None
     train_on_prompt: bool = False
@@ -140,6 +144,19 @@ class Example:
 
 
 @dataclass
+class Pair:
+    """A preference: the same prompt with the answer preferred and the one rejected."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def tokens(self) -> list[int]:
+        """The longer side's tokens: the width a batch row must have for this pair."""
+        return max(self.chosen.tokens, self.rejected.tokens, key=len)
+
+
+@dataclass
 class DataReport:
     file: str
     format: str = ""
@@ -149,6 +166,7 @@ class DataReport:
     truncated: int = 0
     dropped: int = 0
     bad_lines: int = 0
+    identical: int = 0  # preference pairs whose two answers are the same (dropped)
     notes: list[str] = field(default_factory=list)  # "file:line: what happened", first few
     system_merged: bool = False  # see SYSTEM_MERGED
 
@@ -161,7 +179,7 @@ class DataReport:
             f"{self.examples:,} examples ({self.format})",
             f"{self.tokens:,} tokens, {self.trained_tokens:,} trained",
         ]
-        for name in ("truncated", "dropped", "bad_lines"):
+        for name in ("truncated", "dropped", "bad_lines", "identical"):
             if getattr(self, name):
                 parts.append(f"{getattr(self, name):,} {name.replace('_', ' ')}")
         if self.system_merged:
@@ -480,14 +498,15 @@ def detect_format(row: Row, fields: dict[str, str]) -> tuple[str, str | None]:
     """The format whose fields the first row has, and why, when the row fits more than one."""
     fits = [
         fmt
-        for fmt in ("chat", "completion", "instruction", "text")
+        for fmt in ("preference", "chat", "completion", "instruction", "text")
         if all(fields.get(k, k) in row.values for k in REQUIRED[fmt])
     ]
     if not fits:
         keys = ", ".join(map(str, row.values)) or "none"
         raise MlxLocalError(
             f"{row.where}: cannot tell the data format from the fields ({keys}); expected "
-            "messages (chat), prompt+completion, instruction+output or text — or set "
+            "messages (chat), prompt+completion, instruction+output, text or "
+            "prompt+chosen+rejected (preference) — or set "
             "data.format and data.fields to map your names"
         )
     if len(fits) == 1:
@@ -528,6 +547,7 @@ class Sample:
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[Any] | None = None
+    rejected: list[dict[str, Any]] | None = None  # preference: `messages` ends with the chosen
 
 
 def parse_row(row: Row, fmt: str, data: DataSection) -> Sample:
@@ -546,6 +566,8 @@ def parse_row(row: Row, fmt: str, data: DataSection) -> Sample:
             raise BadRow(f"{data.fields.get('text', 'text')!r} must be a string")
         return Sample(text=text)
     system = get("system", required=False) or data.system_prompt
+    if fmt == "preference":
+        return _preference(get, data, system)
     if fmt == "chat":
         messages = _messages(
             get("messages", required=False), data.fields.get("messages", "messages")
@@ -569,6 +591,30 @@ def parse_row(row: Row, fmt: str, data: DataSection) -> Sample:
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return Sample(messages=messages)
+
+
+def _preference(get: Callable[..., Any], data: DataSection, system: str | None) -> Sample:
+    """prompt (text or messages) + chosen and rejected (text or assistant messages)."""
+
+    def turns(name: str, role: str | None) -> list[dict[str, Any]]:
+        value, key = get(name), data.fields.get(name, name)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = _json_cell(value, key)  # a CSV cell holding messages as JSON
+        if isinstance(value, list):
+            if not value or not all(isinstance(m, dict) and "content" in m for m in value):
+                raise BadRow(f"{key!r} must be text or a list of messages with 'content'")
+            if role and any(m.get("role", role) != role for m in value):
+                raise BadRow(f"{key!r} must hold {role} messages only")
+            return [{"role": m.get("role", role), "content": str(m["content"])} for m in value]
+        if isinstance(value, (dict, bool)) or value is None:
+            raise BadRow(f"{key!r} must be text or a list of messages")
+        return [{"role": role or "user", "content": str(value)}]
+
+    prompt = turns("prompt", None)
+    if system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    chosen, rejected = turns("chosen", "assistant"), turns("rejected", "assistant")
+    return Sample(messages=prompt + chosen, rejected=prompt + rejected)
 
 
 class BadRow(Exception):
@@ -842,20 +888,37 @@ def load_examples(
             f"{spec}: {report.format} data needs the model's chat template, and its tokenizer "
             "has none; use a model with a chat template, or text / prompt-completion data"
         )
-    examples = []
+    examples: list = []
     for row, sample in parse_rows(rows, report.format, data, skip):
         if chat and sample.messages and sample.messages[0]["role"] == "system":
             report.system_merged = report.system_merged or drops_system(tokenizer)
         try:
-            example = tokenize_sample(sample, tokenizer, chat, data.train_on_prompt)
+            on_prompt = data.train_on_prompt and sample.rejected is None
+            example = tokenize_sample(sample, tokenizer, chat, on_prompt)
+            if sample.rejected is not None:
+                rejected = Sample(messages=sample.rejected)
+                pair = Pair(example, tokenize_sample(rejected, tokenizer, chat, False))
         except BadRow as e:
             skip_or_raise(data, row.where, e, skip)
             continue
-        example = _fit(example, data, report, row.where)
+        if sample.rejected is not None:
+            if sample.messages == sample.rejected:
+                report.identical += 1
+                report.note(row.where, "dropped: chosen and rejected are the same answer")
+                continue
+            sides = [_fit(e, data, report, row.where) for e in (pair.chosen, pair.rejected)]
+            if None in sides:
+                report.dropped -= sides.count(None) - 1  # one pair, counted once
+                continue
+            example = Pair(*sides)
+            parts = sides
+        else:
+            example = _fit(example, data, report, row.where)
+            parts = [example] if example is not None else []
         if example is not None:
             examples.append(example)
-            report.tokens += len(example.tokens)
-            report.trained_tokens += sum(example.weights[1:])
+            report.tokens += sum(len(e.tokens) for e in parts)
+            report.trained_tokens += sum(sum(e.weights[1:]) for e in parts)
     report.examples = len(examples)
     if not examples:
         raise MlxLocalError(
@@ -911,6 +974,19 @@ class Batch:
     tokens: mx.array  # (B, L) int32, padded with 0
     weights: mx.array  # (B, L) float32, 1 where tokens[b, t] is a target
     segments: mx.array  # (B, L) int32, 1..k numbering the examples in a row; 0 = padding
+
+
+@dataclass
+class PairBatch(Batch):
+    """Pairs as rows: every chosen answer, then every rejected one in the same order."""
+
+    index: np.ndarray  # (B,) the pairs' positions in their list (for cached reference values)
+    reference: mx.array | None = None  # (2B,) the reference model's scores of the rows
+
+
+def collate_pairs(pairs: list[Pair], index: list[int], max_length: int) -> PairBatch:
+    b = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], max_length)
+    return PairBatch(b.tokens, b.weights, b.segments, np.asarray(index))
 
 
 def collate(rows: list[list[Example]], max_length: int) -> Batch:

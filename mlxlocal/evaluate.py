@@ -1,6 +1,6 @@
 """`eval`: a task score for a model (and adapter) on a data file, to see fine-tuning pay off.
 
-Three tasks:
+Four tasks:
 - `perplexity`: exp of the mean NLL of the tokens training would learn (the same masks).
 - `classify`: every label is scored as the answer to the prompt, rendered exactly as training
   renders it, by the summed log-likelihood of its tokens (the answer and the end of the turn);
@@ -8,6 +8,9 @@ Three tasks:
   is judged on what it prefers, not on how it phrases it.
 - `generate`: greedy answers compared with the references: exact match, chrF and BLEU
   (sacrebleu, the reference implementation of both).
+- `preference`: on prompt/chosen/rejected rows, how often the model gives the chosen answer a
+  higher summed log-likelihood than the rejected one (what DPO's reward accuracy measures
+  against a reference, here absolute), and the mean margin in nats.
 
 Rows are read by the data layer as training reads them (jsonl/csv; prompt/completion, chat or
 instruction); the last assistant answer of a row is its label or reference.
@@ -46,7 +49,12 @@ from .errors import MlxLocalError
 from .generate import LoadedModel, as_loaded, generate
 from .progress import bar as progress_bar
 
-HEADLINE = {"perplexity": "perplexity", "classify": "accuracy", "generate": "chrf"}
+HEADLINE = {
+    "perplexity": "perplexity",
+    "classify": "accuracy",
+    "generate": "chrf",
+    "preference": "accuracy",
+}
 
 
 @dataclass
@@ -85,6 +93,8 @@ class EvalResult:
             )
             if "valid" in m:
                 lines[-1] += f"   valid {m['valid']:.1%}"
+        elif self.task == "preference":
+            lines.append(f"accuracy {m['accuracy']:.1%}   mean margin {m['margin']:.3f} nats")
         else:
             lines.append(f"accuracy {m['accuracy']:.1%}   macro-F1 {m['macro_f1']:.3f}")
             lines += _format_grid(
@@ -156,6 +166,8 @@ def evaluate(
     try:
         if task == "perplexity":
             return _perplexity(lm, section, limit, batch_size, note)
+        if task == "preference":
+            return _preference(lm, section, limit, batch_size, note)
         samples = answered_samples(section, task, limit, note)
         if task == "classify":
             return _classify(lm, section, samples, labels, batch_size)
@@ -189,7 +201,7 @@ def _perplexity(
     lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
 ) -> EvalResult:
     examples, _ = load_examples(section, lm.tokenizer, "train", note)
-    examples = examples[:limit]
+    examples = [getattr(e, "chosen", e) for e in examples[:limit]]  # of pairs: the preferred
     with progress_bar("perplexity", len(examples), "ex") as bar:
         scores = answer_logprobs(lm.model, examples, batch_size, bar.update)
     nll, tokens = -sum(s for s, _ in scores), sum(n for _, n in scores)
@@ -201,6 +213,36 @@ def _perplexity(
     }
     per_example = [{"nll": -s / max(n, 1), "tokens": n} for s, n in scores]
     return EvalResult("perplexity", section.train, metrics, per_example)
+
+
+def _preference(
+    lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
+) -> EvalResult:
+    pairs = preference_pairs(section, lm.tokenizer, note)[:limit]
+    sides = [e for p in pairs for e in (p.chosen, p.rejected)]
+    with progress_bar("preference", len(sides), "answers") as bar:
+        scores = answer_logprobs(lm.model, sides, batch_size, bar.update)
+    margins = [scores[2 * i][0] - scores[2 * i + 1][0] for i in range(len(pairs))]
+    metrics = {
+        "examples": len(pairs),
+        "accuracy": sum(m > 0 for m in margins) / len(pairs),
+        "margin": sum(margins) / len(pairs),
+    }
+    per_example = [
+        {"chosen": scores[2 * i][0], "rejected": scores[2 * i + 1][0]} for i in range(len(pairs))
+    ]
+    return EvalResult("preference", section.train, metrics, per_example)
+
+
+def preference_pairs(section: DataSection, tokenizer, note: Callable[[str], None]) -> list:
+    """The data's preference pairs; other formats are refused."""
+    pairs, report = load_examples(section, tokenizer, "train", note)
+    if report.format != "preference":
+        raise MlxLocalError(
+            f"{section.train}: the preference task needs prompt/chosen/rejected rows, not "
+            f"{report.format} data"
+        )
+    return pairs
 
 
 def answered_samples(
@@ -405,6 +447,7 @@ METRICS_SHOWN = {
     "perplexity": ["perplexity", "nll"],
     "classify": ["accuracy", "macro_f1"],
     "generate": ["exact_match", "chrf", "bleu"],
+    "preference": ["accuracy", "margin"],
 }
 
 

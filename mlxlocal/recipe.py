@@ -64,6 +64,13 @@ class MethodSection(Section):
     rslora: bool = False
     modules: list[str] | None = Field(None, min_length=1)
     layers: Literal["all"] | PositiveInt | list[NonNegativeInt] = "all"
+    # What the step minimises: next-token loss (sft), or a preference between two answers
+    # (dpo, orpo, simpo; data in the `preference` format). mlxlocal.train.preference.
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    beta: float = Field(0.1, gt=0)  # DPO/SimPO temperature, ORPO's weight of the odds term
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO/SimPO: share of flipped labels
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO: the reward margin asked for
+    reference: Literal["base"] = "base"  # DPO: the model the rewards are measured against
 
     @field_validator("layers", mode="wrap")
     @classmethod
@@ -98,7 +105,7 @@ class TrainingSection(Section):
 class EvalSection(Section):
     every: PositiveInt | None = None
     batches: PositiveInt | None = None
-    task: Literal["perplexity", "classify", "generate"] | None = None
+    task: Literal["perplexity", "classify", "generate", "preference"] | None = None
     data: str | None = None
     labels: list[str] | None = Field(None, min_length=2)
     limit: PositiveInt | None = None
@@ -126,6 +133,8 @@ class Recipe(Section):
             raise PydanticCustomError(
                 "combination", "{key}: {message}", {"key": key, "message": message}
             )
+        if self.method.objective != "sft":
+            self.data.packing = False  # both answers of a pair go to one batch, unpacked
         return self
 
 
@@ -154,7 +163,7 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
     if r.eval.task and r.eval.data is None and r.data.valid is None:
         return "eval.data", "eval.task needs held-out data: set eval.data or data.valid"
     if r.eval.task is None and (r.eval.data or r.eval.labels or r.eval.limit):
-        return "eval.task", "set it (perplexity, classify or generate) to use eval.data"
+        return "eval.task", "set it (perplexity, classify, generate or preference) to use eval.data"
     if m.type == "full" and r.model.quantize is not None:
         return (
             "model.quantize",
@@ -165,6 +174,25 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
         for key in ("rank", "alpha", "dropout", "rslora"):
             if key in m.model_fields_set:
                 return f"method.{key}", "applies to lora and dora, not to method.type: full"
+    # Set to other than the default (a resolved recipe, written back, holds every default).
+    changed = {k for k in m.model_fields_set if getattr(m, k) != type(m).model_fields[k].default}
+    if m.objective == "sft":
+        for key in ("beta", "label_smoothing", "simpo_gamma"):
+            if key in changed:
+                return f"method.{key}", "applies to preference objectives (dpo, orpo, simpo)"
+    else:
+        only = {"label_smoothing": ("dpo", "simpo"), "simpo_gamma": ("simpo",)}
+        for key, objectives in only.items():
+            if key in changed and m.objective not in objectives:
+                return f"method.{key}", f"applies to objective {' and '.join(objectives)} only"
+        if r.data.format not in ("auto", "preference"):
+            return "data.format", f"objective {m.objective} trains on preference data"
+        if r.data.packing and "packing" in r.data.model_fields_set:
+            return "data.packing", "preference pairs are not packed; remove it"
+        if r.training.loss_chunk_size is not None:
+            return "training.loss_chunk_size", "the preference losses are not chunked; remove it"
+        if r.eval.task not in (None, "preference"):
+            return "eval.task", f"objective {m.objective} is scored by task preference"
     if isinstance(m.layers, list) and len(set(m.layers)) != len(m.layers):
         return "method.layers", "lists a layer twice"
     return None

@@ -53,8 +53,12 @@ BUILTINS = {
     "qwen2.5-0.5b-lora-classify",
     "qwen2.5-1.5b-lora-translate",
     "qwen2.5-1.5b-qlora-chatbot",
+    # Preference tuning (issue 18).
+    "tiny-lora-polite",
+    "qwen2.5-0.5b-lora-preference",
+    "qwen2.5-1.5b-qlora-preference",
 }
-TASKS = ("sentiment", "classify", "translate", "chatbot")
+TASKS = ("sentiment", "classify", "translate", "chatbot", "polite", "preference")
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_accumulated_batches_give_the_update_of_one_larger_batch(mlx_checkpoints
         b = [(k, v + 0.05) for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k]
         model.load_weights(b, strict=False)  # B ≠ 0: every adapter gets gradients
         step = make_step(model, optim.SGD(learning_rate=1.0), grad_clip=clip, packed=True)
-        loss, n, _, _ = step(micro)
+        loss, n, *_ = step(micro)
         mx.eval(model.parameters(), loss, n)
         updated.append((loss.item() / n.item(), params(model, trainable=True)))
     (loss_big, big), (loss_acc, acc) = updated
@@ -74,7 +74,7 @@ def test_lora_changes_only_adapters_and_learns(mlx_checkpoints):
     batch = collate(rows(1, 4), 64)
     losses = []
     for _ in range(8):
-        loss, n, _, _ = step([batch])
+        loss, n, *_ = step([batch])
         mx.eval(model.parameters(), loss, n)
         losses.append(loss.item() / n.item())
     after = params(model, trainable=False)
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_gives_the_same_step(mlx_checkpoints):
         model = lora_model(path)
         step = make_step(model, optim.SGD(learning_rate=1.0), packed=True)
         with gradient_checkpointing(model) if checkpointing else _nothing():
-            loss, n, _, _ = step([batch])
+            loss, n, *_ = step([batch])
             mx.eval(model.parameters(), loss, n)
         results.append((loss.item(), params(model, trainable=True)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
@@ -124,7 +124,7 @@ def test_compiled_step_equals_the_plain_one(mlx_checkpoints, compiled):
             model, optim.AdamW(learning_rate=1e-2), grad_clip=1.0, packed=True, compile=compile
         )
         for _ in range(2):
-            loss, n, _, _ = step(micro)
+            loss, n, *_ = step(micro)
             mx.eval(model.parameters(), loss, n)
         results.append((loss.item(), params(model, trainable=True)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..data import Batch, collate
+from ..data import Batch, Pair, collate, collate_pairs
 
 BUCKET_WINDOW = 64  # batches per window of examples sorted by length (more = less padding)
 
@@ -92,3 +92,13 @@ def iterate_batches(
     plan = plan_batches(lengths, batch_size, max_length, packing, seed, epoch)
     for rows in plan[start:]:
         yield collate([[examples[i] for i in row] for row in rows], max_length)
+
+
+def iterate_pair_batches(
+    pairs: Sequence[Pair], batch_size: int, max_length: int, seed: int, epoch: int, start: int = 0
+) -> Iterator[Batch]:
+    """One epoch of preference batches (pairs are never packed: both sides share a batch)."""
+    lengths = [len(p.tokens) for p in pairs]
+    for rows in plan_batches(lengths, batch_size, max_length, False, seed, epoch)[start:]:
+        index = [i for row in rows for i in row]
+        yield collate_pairs([pairs[i] for i in index], index, max_length)

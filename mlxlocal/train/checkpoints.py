@@ -162,7 +162,15 @@ class RunDir:
         return done
 
     # What a run writes into its directory: a failed attempt's are replaced, nothing else.
-    ATTEMPT_FILES = ("recipe.yaml", "metrics.jsonl", "latest", "evaluation.json", "running")
+    ATTEMPT_FILES = (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "latest",
+        "evaluation.json",
+        "running",
+        "reference-train.npz",
+        "reference-valid.npz",
+    )
     ATTEMPT_DIRS = ("adapters", "report")
 
     def _clear_attempt(self, keep_model: bool) -> None:
@@ -335,10 +343,15 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small file atomically."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace a small file atomically."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with disk_errors(path):
-            tmp.write_text(text)
+            tmp.write_bytes(data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..data import DataReport, Example, describe_dataset, load_examples
 from ..errors import MlxLocalError
-from ..evaluate import answered_samples, check_labels
+from ..evaluate import answered_samples, check_labels, preference_pairs
 from ..models import context_length
 from ..recipe import Recipe, dump_recipe, load_recipe
 from .batches import num_batches
@@ -69,6 +69,16 @@ def preflight(
     check_eval(recipe, tokenizer, note)
     examples, report = load_examples(recipe.data, tokenizer, "train", note)
     valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid", note)
+    objective = recipe.method.objective
+    if (objective == "sft") == (report.format == "preference"):
+        raise MlxLocalError(
+            f"method.objective: {objective} cannot train on {report.format} data; "
+            + (
+                "set method.objective: dpo, orpo or simpo"
+                if objective == "sft"
+                else "give prompt/chosen/rejected rows (data.format: preference)"
+            )
+        )
     # Packed rows no longer than the longest example: no batch outgrows the unpacked worst case.
     capacity = min(recipe.data.max_length, max(len(e.tokens) for e in examples + valid_examples))
     context = context_length(config)
@@ -115,6 +125,9 @@ def check_eval(recipe: Recipe, tokenizer: Any, note: Callable[[str], None]) -> N
     )
     if e.task == "perplexity":
         load_examples(section, tokenizer, "train", note)
+        return
+    if e.task == "preference":
+        preference_pairs(section, tokenizer, note)
         return
     samples = answered_samples(section, e.task, e.limit, note)
     if e.task == "classify":

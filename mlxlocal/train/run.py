@@ -34,7 +34,7 @@ from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
 from ..recipe import Quantize, Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
-from .batches import iterate_batches
+from .batches import iterate_batches, iterate_pair_batches
 from .checkpoints import (
     Position,
     RunDir,
@@ -46,6 +46,7 @@ from .checkpoints import (
 from .distributed import World, init
 from .loss import check_output_head
 from .optim import build_optimizer
+from .preference import Objective, cached_reference, with_reference
 from .preflight import preflight
 from .trainer import BatchStream, TrainResult, train
 
@@ -214,6 +215,11 @@ def run_recipe(
     rank 0 prepares and writes the run directory, the others read what it holds.
     """
     world = init()
+    if world.size > 1 and recipe.method.objective != "sft":
+        raise MlxLocalError(
+            f"method.objective {recipe.method.objective} trains on one process for now "
+            "(its reference scores are cached per run): run it without --nproc/--hosts"
+        )
     run = RunDir(Path(recipe.output).expanduser())
     if not world.main:
         echo = lambda _: None  # noqa: E731  (rank 0 speaks for the run)
@@ -283,13 +289,30 @@ def _run(
     )
     if t.loss_chunk_size is not None:
         check_output_head(model)
-    config = prepare_method(model, recipe, base)
-
     d = recipe.data
     capacity = checked.capacity
+    objective = Objective.of(recipe.method)
+    references: dict[int, Any] = {}
+    if objective is not None and objective.needs_reference:
+        # The base's scores, before any adapter is added or weight trained (cached, resumable).
+        for name, pairs in (("train", examples), ("valid", valid_examples)):
+            if pairs:
+                echo(f"scoring {len(pairs):,} {name} pairs with the reference model")
+                references[id(pairs)] = cached_reference(
+                    run.path, name, model, pairs, t.batch_size, capacity
+                )
+    config = prepare_method(model, recipe, base)
 
     def batches(examples, epoch, start=0):
-        return iterate_batches(examples, t.batch_size, capacity, d.packing, t.seed, epoch, start)
+        if objective is None:
+            return iterate_batches(
+                examples, t.batch_size, capacity, d.packing, t.seed, epoch, start
+            )
+        reference = references.get(id(examples))
+        return (
+            with_reference(b, reference)
+            for b in iterate_pair_batches(examples, t.batch_size, capacity, t.seed, epoch, start)
+        )
 
     stream = BatchStream(lambda e, s: batches(examples, e, s), t.epochs)
     total_steps = checked.total_steps
@@ -322,6 +345,7 @@ def _run(
         valid=valid,
         on_checkpoint=(refresher := Refresher(run.path)).checkpoint,
         world=world,
+        objective=objective,
     )
     parameters = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if not world.main:
@@ -346,7 +370,8 @@ def _run(
     summary = RunSummary(
         output=run.path,
         adapters=run.path / "adapters",
-        method=recipe.method.type,
+        method=recipe.method.type
+        + (f" {recipe.method.objective}" if recipe.method.objective != "sft" else ""),
         total_steps=total_steps,
         resumed_from=resumed_from,
         training=result,

@@ -33,6 +33,7 @@ from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
 from .distributed import SINGLE, World, take_step
 from .loss import loss_sums
+from .preference import Objective, batch_loss, metrics_record
 
 
 class Interrupted(KeyboardInterrupt):
@@ -92,26 +93,32 @@ def make_step(
     packed: bool = False,
     compile: bool = True,
     world: World = SINGLE,
-) -> Callable[[Sequence[Batch]], tuple[mx.array, mx.array, mx.array, mx.array]]:
+    objective: Objective | None = None,
+) -> Callable[[Sequence[Batch]], tuple[mx.array, ...]]:
     """A function that trains one optimizer step on its micro-batches.
 
-    It returns lazy (loss sum, target tokens, non-pad tokens, gradient norm); the caller
-    evaluates them together with the model and optimizer state. Initialise (or restore) the
-    optimizer state before calling this: the compiled graph captures it. Under several ranks
-    the sums are over every rank's micro-batches: gradients divided by the whole step's target
-    tokens and summed across ranks, then clipped, so all ranks make the same update.
+    It returns lazy (loss sum, count, non-pad tokens, gradient norm, metric sums); the caller
+    evaluates them together with the model and optimizer state. The count is target tokens,
+    or pairs for a preference `objective` (whose metric sums are `preference.METRICS`).
+    Initialise (or restore) the optimizer state before calling this: the compiled graph
+    captures it. Under several ranks the sums are over every rank's micro-batches: gradients
+    divided by the whole step's count and summed across ranks, then clipped, so all ranks make
+    the same update.
     """
 
-    def batch_loss(tokens, weights, segments):
-        return loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
+    def loss_fn(tokens, weights, segments, *reference):
+        if objective is not None:
+            return batch_loss(model, objective, tokens, weights, segments, *reference)
+        loss, n = loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
+        return loss, n, mx.zeros((0,))
 
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def accumulate(tokens, weights, segments, acc):
-        (loss, n), grads = loss_and_grad(tokens, weights, segments)
+    def accumulate(acc, *arrays):
+        (loss, n, sums), grads = loss_and_grad(*arrays)
         if acc is not None:
             grads = tree_map(mx.add, acc, grads)
-        return loss, n, grads
+        return loss, n, sums, grads
 
     def update(grads, n):
         grads = tree_map(lambda g: (g / mx.maximum(n, 1)).astype(g.dtype), grads)
@@ -128,18 +135,26 @@ def make_step(
         update = partial(mx.compile, inputs=state, outputs=state)(update)
 
     def step(batches: Sequence[Batch]):
-        acc, loss, n, tokens = None, 0, 0, 0
+        acc, loss, n, tokens, sums = None, 0, 0, 0, 0
         for i, b in enumerate(batches):
-            part, count, acc = accumulate(b.tokens, b.weights, b.segments, acc)
+            part, count, part_sums, acc = accumulate(acc, *inputs(b, objective))
             loss, n, tokens = loss + part, n + count, tokens + (b.segments > 0).sum()
+            sums = sums + part_sums
             if i < len(batches) - 1:
-                mx.eval(acc, loss, n, tokens)  # one micro-batch's graph alive at a time
+                mx.eval(acc, loss, n, tokens, sums)  # one micro-batch's graph alive at a time
         if world.size > 1:  # one small all-reduce for the step's sums
-            sums = world.all_sum(mx.stack([loss, n, tokens]).astype(mx.float32))
-            loss, n, tokens = sums[0], sums[1], sums[2]
-        return loss, n, tokens, update(acc, n)
+            total = mx.concatenate([mx.stack([loss, n, tokens]).astype(mx.float32), sums])
+            total = world.all_sum(total)
+            loss, n, tokens, sums = total[0], total[1], total[2], total[3:]
+        return loss, n, tokens, update(acc, n), sums
 
     return step
+
+
+def inputs(b: Batch, objective: Objective | None) -> tuple[mx.array, ...]:
+    """The arrays of a batch the loss reads (a preference batch adds its reference scores)."""
+    arrays = (b.tokens, b.weights, b.segments)
+    return (*arrays, b.reference) if objective is not None else arrays
 
 
 def evaluate(
@@ -150,22 +165,29 @@ def evaluate(
     loss_chunk_size: int | None = None,
     packed: bool = False,
     world: World = SINGLE,
-) -> float:
-    """Mean loss per target token over (at most `max_batches` of) `batches`; under several
-    ranks each evaluates every W-th batch and the sums are gathered."""
+    objective: Objective | None = None,
+) -> tuple[float, dict[str, float]]:
+    """(mean loss per target token, or per pair for a preference `objective`, and the
+    objective's metrics) over (at most `max_batches` of) `batches`; under several ranks each
+    evaluates every W-th batch and the sums are gathered."""
     model.eval()
-    total, n = mx.array(0.0), mx.array(0.0)
+    total, n, sums = mx.array(0.0), mx.array(0.0), mx.array(0.0)
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         if i % world.size != world.rank:
             continue
-        loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
+        if objective is not None:
+            loss, count, part = batch_loss(model, objective, *inputs(b, objective))
+            sums = sums + part
+        else:
+            loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
         total, n = total + loss, n + count
-        mx.eval(total, n)
+        mx.eval(total, n, sums)
     model.train()
-    total, n = world.all_sum(total), world.all_sum(n)
-    return total.item() / max(n.item(), 1.0)
+    total, n, sums = world.all_sum(total), world.all_sum(n), world.all_sum(sums)
+    metrics = metrics_record(sums, n.item(), "val_") if objective is not None else {}
+    return total.item() / max(n.item(), 1.0), metrics
 
 
 @contextmanager
@@ -234,6 +256,7 @@ def train(
     valid: Callable[[], Iterable[Batch]] | None = None,
     on_checkpoint: Callable[[], None] = lambda: None,
     world: World = SINGLE,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train from `position` to `total_steps`, logging, evaluating and checkpointing.
 
@@ -253,6 +276,7 @@ def train(
         packed=packed,
         compile=t.compile,
         world=world,
+        objective=objective,
     )
     state = [model.state, optimizer.state, mx.random.state]
     batches = stream.iterate(position.epoch, position.batch)
@@ -273,8 +297,8 @@ def train(
         while position.step < total_steps:
             tic = time.perf_counter()
             epoch, index, micro = take_step(batches, t.grad_accumulation, world)
-            loss_sum, n, tokens, norm = step_fn(micro)
-            mx.eval(state, loss_sum, n, tokens, norm)
+            loss_sum, n, tokens, norm, sums = step_fn(micro)
+            mx.eval(state, loss_sum, n, tokens, norm, sums)
             seconds = time.perf_counter() - tic
             train_time += seconds
             loss = loss_sum.item() / max(n.item(), 1.0)
@@ -303,6 +327,8 @@ def train(
                 peaks = world.all_gather(mx.array([mx.get_peak_memory() / 1e9])).tolist()
                 record["peak_memory_gb"] = max(peaks)
                 record["rank_peak_memory_gb"] = peaks
+            if objective is not None:
+                record |= metrics_record(sums, n.item())
             if t.grad_clip is not None:
                 record["grad_norm"] = norm.item()
             if not math.isfinite(loss):
@@ -317,15 +343,17 @@ def train(
             last = position.step == total_steps
             every = evaluation.every
             if valid is not None and ((every and position.step % every == 0) or last):
-                val_loss = evaluate(
+                val_loss, val_metrics = evaluate(
                     model,
                     valid(),
                     max_batches=evaluation.batches,
                     loss_chunk_size=t.loss_chunk_size,
                     packed=packed,
                     world=world,
+                    objective=objective,
                 )
                 record["val_loss"] = val_loss
+                record |= val_metrics
                 mx.clear_cache()  # validation's buffers are not the training step's shapes
             if world.main:
                 run.log(record)

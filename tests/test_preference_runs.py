@@ -1,0 +1,254 @@
+"""Preference tuning end to end: the data format, recipe errors, the cached DPO reference, every
+method, exact resume after SIGKILL, and the `preference` evaluation task."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import SCHEDULED_RUN, assert_same_run, compiling_env, read_metrics, write_recipe
+from helpers import run_cli as mlxlocal
+from test_resume import KILLER
+
+from mlxlocal.data import DataSection, Pair, builtin_dataset, load_examples
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.models import load, load_tokenizer
+from mlxlocal.recipe import load_recipe
+
+ROWS = [json.loads(line) for line in builtin_dataset("polite-train.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:24]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mlx_checkpoints):
+    return load_tokenizer(mlx_checkpoints("llama"))
+
+
+def _load(tokenizer, path, **settings):
+    return load_examples(DataSection(train=str(path), **settings), tokenizer)
+
+
+def test_rows_become_pairs_with_the_loss_on_the_answers_only(tokenizer, tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "chosen": "Hello, how can I help?", "rejected": "What."},
+        {  # chat messages on both sides, as TRL's conversational format
+            "prompt": [{"role": "user", "content": "Say hi."}],
+            "chosen": [{"role": "assistant", "content": "Hello, how can I help?"}],
+            "rejected": [{"role": "assistant", "content": "What."}],
+        },
+    ]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv = tmp_path / "p.csv"  # other column names, mapped by data.fields
+    csv.write_text('question,good,bad\nSay hi.,"Hello, how can I help?",What.\n')
+    (a, b), report = _load(tokenizer, jsonl)
+    assert report.format == "preference" and report.examples == 2
+    (c,), _ = _load(
+        tokenizer, csv, fields={"prompt": "question", "chosen": "good", "rejected": "bad"}
+    )
+    assert a == b == c  # text and messages render alike, with the chat template
+    assert isinstance(a, Pair)
+    chosen, rejected = a.chosen, a.rejected
+    start = chosen.weights.index(1)
+    assert start == rejected.weights.index(1)  # the prompt ends where both answers start
+    assert chosen.tokens[:start] == rejected.tokens[:start]
+    assert chosen.tokens[start:] != rejected.tokens[start:]
+    answer = tokenizer.encode("Hello, how can I help?", add_special_tokens=False)
+    assert chosen.tokens[start : start + len(answer)] == answer
+    assert not any(chosen.weights[:start]) and all(chosen.weights[start : start + len(answer)])
+
+
+def test_bad_pairs_are_named_or_counted(tokenizer, tmp_path):
+    good = {"prompt": "Say hi.", "chosen": "Hello there.", "rejected": "No."}
+    rows = [
+        good,
+        {"prompt": "Say hi.", "chosen": "Hello there."},  # line 2: no rejected
+        {**good, "rejected": "Hello there."},  # line 3: the same answer twice
+        {**good, "prompt": "word " * 200},  # line 4: a prompt past max_length
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MlxLocalError, match=r"bad.jsonl:2: no 'rejected' field"):
+        _load(tokenizer, path, max_length=64)
+    pairs, report = _load(tokenizer, path, max_length=64, bad_lines="skip")
+    assert len(pairs) == 1
+    assert (report.bad_lines, report.identical, report.dropped) == (1, 1, 1)
+    assert any(n.startswith("bad.jsonl:3: dropped: chosen and rejected") for n in report.notes)
+    assert any(n.startswith("bad.jsonl:4: dropped: nothing to learn") for n in report.notes)
+    assert "1 identical" in report.summary()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.objective=dop", "'dop' is not allowed; did you mean dpo?"),
+        ("method.beta=0.2", "method.beta: applies to preference objectives"),
+        ("method.betta=0.2", "method.betta: unknown key; did you mean beta?"),
+        ("method.label_smoothing=0.7", "method.label_smoothing: input should be less than 0.5"),
+    ],
+)
+def test_recipe_mistakes_are_one_line(mlx_checkpoints, tmp_path, override, message):
+    recipe = write_recipe(tmp_path, mlx_checkpoints("llama"))
+    with pytest.raises(MlxLocalError, match=message.replace("?", r"\?")):
+        load_recipe(recipe, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.objective=orpo", "method.simpo_gamma=1"], "applies to objective simpo only"),
+        (["method.objective=dpo", "eval.task=classify", "eval.data=x.jsonl"], "task preference"),
+        (["method.objective=dpo", "data.packing=true"], "pairs are not packed"),
+    ],
+)
+def test_preference_settings_that_contradict_are_refused(
+    mlx_checkpoints, tmp_path, overrides, message
+):
+    recipe = write_recipe(tmp_path, mlx_checkpoints("llama"))
+    with pytest.raises(MlxLocalError, match=message):
+        load_recipe(recipe, overrides)
+
+
+def test_objective_and_data_must_agree(mlx_checkpoints, pairs_file, tmp_path):
+    model = mlx_checkpoints("llama")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    sft_on_pairs = write_recipe(tmp_path / "a", model, data__train=str(pairs_file))
+    done = mlxlocal("run", str(sft_on_pairs))
+    assert done.returncode == 1 and "set method.objective: dpo, orpo or simpo" in done.stderr
+    dpo_on_chat = write_recipe(tmp_path / "b", model, method__objective="dpo")
+    done = mlxlocal("run", str(dpo_on_chat))
+    assert done.returncode == 1 and "cannot train on chat data" in done.stderr
+
+
+def _recipe(folder, model, pairs_file, **overrides):
+    return write_recipe(
+        folder,
+        model,
+        data={"train": str(pairs_file), "valid": str(pairs_file), "max_length": 96},
+        training__steps=6,
+        training__batch_size=4,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("objective", "method", "quantize"),
+    [
+        ("dpo", {"type": "dora", "rank": 4}, None),
+        ("orpo", {"type": "full"}, None),
+        ("simpo", {"type": "lora", "rank": 4}, {"bits": 4, "group_size": 32}),  # QLoRA
+    ],
+)
+def test_every_objective_trains_every_method(
+    mlx_checkpoints, pairs_file, tmp_path, objective, method, quantize
+):
+    model = mlx_checkpoints("llama")
+    recipe = _recipe(
+        tmp_path,
+        model,
+        pairs_file,
+        method={**method, "objective": objective},
+        model__quantize=quantize,
+        eval={"task": "preference", "every": 3},
+        training__learning_rate=1e-3,
+    )
+    done = mlxlocal("run", str(recipe))
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for name in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+        assert all(np.isfinite(m[name]) for m in metrics)
+        assert "val_" + name in metrics[2] and "val_" + name in metrics[5]
+    assert (run / "reference-train.npz").exists() == (objective == "dpo")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"].endswith(objective)
+    scores = summary["evaluation"]
+    assert scores["task"] == "preference"
+    assert 0 <= scores["before"]["accuracy"] <= 1 and scores["after"]["examples"] == 24
+
+
+@pytest.fixture(scope="module")
+def dpo_recipe(mlx_checkpoints, pairs_file, tmp_path_factory):
+    """DPO with dropout (RNG), accumulation, warmup + cosine: all must resume exactly."""
+    return _recipe(
+        tmp_path_factory.mktemp("dpo"),
+        mlx_checkpoints("llama"),
+        pairs_file,
+        method={"type": "lora", "rank": 4, "dropout": 0.1, "objective": "dpo", "beta": 0.2},
+        training__grad_accumulation=2,
+        checkpoint__every=2,
+        **SCHEDULED_RUN,
+    )
+
+
+def test_the_reference_is_the_base_scored_once_and_cached(dpo_recipe, mlx_checkpoints, tokenizer):
+    from mlxlocal.train.preference import cached_reference, reference_logps
+
+    run = dpo_recipe.parent / "uninterrupted"
+    done = mlxlocal("run", str(dpo_recipe), f"output={run}")
+    assert done.returncode == 0, done.stderr
+    recipe = load_recipe(dpo_recipe)
+    pairs, _ = load_examples(recipe.data, tokenizer)
+    base, _ = load(mlx_checkpoints("llama"))  # no adapters: the reference
+    fresh = reference_logps(base, pairs, 3, 96)  # other batches, same scores
+    saved = np.load(run / "reference-train.npz")["logps"]
+    np.testing.assert_allclose(saved, fresh, atol=1e-4)
+    assert (saved[:, 0] != saved[:, 1]).all()
+    # A cache is used only for the pairs it was made for.
+    assert cached_reference(run, "train", None, pairs, 4, 96) is not None  # no model needed
+    other = pairs[:5]
+    again = cached_reference(run, "train", base, other, 4, 96)
+    np.testing.assert_allclose(again, fresh[:5], atol=1e-4)
+
+
+def test_a_killed_dpo_run_resumes_exactly_with_its_cached_reference(dpo_recipe, tmp_path):
+    uninterrupted = dpo_recipe.parent / "uninterrupted"
+    if not (uninterrupted / "summary.json").exists():
+        assert mlxlocal("run", str(dpo_recipe), f"output={uninterrupted}").returncode == 0
+    run = tmp_path / "run"
+    env = {**compiling_env(), "KILL_AT": "5", "KILL_MOMENT": "after-step"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "run", str(dpo_recipe), f"output={run}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    cache = run / "reference-train.npz"
+    made = cache.stat().st_mtime_ns
+    resumed = mlxlocal("run", str(dpo_recipe), f"output={run}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 4" in resumed.stdout
+    assert cache.stat().st_mtime_ns == made  # reused, not recomputed
+    assert_same_run(uninterrupted, run, 6)
+    for a, b in zip(read_metrics(uninterrupted), read_metrics(run), strict=True):
+        assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-6)
+
+
+def test_adapters_off_is_the_base(mlx_checkpoints, tokenizer, pairs_file):
+    from mlxlocal.adapters.layers import add_adapters
+    from mlxlocal.train.preference import adapters_off, reference_logps
+
+    pairs, _ = _load(tokenizer, pairs_file, max_length=96)
+    model, _ = load(mlx_checkpoints("llama"))
+    base = reference_logps(model, pairs[:6], 3, 96)
+    add_adapters(model, "dora", 4, 2.0, 0.0, ["self_attn.q_proj", "mlp.down_proj"], [0, 1])
+    q = model.layers[0].self_attn.q_proj
+    q.lora_b = q.lora_b + 0.5  # (B starts at zero) the adapters change the model
+    adapted = reference_logps(model, pairs[:6], 3, 96)
+    with adapters_off(model):
+        off = reference_logps(model, pairs[:6], 3, 96)
+    assert np.abs(adapted - base).max() > 1e-2
+    np.testing.assert_array_equal(off, base)
+    np.testing.assert_array_equal(reference_logps(model, pairs[:6], 3, 96), adapted)  # back on
