@@ -255,9 +255,7 @@ def test_recipes_cli_list_show_copy_validate(tmp_path):
     lines = listing.output.splitlines()
     assert lines[0].split() == ["NAME", "MEMORY", "PURPOSE"]
     assert {line.split()[0] for line in lines[1:]} == BUILTINS
-    assert re.search(
-        r"^qwen2.5-7b-qlora +\d+\.\d GiB +QLoRA on Qwen2.5 7B", listing.output, re.M
-    )
+    assert re.search(r"^qwen2.5-7b-qlora +\d+\.\d GiB +QLoRA on Qwen2.5 7B", listing.output, re.M)
     shown = runner.invoke(cli, ["recipes", "show", "tiny-lora"])
     assert shown.exit_code == 0 and shown.output.startswith("# purpose:")
     copied = runner.invoke(cli, ["recipes", "copy", "tiny-lora", str(tmp_path)])
