@@ -419,12 +419,11 @@ def dump_recipe(recipe: Recipe) -> str:
 class BuiltinRecipe:
     name: str
     purpose: str
-    memory: str
     path: Path
 
 
 def builtin_recipes() -> list[BuiltinRecipe]:
-    """The recipes installed with mlxlocal, with the purpose and memory their headers state."""
+    """The recipes installed with mlxlocal, with the purpose their headers state."""
     return [_describe_builtin(p) for p in sorted(builtin_dir("recipes").glob("*.yaml"))]
 
 
@@ -436,7 +435,7 @@ def _describe_builtin(path: Path) -> BuiltinRecipe:
         key, sep, value = line.lstrip("# ").partition(":")
         if sep:
             header.setdefault(key.strip().lower(), value.strip())
-    return BuiltinRecipe(path.stem, header.get("purpose", ""), header.get("memory", ""), path)
+    return BuiltinRecipe(path.stem, header.get("purpose", ""), path)
 
 
 def builtin_recipe_path(name: str, missing: str | None = None) -> Path:
@@ -467,11 +466,9 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
     return out
 
 
-def format_recipe_table(recipes: list[BuiltinRecipe], memory: dict[str, str] | None = None) -> str:
-    """NAME, MEMORY, PURPOSE columns; memory from `memory` (computed estimates by name), else
-    the header's up to its first parenthesis."""
-    memory = memory or {}
+def format_recipe_table(recipes: list[BuiltinRecipe], memory: dict[str, str]) -> str:
+    """NAME, MEMORY, PURPOSE columns; memory: the computed estimates by name."""
     rows = [("NAME", "MEMORY", "PURPOSE")]
-    rows += [(r.name, memory.get(r.name, r.memory.split(" (")[0]), r.purpose) for r in recipes]
+    rows += [(r.name, memory.get(r.name, "?"), r.purpose) for r in recipes]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)

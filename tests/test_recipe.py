@@ -220,7 +220,7 @@ def test_every_builtin_recipe_validates():
         job = name.removesuffix("-" + name.rsplit("-", 1)[1]) if name.endswith(TASKS) else name
         assert (r.eval.task is not None) == (job != name), name
         assert re.fullmatch(r"[a-z0-9.]+-[0-9.]+b|tiny|[a-z0-9.]+-mini", job.rsplit("-", 1)[0])
-        assert info.purpose and re.match(r"~\d+(\.\d+)? GB peak", info.memory), name
+        assert info.purpose, name
         assert job.endswith("qlora") == (r.model.quantize is not None)
         assert r.model.path == "builtin:tiny" if job == "tiny-lora" else REPO_ID.match(r.model.path)
         assert load_recipe(name) == r
