@@ -48,6 +48,7 @@ from .data import (
 from .errors import MlxLocalError
 from .generate import LoadedModel, as_loaded, generate
 from .progress import bar as progress_bar
+from .ranks import SINGLE, World
 
 HEADLINE = {
     "perplexity": "perplexity",
@@ -137,6 +138,7 @@ def evaluate(
     fields: dict[str, str] | None = None,
     encoding: str | None = None,
     note: Callable[[str], None] = lambda _: None,
+    world: World = SINGLE,
     **constraint: Any,
 ) -> EvalResult:
     """Score `model` (a folder or a `load_model()` result) on `data` for `task`.
@@ -146,7 +148,7 @@ def evaluate(
     the system prompt apply as in training). `note` hears how an ambiguous format was decided.
     For `generate`, a constraint (`choices`, `regex`, `json_schema`, `json_object`: see
     `generate.stream`) shapes every answer, and the metrics add the fraction that satisfied it
-    (`valid`).
+    (`valid`). Under several ranks (`world`), each scores its share and all get the whole result.
     """
     if task not in EVAL_TASKS:
         raise MlxLocalError(f"unknown task {task!r}; use one of: {', '.join(EVAL_TASKS)}")
@@ -165,25 +167,31 @@ def evaluate(
     lm.model.eval()
     try:
         if task == "perplexity":
-            return _perplexity(lm, section, limit, batch_size, note)
+            return _perplexity(lm, section, limit, batch_size, note, world)
         if task == "preference":
-            return _preference(lm, section, limit, batch_size, note)
+            return _preference(lm, section, limit, batch_size, note, world)
         samples = answered_samples(section, task, limit, note)
         if task == "classify":
-            return _classify(lm, section, samples, labels, batch_size)
-        return _generate(lm, section, samples, max_tokens, constraint)
+            return _classify(lm, section, samples, labels, batch_size, world)
+        return _generate(lm, section, samples, max_tokens, constraint, world)
     finally:
         lm.model.train(training)
 
 
 def answer_logprobs(
-    model: nn.Module, examples: Sequence[Example], batch_size: int, step: Callable = lambda: None
+    model: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int,
+    step: Callable = lambda: None,
+    world: World = SINGLE,
 ) -> list[tuple[float, int]]:
-    """(Σ log p, token count) over each example's weighted tokens, teacher-forced."""
+    """(Σ log p, token count) over each example's weighted tokens, teacher-forced; under several
+    ranks each scores every W-th batch and all get every score."""
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))  # less padding
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    for c in world.mine(len(chunks)):
+        chunk = chunks[c]
         longest = max(len(examples[i].tokens) for i in chunk)
         b = collate([[examples[i]] for i in chunk], longest)
         w = b.weights[:, 1:]
@@ -194,16 +202,25 @@ def answer_logprobs(
         for i, s, n in zip(chunk, sums.tolist(), counts.tolist(), strict=True):
             scores[i] = (s, int(n))
         step(len(chunk))
+    if world.size > 1:
+        mine = [i for c in world.mine(len(chunks)) for i in chunks[c]]
+        merged = world.merge(len(examples), mine, [list(scores[i]) for i in mine])
+        scores = [(s, int(n)) for s, n in merged]
     return scores
 
 
 def _perplexity(
-    lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
+    lm: LoadedModel,
+    section: DataSection,
+    limit,
+    batch_size: int,
+    note: Callable[[str], None],
+    world: World,
 ) -> EvalResult:
     examples, _ = load_examples(section, lm.tokenizer, "train", note)
     examples = [getattr(e, "chosen", e) for e in examples[:limit]]  # of pairs: the preferred
     with progress_bar("perplexity", len(examples), "ex") as bar:
-        scores = answer_logprobs(lm.model, examples, batch_size, bar.update)
+        scores = answer_logprobs(lm.model, examples, batch_size, bar.update, world)
     nll, tokens = -sum(s for s, _ in scores), sum(n for _, n in scores)
     metrics = {
         "examples": len(examples),
@@ -216,12 +233,17 @@ def _perplexity(
 
 
 def _preference(
-    lm: LoadedModel, section: DataSection, limit, batch_size: int, note: Callable[[str], None]
+    lm: LoadedModel,
+    section: DataSection,
+    limit,
+    batch_size: int,
+    note: Callable[[str], None],
+    world: World,
 ) -> EvalResult:
     pairs = preference_pairs(section, lm.tokenizer, note)[:limit]
     sides = [e for p in pairs for e in (p.chosen, p.rejected)]
     with progress_bar("preference", len(sides), "answers") as bar:
-        scores = answer_logprobs(lm.model, sides, batch_size, bar.update)
+        scores = answer_logprobs(lm.model, sides, batch_size, bar.update, world)
     margins = [scores[2 * i][0] - scores[2 * i + 1][0] for i in range(len(pairs))]
     metrics = {
         "examples": len(pairs),
@@ -284,7 +306,12 @@ def _with_answer(sample: Sample, answer: str) -> Sample:
 
 
 def _classify(
-    lm: LoadedModel, section: DataSection, samples: list[Sample], labels, batch_size: int
+    lm: LoadedModel,
+    section: DataSection,
+    samples: list[Sample],
+    labels,
+    batch_size: int,
+    world: World,
 ) -> EvalResult:
     gold = [str(s.messages[-1]["content"]).strip() for s in samples]
     labels = check_labels(lm.tokenizer, section.train, gold, labels)
@@ -298,7 +325,7 @@ def _classify(
     except BadRow as e:  # the chat template fails on a row
         raise MlxLocalError(f"{section.train}: {e}") from e
     with progress_bar("classify", len(candidates), "candidate") as bar:
-        scores = answer_logprobs(lm.model, candidates, batch_size, bar.update)
+        scores = answer_logprobs(lm.model, candidates, batch_size, bar.update, world)
     k = len(labels)
     examples, predicted = [], []
     for i, truth in enumerate(gold):
@@ -386,19 +413,24 @@ def _generate(
     samples: list[Sample],
     max_tokens: int,
     constraint: dict[str, Any],
+    world: World,
 ) -> EvalResult:
     import sacrebleu
 
     references = [str(s.messages[-1]["content"]).strip() for s in samples]
-    answers, examples = [], []
-    for sample, ref in zip(
-        progress_bar("generate", len(samples), "ex", samples), references, strict=True
-    ):
-        ids = prompt_ids(lm.tokenizer, sample)
-        result = generate(lm, ids, max_tokens=max_tokens, **constraint)
-        answer = result.text.strip()
-        answers.append(answer)
-        valid = {} if result.valid is None else {"valid": result.valid}
+    mine = list(world.mine(len(samples)))
+    answers, valid = [], []
+    for i in progress_bar("generate", len(mine), "ex", mine):
+        result = generate(
+            lm, prompt_ids(lm.tokenizer, samples[i]), max_tokens=max_tokens, **constraint
+        )
+        answers.append(result.text.strip())
+        valid.append([-1.0 if result.valid is None else float(result.valid)])
+    answers = world.merge_texts(len(samples), mine, answers)
+    flags = [None if v < 0 else bool(v) for (v,) in world.merge(len(samples), mine, valid)]
+    examples = []
+    for sample, ref, answer, ok in zip(samples, references, answers, flags, strict=True):
+        checked = {} if ok is None else {"valid": ok}
         examples.append(
             {
                 "prompt": sample.messages[-2]["content"],
@@ -406,7 +438,7 @@ def _generate(
                 "answer": answer,
                 "exact_match": answer == ref,
                 "chrf": sacrebleu.sentence_chrf(answer, [ref]).score,
-                **valid,
+                **checked,
             }
         )
     metrics = {
@@ -430,8 +462,11 @@ def write_results(result: EvalResult | dict, out: str | Path, force: bool = Fals
     return out
 
 
-def evaluate_recipe(recipe, model, tokenizer, path: Path, when: str, echo) -> EvalResult | None:
-    """The recipe's task evaluation (its `eval` section) of an in-memory model, or None."""
+def evaluate_recipe(
+    recipe, model, tokenizer, path: Path, when: str, echo, world: World = SINGLE
+) -> EvalResult | None:
+    """The recipe's task evaluation (its `eval` section) of an in-memory model, or None; under
+    several ranks each scores its share."""
     e = recipe.eval
     if e.task is None:
         return None
@@ -440,7 +475,7 @@ def evaluate_recipe(recipe, model, tokenizer, path: Path, when: str, echo) -> Ev
     data = recipe.data.model_copy(update={"train": e.data or recipe.data.valid})
     echo(f"evaluating {e.task} {when} on {data.train}")
     lm = LoadedModel(model, tokenizer, context_length(read_config(path)), path)
-    return evaluate(lm, data, e.task, labels=e.labels, limit=e.limit)
+    return evaluate(lm, data, e.task, labels=e.labels, limit=e.limit, world=world)
 
 
 METRICS_SHOWN = {

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from helpers import CLI, assert_same_run, compiling_env, read_metrics, run_cli, 
 from serving import loopback_only as no_network  # noqa: F401 - replaces conftest's fixture
 
 from mlxlocal.cli import cli
-from mlxlocal.train.distributed import World, rank_share, take_step
+from mlxlocal.ranks import World
+from mlxlocal.train.distributed import rank_share, take_step
 from mlxlocal.train.launch import Outcome
 
 STEPS = 6
@@ -34,6 +36,10 @@ RECIPE = {
     "checkpoint__every": 2,
     "data__valid_fraction": 0.2,
     "eval__every": 3,
+    # The before/after task scores, split over the ranks and gathered.
+    "eval__task": "perplexity",
+    "eval__data": "builtin:tiny-chat.jsonl",
+    "eval__limit": 7,
 }
 
 
@@ -120,6 +126,11 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(one_process, 
         np.testing.assert_allclose(np.array(ours[name]), np.array(value), atol=1e-5)
     summary = json.loads((two_ranks / "summary.json").read_text())
     assert summary["world_size"] == 2
+    theirs = json.loads((one_process / "evaluation.json").read_text())
+    ours = json.loads((two_ranks / "evaluation.json").read_text())
+    for when in ("before", "after"):
+        assert ours[when]["metrics"]["examples"] == theirs[when]["metrics"]["examples"] == 7
+        assert ours[when]["metrics"]["nll"] == pytest.approx(theirs[when]["metrics"]["nll"], 1e-5)
     assert json.loads((two_ranks / f"step-{STEPS}" / "state.json").read_text())["world_size"] == 2
 
 
@@ -230,3 +241,58 @@ def test_full_fine_tuning_and_qlora_train_alike_on_two_ranks(tiny, tmp_path, com
     ours = mx.load(str(tmp_path / "two" / "run" / "adapters" / "adapters.safetensors"))
     for name, value in theirs.items():
         np.testing.assert_allclose(np.array(ours[name]), np.array(value), atol=1e-5)
+
+
+SCORER = """
+import json, sys
+from mlxlocal.evaluate import evaluate
+from mlxlocal.generate import load_model
+from mlxlocal.ranks import init
+
+world = init()
+lm = load_model(sys.argv[1])
+out = {
+    "world": [world.rank, world.size],
+    "classify": evaluate(lm, "builtin:sentiment-test.jsonl", "classify", limit=7, batch_size=2,
+                         world=world).to_json(),
+    "generate": evaluate(lm, "builtin:tiny-chat.jsonl", "generate", limit=5, max_tokens=6,
+                         world=world).to_json(),
+}
+with open(sys.argv[2] + f"-{world.rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_task_scores_are_split_over_ranks_and_every_rank_gets_them_whole(tiny, tmp_path):
+    from mlxlocal.evaluate import evaluate
+    from mlxlocal.generate import load_model
+    from mlxlocal.train.launch import launch_command
+
+    script = tmp_path / "score.py"
+    script.write_text(SCORER)
+    command = launch_command([], 2, None)
+    command = command[: command.index("--") + 1]
+    command += [sys.executable, str(script), str(tiny), str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lm = load_model(tiny)
+    alone = {
+        "classify": evaluate(
+            lm, "builtin:sentiment-test.jsonl", "classify", limit=7, batch_size=2
+        ).to_json(),
+        "generate": evaluate(
+            lm, "builtin:tiny-chat.jsonl", "generate", limit=5, max_tokens=6
+        ).to_json(),
+    }
+    for rank in (0, 1):
+        ranked = json.loads((tmp_path / f"out-{rank}.json").read_text())
+        assert ranked["world"] == [rank, 2]
+        # 7 examples × 2 labels in batches of 2: 7 batches, 4 on rank 0 and 3 on rank 1.
+        c, a = ranked["classify"], alone["classify"]
+        assert [e["predicted"] for e in c["examples"]] == [e["predicted"] for e in a["examples"]]
+        for mine, theirs in zip(c["examples"], a["examples"], strict=True):
+            for label, value in theirs["log_likelihoods"].items():
+                assert mine["log_likelihoods"][label] == pytest.approx(value, abs=1e-5)
+        assert c["metrics"]["confusion"] == a["metrics"]["confusion"]
+        # Generated text (bytes gathered) comes back whole and in order.
+        assert ranked["generate"]["examples"] == alone["generate"]["examples"]

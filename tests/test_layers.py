@@ -39,6 +39,7 @@ LAYERS: dict[str, list[str]] = {
     "mid": ["recipe", "data", "decoding", "choices", "constraints"],
     "core": [
         "models",
+        "ranks",  # mx.distributed: training and evaluation share ranks
         "rope",  # rotary embeddings models.own_rope puts into mlx-lm's models
         "sources",
         "tiny",  # the built-in model: a source like the Hub, built by sources.builtin_model

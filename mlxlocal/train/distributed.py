@@ -9,56 +9,11 @@ is the one a single process makes on the whole global batch. Rank 0 alone writes
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_map
+from ..ranks import World
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks (size 1 when not launched by `mlx.launch`)."""
-
-    rank: int = 0
-    size: int = 1
-    group: Any = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, x: mx.array) -> mx.array:
-        return x if self.size == 1 else mx.distributed.all_sum(x, group=self.group)
-
-    def all_gather(self, x: mx.array) -> mx.array:
-        return x if self.size == 1 else mx.distributed.all_gather(x, group=self.group)
-
-    def sum_gradients(self, grads: Any) -> Any:
-        """Σ over ranks of `grads`, in a few large all-reduces (`nn.average_gradients` × W)."""
-        if self.size == 1:
-            return grads
-        scaled = tree_map(lambda g: g * self.size, grads)
-        return nn.average_gradients(scaled, group=self.group)
-
-    def barrier(self) -> None:
-        """Wait until every rank gets here (rank 0 has written what the others read)."""
-        if self.size > 1:
-            mx.eval(self.all_sum(mx.array(1.0)))
-
-
-SINGLE = World()
-
-
-def init() -> World:
-    """The world this process runs in; `mx.distributed.init()` once, as MLX asks."""
-    group = mx.distributed.init()
-    if group.size() == 1:
-        return SINGLE
-    return World(group.rank(), group.size(), group)
 
 
 def rank_share(count: int, rank: int, size: int) -> list[int]:

@@ -31,6 +31,7 @@ from ..errors import MlxLocalError
 from ..evaluate import EvalResult, evaluate_recipe, side_by_side
 from ..models import load, load_tokenizer, read_config
 from ..quant_plan import DEFAULT_KEEP_HIGH, KEEP, check_spec, plan_layers
+from ..ranks import World, init
 from ..recipe import Quantize, Recipe, dump_recipe
 from ..resources import family_spec
 from ..sources import resolve_source
@@ -43,7 +44,6 @@ from .checkpoints import (
     rng_key,
     write_text_atomic,
 )
-from .distributed import World, init
 from .loss import check_output_head
 from .optim import build_optimizer
 from .preference import Objective, cached_reference, with_reference
@@ -281,12 +281,7 @@ def _run(
     else:
         world.barrier()
         model, tokenizer, base = load_base(recipe, run.path, echo)
-    # The task evaluation runs on rank 0 (the others wait for it at the first all-reduce).
-    before = (
-        evaluate_recipe(recipe, model, tokenizer, base, "before training", echo)
-        if world.main
-        else None
-    )
+    before = evaluate_recipe(recipe, model, tokenizer, base, "before training", echo, world)
     if t.loss_chunk_size is not None:
         check_output_head(model)
     d = recipe.data
@@ -348,6 +343,10 @@ def _run(
         objective=objective,
     )
     parameters = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if world.main:
+        with atomic_directory(run.path / "adapters", force=True) as tmp:
+            save_adapters(model, tmp, config)
+    after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo, world)
     if not world.main:
         return RunSummary(
             output=run.path,
@@ -361,9 +360,6 @@ def _run(
             world_size=world.size,
             rank=world.rank,
         )
-    with atomic_directory(run.path / "adapters", force=True) as tmp:
-        save_adapters(model, tmp, config)
-    after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo)
     if after is not None:
         record = {"before": before.to_json(), "after": after.to_json()}
         write_text_atomic(run.path / "evaluation.json", strict_dumps(record, indent=2))

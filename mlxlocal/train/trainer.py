@@ -29,9 +29,10 @@ from mlx.utils import tree_map
 from ..errors import MlxLocalError
 from ..progress import LineProgress
 from ..progress import bar as progress_bar
+from ..ranks import SINGLE, World
 from ..recipe import CheckpointSection, EvalSection, TrainingSection
 from .checkpoints import Position, RunDir, rng_key
-from .distributed import SINGLE, World, take_step
+from .distributed import take_step
 from .loss import loss_sums
 from .preference import Objective, batch_loss, metrics_record
 
