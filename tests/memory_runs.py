@@ -74,8 +74,7 @@ def measured_peak(config: dict[str, Any], recipe: Recipe, steps: int = 2) -> int
                 )
                 for k in range(t.grad_accumulation)
             ]
-            loss, n, tokens, norm = step(micro)
-            mx.eval(state, loss, n, tokens, norm)
+            mx.eval(state, *step(micro))
     peak = mx.get_peak_memory()
     del model, optimizer, step, state
     mx.clear_cache()
