@@ -347,22 +347,6 @@ def _run(
         with atomic_directory(run.path / "adapters", force=True) as tmp:
             save_adapters(model, tmp, config)
     after = evaluate_recipe(recipe, model, tokenizer, base, "after training", echo, world)
-    if not world.main:
-        return RunSummary(
-            output=run.path,
-            adapters=run.path / "adapters",
-            method=recipe.method.type,
-            total_steps=total_steps,
-            resumed_from=resumed_from,
-            training=result,
-            trainable_parameters=parameters,
-            parameters=get_total_parameters(model),
-            world_size=world.size,
-            rank=world.rank,
-        )
-    if after is not None:
-        record = {"before": before.to_json(), "after": after.to_json()}
-        write_text_atomic(run.path / "evaluation.json", strict_dumps(record, indent=2))
     summary = RunSummary(
         output=run.path,
         adapters=run.path / "adapters",
@@ -374,11 +358,16 @@ def _run(
         trainable_parameters=parameters,
         parameters=get_total_parameters(model),
         world_size=world.size,
-        data=[report.summary()] + ([valid_report.summary()] if valid_examples else []),
-        before=before,
-        after=after,
-        next=next_commands(recipe, base, run.path),
+        rank=world.rank,
     )
+    if not world.main:
+        return summary  # rank 0 writes and reports the run
+    if after is not None:
+        record = {"before": before.to_json(), "after": after.to_json()}
+        write_text_atomic(run.path / "evaluation.json", strict_dumps(record, indent=2))
+    summary.data = [report.summary()] + ([valid_report.summary()] if valid_examples else [])
+    summary.before, summary.after = before, after
+    summary.next = next_commands(recipe, base, run.path)
     write_text_atomic(run.path / "summary.json", strict_dumps(summary.to_json(), indent=2))
     summary.report = refresher.final()  # after summary.json: the page says "finished"
     return summary
