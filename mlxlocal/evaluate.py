@@ -166,10 +166,8 @@ def evaluate(
     training = lm.model.training
     lm.model.eval()
     try:
-        if task == "perplexity":
-            return _perplexity(lm, section, limit, batch_size, note, world)
-        if task == "preference":
-            return _preference(lm, section, limit, batch_size, note, world)
+        if task in ("perplexity", "preference"):
+            return _answer_scores(lm, section, task, limit, batch_size, note, world)
         samples = answered_samples(section, task, limit, note)
         if task == "classify":
             return _classify(lm, section, samples, labels, batch_size, world)
@@ -209,51 +207,51 @@ def answer_logprobs(
     return scores
 
 
-def _perplexity(
+def _answer_scores(
     lm: LoadedModel,
     section: DataSection,
+    task: str,
     limit,
     batch_size: int,
     note: Callable[[str], None],
     world: World,
 ) -> EvalResult:
-    examples, _ = load_examples(section, lm.tokenizer, "train", note)
-    examples = [getattr(e, "chosen", e) for e in examples[:limit]]  # of pairs: the preferred
-    with progress_bar("perplexity", len(examples), "ex") as bar:
-        scores = answer_logprobs(lm.model, examples, batch_size, bar.update, world)
+    """perplexity and preference: the answers' teacher-forced log-probabilities, summed up."""
+    if task == "preference":
+        pairs = preference_pairs(section, lm.tokenizer, note)[:limit]
+        answers, unit = [e for p in pairs for e in (p.chosen, p.rejected)], "answers"
+    else:
+        examples, _ = load_examples(section, lm.tokenizer, "train", note)  # of pairs: the chosen
+        answers, unit = [getattr(e, "chosen", e) for e in examples[:limit]], "ex"
+    with progress_bar(task, len(answers), unit) as bar:
+        scores = answer_logprobs(lm.model, answers, batch_size, bar.update, world)
+    summed = _preference_metrics if task == "preference" else _perplexity_metrics
+    return EvalResult(task, section.train, *summed(scores))
+
+
+def _perplexity_metrics(scores: list[tuple[float, int]]) -> tuple[dict, list[dict]]:
+    """exp of the mean NLL per answer token; each example's NLL."""
     nll, tokens = -sum(s for s, _ in scores), sum(n for _, n in scores)
     metrics = {
-        "examples": len(examples),
+        "examples": len(scores),
         "tokens": tokens,
         "nll": nll / tokens,
         "perplexity": math.exp(nll / tokens),
     }
-    per_example = [{"nll": -s / max(n, 1), "tokens": n} for s, n in scores]
-    return EvalResult("perplexity", section.train, metrics, per_example)
+    return metrics, [{"nll": -s / max(n, 1), "tokens": n} for s, n in scores]
 
 
-def _preference(
-    lm: LoadedModel,
-    section: DataSection,
-    limit,
-    batch_size: int,
-    note: Callable[[str], None],
-    world: World,
-) -> EvalResult:
-    pairs = preference_pairs(section, lm.tokenizer, note)[:limit]
-    sides = [e for p in pairs for e in (p.chosen, p.rejected)]
-    with progress_bar("preference", len(sides), "answers") as bar:
-        scores = answer_logprobs(lm.model, sides, batch_size, bar.update, world)
-    margins = [scores[2 * i][0] - scores[2 * i + 1][0] for i in range(len(pairs))]
+def _preference_metrics(scores: list[tuple[float, int]]) -> tuple[dict, list[dict]]:
+    """Of (chosen, rejected) scores in turn: how often and by how much the chosen wins."""
+    chosen, rejected = [s for s, _ in scores[::2]], [s for s, _ in scores[1::2]]
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     metrics = {
-        "examples": len(pairs),
-        "accuracy": sum(m > 0 for m in margins) / len(pairs),
-        "margin": sum(margins) / len(pairs),
+        "examples": len(margins),
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "margin": sum(margins) / len(margins),
     }
-    per_example = [
-        {"chosen": scores[2 * i][0], "rejected": scores[2 * i + 1][0]} for i in range(len(pairs))
-    ]
-    return EvalResult("preference", section.train, metrics, per_example)
+    per_example = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected, strict=True)]
+    return metrics, per_example
 
 
 def preference_pairs(section: DataSection, tokenizer, note: Callable[[str], None]) -> list:

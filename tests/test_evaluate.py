@@ -77,6 +77,28 @@ def test_perplexity_is_exp_of_the_mean_answer_token_nll(tiny_lm, tmp_path):
     assert result.metrics["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
 
 
+def test_preference_scores_both_answers_and_counts_the_chosen_wins(tiny_lm, tmp_path):
+    pairs = [(p, c, "No.") for p, c in ROWS[:3]]
+    pairs += [(p, r, c) for p, c, r in pairs]  # each pair swapped: exactly half are won
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = evaluate(tiny_lm, data, "preference", batch_size=4)
+    direct = [
+        (answer_logprob(tiny_lm, p, c)[0], answer_logprob(tiny_lm, p, r)[0]) for p, c, r in pairs
+    ]
+    for (chosen, rejected), example in zip(direct, result.examples, strict=True):
+        assert example == pytest.approx({"chosen": chosen, "rejected": rejected}, abs=1e-4)
+    assert all(abs(c - r) > 1e-3 for c, r in direct)  # no ties: each pair is won or lost
+    expected = {"examples": 6, "accuracy": 0.5, "margin": 0.0}
+    assert result.metrics == pytest.approx(expected, abs=1e-4)
+    margins = [c - r for c, r in direct[:3]]  # the first three alone: not symmetric
+    wins = sum(m > 0 for m in margins)
+    expected = {"examples": 3, "accuracy": wins / 3, "margin": sum(margins) / 3}
+    first = evaluate(tiny_lm, data, "preference", limit=3)
+    assert first.metrics == pytest.approx(expected, abs=1e-4)
+
+
 def test_generate_compares_greedy_answers_with_references(tiny_lm, tmp_path):
     prompts = [p for p, _ in ROWS[:2]]
     own = generate(tiny_lm, prompts[0], max_tokens=8).text.strip()
