@@ -350,11 +350,12 @@ def objective_parts(recipe: Recipe, shape: Shape) -> list[Part]:
 def training_estimate(recipe: Recipe, config: dict[str, Any], dtype: str | None = None) -> Estimate:
     """Peak memory of `run` for `recipe` on the model `config` describes."""
     from .adapters.layers import adapter_keys, default_modules, resolve_layers
+    from .checkpoint.dtypes import compute_dtype
     from .resources import family_spec
 
     shape = model_shape(config)
     m, t, d = recipe.method, recipe.training, recipe.data
-    dtype = dtype or _compute_dtype(recipe.model.dtype)
+    dtype = dtype or compute_dtype(recipe.model.dtype)
     b = dtype_bytes(dtype)
     q = config.get("quantization") or (
         recipe.model.quantize.model_dump() if recipe.model.quantize else None
@@ -443,12 +444,6 @@ def _adapter_activations(
         extra += w.inputs * b if dropout else 0
         extra += w.outputs * b if kind == "dora" else 0
     return extra
-
-
-def _compute_dtype(name: str) -> str:
-    from .train.run import compute_dtype
-
-    return compute_dtype(name)
 
 
 # --- inference ----------------------------------------------------------------------------------

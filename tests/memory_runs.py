@@ -16,11 +16,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlocal.checkpoint.dtypes import DTYPES
+from mlxlocal.checkpoint.dtypes import DTYPES, compute_dtype
 from mlxlocal.models import model_classes
 from mlxlocal.recipe import Recipe
 from mlxlocal.train.optim import build_optimizer
-from mlxlocal.train.run import compute_dtype, prepare_method, quantize_for_training
+from mlxlocal.train.run import prepare_method, quantize_for_training
 from mlxlocal.train.trainer import gradient_checkpointing, make_step
 
 

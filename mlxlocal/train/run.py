@@ -24,7 +24,7 @@ from ..adapters.layers import (
     save_adapters,
 )
 from ..checkpoint.atomic import atomic_directory
-from ..checkpoint.dtypes import DTYPES
+from ..checkpoint.dtypes import DTYPES, compute_dtype
 from ..checkpoint.jsonout import strict_dumps
 from ..convert import convert
 from ..errors import MlxLocalError
@@ -108,14 +108,6 @@ class RunSummary:
             "evaluation": scores,
             "world_size": self.world_size,
         }
-
-
-def compute_dtype(name: str) -> str:
-    """`auto`: float32 on MLX's CPU back end (the fast dtype there), bfloat16 on Metal/CUDA."""
-    if name != "auto":
-        return name
-    gpu = mx.metal.is_available() or mx.cuda.is_available()
-    return "bfloat16" if gpu else "float32"
 
 
 def load_base(recipe: Recipe, run_dir: Path, echo: Callable[[str], None]) -> tuple[Any, Any, Path]:
