@@ -103,19 +103,28 @@ def _padded(tokens: list, types: list, rows: int) -> None:
         types.append(T.UNUSED)
 
 
-def _bpe(writer, data: dict, rows: int, warnings: list[str]) -> tuple[list[str], list[int]]:
+def _vocabulary(data: dict, byte_pieces: bool) -> tuple[list[str], list]:
+    """tokenizer.json's vocabulary and added tokens by id, with their token types (an id no
+    token has: an unused `[PADn]`); `byte_pieces`: `<0xNN>` pieces are bytes (SentencePiece's
+    byte fallback)."""
     model = data["model"]
-    pre = _pre_tokenizer_name(data.get("pre_tokenizer"), warnings)
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     size = max([*model["vocab"].values(), *added, -1]) + 1
     tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
     types = [T.UNUSED] * size
     for token, i in model["vocab"].items():
-        tokens[i], types[i] = token, T.NORMAL
+        byte = byte_pieces and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        tokens[i], types[i] = token, T.BYTE if byte else T.NORMAL
     for i, t in added.items():
         tokens[i], types[i] = t["content"], T.CONTROL if t.get("special") else T.USER_DEFINED
+    return tokens, types
+
+
+def _bpe(writer, data: dict, rows: int, warnings: list[str]) -> tuple[list[str], list[int]]:
+    pre = _pre_tokenizer_name(data.get("pre_tokenizer"), warnings)
+    tokens, types = _vocabulary(data, byte_pieces=False)
     _padded(tokens, types, rows)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -210,15 +219,7 @@ def _sentencepiece_json(writer, data: dict, rows: int):
     order the BPE merges give (llama.cpp's own converter writes -1000 for every piece).
     """
     model = data["model"]
-    added = {t["id"]: t for t in data.get("added_tokens", [])}
-    size = max([*model["vocab"].values(), *added, -1]) + 1
-    tokens: list[str] = [f"[PAD{i}]" for i in range(size)]
-    types = [T.UNUSED] * size
-    for token, i in model["vocab"].items():
-        byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
-        tokens[i], types[i] = token, T.BYTE if byte else T.NORMAL
-    for i, t in added.items():
-        tokens[i], types[i] = t["content"], T.CONTROL if t.get("special") else T.USER_DEFINED
+    tokens, types = _vocabulary(data, byte_pieces=True)
     unk = model.get("unk_token")
     if unk in model["vocab"]:
         types[model["vocab"][unk]] = T.UNKNOWN
