@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,63 @@ def run_cli(*args, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, env={**compiling_env(), **env}
     )
+
+
+def finished_run(recipe: Path, run: Path | None = None, *args: str) -> subprocess.CompletedProcess:
+    """`mlxlocal run RECIPE [output=RUN] ARGS…` in a child (see `run_cli`), which must succeed."""
+    done = run_cli("run", str(recipe), *([f"output={run}"] if run else []), *args)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def uninterrupted_run(recipe: Path) -> Path:
+    """The reference a stopped run of `recipe` is compared with: it, run to the end once (in
+    `recipe`'s folder)."""
+    run = recipe.parent / "uninterrupted"
+    if not (run / "summary.json").exists():
+        finished_run(recipe, run)
+    return run
+
+
+# Runs the real CLI in a child that SIGKILLs itself at a chosen moment of step KILL_AT.
+KILLER = """
+import os, signal, sys
+from mlxlocal.train import checkpoints
+
+kill_at, moment = int(os.environ["KILL_AT"]), os.environ["KILL_MOMENT"]
+write_adapters, log = checkpoints.save_adapters, checkpoints.RunDir.log
+
+def mid_checkpoint(model, out, config):  # step-N/ is half-written when this kill lands
+    write_adapters(model, out, config)
+    if f"step-{kill_at}." in out.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def after_step(self, record):
+    log(self, record)
+    if record["step"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if moment == "mid-checkpoint":
+    checkpoints.save_adapters = mid_checkpoint
+else:
+    checkpoints.RunDir.log = after_step
+from mlxlocal.cli import main
+sys.argv = ["mlxlocal", *sys.argv[1:]]
+main()
+"""
+
+
+def killed_run(recipe: Path, run: Path, kill_at: int, moment: str = "after-step") -> None:
+    """`mlxlocal run RECIPE output=RUN` SIGKILLed at `moment` of step `kill_at`: after it
+    (its metrics line written) or while its checkpoint is half-written (`mid-checkpoint`)."""
+    env = {**compiling_env(), "KILL_AT": str(kill_at), "KILL_MOMENT": moment}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "run", str(recipe), f"output={run}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
 def read_metrics(run: Path) -> list[dict]:

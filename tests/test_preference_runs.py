@@ -4,15 +4,19 @@ method, exact resume after SIGKILL, and the `preference` evaluation task."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import SCHEDULED_RUN, assert_same_run, compiling_env, read_metrics, write_recipe
+from helpers import (
+    SCHEDULED_RUN,
+    assert_same_run,
+    finished_run,
+    killed_run,
+    read_metrics,
+    uninterrupted_run,
+    write_recipe,
+)
 from helpers import run_cli as mlxlocal
-from test_resume import KILLER
 
 from mlxlocal.data import DataSection, Pair, builtin_dataset, load_examples
 from mlxlocal.errors import MlxLocalError
@@ -162,8 +166,7 @@ def test_every_objective_trains_every_method(
         eval={"task": "preference", "every": 3},
         training__learning_rate=1e-3,
     )
-    done = mlxlocal("run", str(recipe))
-    assert done.returncode == 0, done.stderr
+    finished_run(recipe)
     run = tmp_path / "run"
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -195,9 +198,7 @@ def dpo_recipe(mlx_checkpoints, pairs_file, tmp_path_factory):
 def test_the_reference_is_the_base_scored_once_and_cached(dpo_recipe, mlx_checkpoints, tokenizer):
     from mlxlocal.train.preference import cached_reference, reference_logps
 
-    run = dpo_recipe.parent / "uninterrupted"
-    done = mlxlocal("run", str(dpo_recipe), f"output={run}")
-    assert done.returncode == 0, done.stderr
+    run = uninterrupted_run(dpo_recipe)
     recipe = load_recipe(dpo_recipe)
     pairs, _ = load_examples(recipe.data, tokenizer)
     base, _ = load(mlx_checkpoints("llama"))  # no adapters: the reference
@@ -213,22 +214,12 @@ def test_the_reference_is_the_base_scored_once_and_cached(dpo_recipe, mlx_checkp
 
 
 def test_a_killed_dpo_run_resumes_exactly_with_its_cached_reference(dpo_recipe, tmp_path):
-    uninterrupted = dpo_recipe.parent / "uninterrupted"
-    if not (uninterrupted / "summary.json").exists():
-        assert mlxlocal("run", str(dpo_recipe), f"output={uninterrupted}").returncode == 0
+    uninterrupted = uninterrupted_run(dpo_recipe)
     run = tmp_path / "run"
-    env = {**compiling_env(), "KILL_AT": "5", "KILL_MOMENT": "after-step"}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLER, "run", str(dpo_recipe), f"output={run}"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_run(dpo_recipe, run, 5)
     cache = run / "reference-train.npz"
     made = cache.stat().st_mtime_ns
-    resumed = mlxlocal("run", str(dpo_recipe), f"output={run}", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = finished_run(dpo_recipe, run, "--resume")
     assert "resumed at step 4" in resumed.stdout
     assert cache.stat().st_mtime_ns == made  # reused, not recomputed
     assert_same_run(uninterrupted, run, 6)

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
-from helpers import CLI, compiling_env, read_metrics, run_cli, write_recipe
+from helpers import CLI, compiling_env, finished_run, read_metrics, write_recipe
 from serving import loopback_only as no_network  # noqa: F401 - chromedriver is on loopback
 
 from mlxlocal.cli import cli
@@ -49,9 +49,7 @@ def finished(mlx_checkpoints, tmp_path_factory):
         training__grad_clip=CLIP,
         checkpoint__every=2,
     )
-    done = run_cli("run", str(recipe))
-    assert done.returncode == 0, done.stderr
-    return folder / "run", done.stdout.splitlines()
+    return folder / "run", finished_run(recipe).stdout.splitlines()
 
 
 def invoke(*args):

@@ -4,42 +4,19 @@ Every run here compiles its training step (`mx.compile`), as users' runs do."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-
 import pytest
-from helpers import SCHEDULED_RUN, assert_same_run, compiling_env, read_metrics, write_recipe
+from helpers import (
+    SCHEDULED_RUN,
+    assert_same_run,
+    finished_run,
+    killed_run,
+    read_metrics,
+    uninterrupted_run,
+    write_recipe,
+)
 from helpers import run_cli as mlxlocal
 
 from mlxlocal.recipe import dump_recipe, load_recipe
-
-# Runs the real CLI in a child that SIGKILLs itself at a chosen moment of step KILL_AT.
-KILLER = """
-import os, signal, sys
-from mlxlocal.train import checkpoints
-
-kill_at, moment = int(os.environ["KILL_AT"]), os.environ["KILL_MOMENT"]
-write_adapters, log = checkpoints.save_adapters, checkpoints.RunDir.log
-
-def mid_checkpoint(model, out, config):  # step-N/ is half-written when this kill lands
-    write_adapters(model, out, config)
-    if f"step-{kill_at}." in out.name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-def after_step(self, record):
-    log(self, record)
-    if record["step"] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-if moment == "mid-checkpoint":
-    checkpoints.save_adapters = mid_checkpoint
-else:
-    checkpoints.RunDir.log = after_step
-from mlxlocal.cli import main
-sys.argv = ["mlxlocal", *sys.argv[1:]]
-main()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +36,7 @@ def recipe(mlx_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(recipe):
-    run = recipe.parent / "uninterrupted"
-    done = mlxlocal("run", str(recipe), f"output={run}")
-    assert done.returncode == 0, done.stderr
-    return run
+    return uninterrupted_run(recipe)
 
 
 @pytest.mark.parametrize(("moment", "kill_at", "resumes_at"), [
@@ -71,14 +45,7 @@ def uninterrupted(recipe):
 ])  # fmt: skip
 def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, kill_at, resumes_at):
     run = tmp_path / "run"
-    env = {**compiling_env(), "KILL_AT": str(kill_at), "KILL_MOMENT": moment}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLER, "run", str(recipe), f"output={run}"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_run(recipe, run, kill_at, moment)
     assert (run / "latest").read_text() == f"step-{resumes_at}"
     assert not (run / f"step-{kill_at}").exists() or moment == "after-step"
     for ckpt in run.glob("step-*"):  # every checkpoint is whole
@@ -90,8 +57,7 @@ def test_a_killed_run_resumes_exactly(recipe, uninterrupted, tmp_path, moment, k
         }
     assert read_metrics(run)[-1]["step"] == kill_at
 
-    resumed = mlxlocal("run", str(recipe), f"output={run}", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = finished_run(recipe, run, "--resume")
     assert f"resumed at step {resumes_at}" in resumed.stdout
     assert not list(run.glob(".*tmp*"))  # the half-written checkpoint was swept away
 
@@ -124,8 +90,7 @@ def test_a_failed_attempt_is_replaced_by_the_corrected_run(recipe, tmp_path):
     assert failed.returncode == 1 and "missing.jsonl" in failed.stderr
     assert (run / "recipe.yaml").exists() and (run / "mine.txt").write_text("keep") == 4
     (run / "step-99").mkdir()  # torn: no state.json, no `latest`
-    corrected = mlxlocal("run", str(recipe), f"output={run}", "training.steps=4")
-    assert corrected.returncode == 0, corrected.stderr
+    corrected = finished_run(recipe, run, "training.steps=4")
     notes = [line for line in corrected.stderr.splitlines() if "failed attempt" in line]
     assert len(notes) == 1 and "data.train" in notes[0] and str(run) in notes[0]
     assert (run / "summary.json").exists() and (run / "mine.txt").read_text() == "keep"

@@ -16,7 +16,15 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from helpers import CLI, assert_same_run, compiling_env, read_metrics, run_cli, write_recipe
+from helpers import (
+    CLI,
+    assert_same_run,
+    compiling_env,
+    finished_run,
+    read_metrics,
+    uninterrupted_run,
+    write_recipe,
+)
 
 from mlxlocal.cli import cli
 from mlxlocal.errors import MlxLocalError
@@ -44,10 +52,7 @@ def recipe(mlx_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(recipe):
-    run = recipe.parent / "uninterrupted"
-    done = run_cli("run", str(recipe), f"output={run}")
-    assert done.returncode == 0, done.stderr
-    return run
+    return uninterrupted_run(recipe)
 
 
 def as_run(command: str) -> list[str]:
@@ -146,9 +151,7 @@ def qlora_run(mlx_checkpoints, tmp_path_factory):
         eval={"task": "perplexity", "limit": 24},
         training__steps=4,
     )
-    done = run_cli("run", str(recipe))
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = finished_run(recipe).stdout.splitlines()
     return folder / "run", [line.strip() for line in lines[lines.index("next:") + 1 :]]
 
 
