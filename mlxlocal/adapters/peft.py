@@ -79,8 +79,13 @@ def read_peft(path: str | Path) -> Adapter:
         module = name[: -len(leaf) - 1]
         modules.setdefault(module, {})[_LEAVES[leaf]] = value.T if value.ndim == 2 else value
     kind = "dora" if config.get("use_dora") else "lora"
-    check_modules(modules, kind, path)
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r = check_modules(modules, kind, path)
+    if config.get("r") != r:  # else the scale is wrong and the shapes seem the model's fault
+        raise MlxLocalError(
+            f"{path / 'adapter_config.json'}: r is {str(config.get('r'))[:40]} but the weights "
+            f"have rank {r}; is the config from another adapter?"
+        )
+    alpha = float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora"))
     targets = config.get("target_modules") or []
     return Adapter(
