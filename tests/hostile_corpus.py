@@ -568,7 +568,7 @@ def says_by_kind() -> dict[str, str]:
         # adapters
         "adapter-num-layers-1e7": r"num_layers",
         "adapter-rank-1e9": r"adapter_config\.json: (lora_parameters\.rank|r) is 1000000000 but",
-        "adapter-weights-missing": r"/adapter: not an adapter folder",
+        "adapter-weights-missing": r"/adapter: not an? (PEFT )?adapter folder",
         "adapter-weights-truncated": rf"/adapters?(_model)?{safetensors}tensor .* lies outside",
         "adapter-config-fifo": r"/adapter_config\.json: is a FIFO",
         # recipes, overrides, training data

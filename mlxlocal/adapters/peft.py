@@ -49,6 +49,11 @@ def read_any(path: str | Path) -> Adapter:
 def read_peft(path: str | Path) -> Adapter:
     """A PEFT LoRA/rsLoRA/DoRA adapter directory as an Adapter (tensors in mlx-lm's layout)."""
     path = Path(path)
+    if not is_peft_dir(path):
+        raise MlxLocalError(
+            f"{path}: not a PEFT adapter folder (needs adapter_config.json and {WEIGHTS} or "
+            "adapter_model.bin)"
+        )
     config = read_json(path / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
         raise MlxLocalError(
