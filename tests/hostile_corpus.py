@@ -873,7 +873,11 @@ class Corpus:
             "system-not-utf8": ("chat", ["chat", b.mlx, "--system", b"\xff\xfe"], "--system"),
             "bits-0": ("quantize", [*quantize, "--bits", "0"], "--bits"),
             "rule-bits-99": ("quantize", [*quantize, "--rule", "mlp=99", "--no-eval"], "99"),
-            "rule-bad-regex": ("quantize", [*quantize, "--rule", "(=4", "--no-eval"], r"\(=4"),
+            "rule-bad-regex": (
+                "quantize",
+                [*quantize, "--rule", "(=4", "--no-eval"],
+                r"rule pattern '\(' is not a regular expression",
+            ),
             "target-bpw-nan": ("quantize", [*quantize, "--target-bpw", "nan"], "--target-bpw"),
             "rules-bomb": (
                 "quantize",
