@@ -23,7 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .checkpoint.atomic import atomic_file, check_output
+from .checkpoint.atomic import atomic_file, check_output, make_parent
 from .checkpoint.inputs import JSONProblem, decode_json
 from .checkpoint.jsonout import finite, non_finite_at, strict_dumps
 from .choices import ON_ERROR
@@ -275,6 +275,7 @@ def batch(
     check_constraint(constrained, stop, ignore_eos)
     system_field = fields.get("system")
     check_output(output, force)
+    make_parent(output)  # OUT.partial is written beside OUT from the first record on
     lm = as_loaded(model, adapter)
     settings = {
         "input": str(input.resolve()),

@@ -35,7 +35,7 @@ from .checkpoint.gguf_tokenizer import write_tokenizer_files
 from .checkpoint.shards import ShardWriter, parse_size
 from .convert import ConvertResult
 from .errors import MlxLocalError
-from .models import build_model
+from .models import build_model, longest_numbered_list
 from .progress import progress
 from .resources import family_specs
 
@@ -72,6 +72,12 @@ def convert_gguf(
     warnings: list[str] = []
     target = dtype or _float_dtype(tensors)
     check_dtype(target)
+    blocks = longest_numbered_list(tensors)
+    if config["num_hidden_layers"] > blocks:  # else build_model blames a config.json
+        raise MlxLocalError(
+            f"{src}: {spec['gguf_arch']}.block_count is {config['num_hidden_layers']} but the "
+            f"file holds tensors of {blocks} blocks; the file is corrupt — re-download it"
+        )
     model = build_model(config, {name: t.shape for name, t in tensors.items()})
     names = name_map(spec, config)
     plan: dict[str, tuple] = {}

@@ -526,9 +526,37 @@ def _cannot_load(path: str | Path, what: str, error: Exception) -> MlxLocalError
             f"{path}: its {what} needs code shipped with the checkpoint (auto_map), which "
             "mlxlocal never runs; use a checkpoint that transformers supports without it"
         )
+    if found := file_at_fault(Path(path), error):
+        return found
     problem = " ".join(str(error).split())  # mlx-lm may list thousands of tensor names
     problem = problem if len(problem) <= 300 else problem[:300] + "…"
     return MlxLocalError(f"{path}: cannot load the {what} ({problem})")
+
+
+# Files transformers and mlx-lm parse while loading a tokenizer, besides config.json (read first).
+_TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+
+
+def file_at_fault(path: Path, error: Exception) -> MlxLocalError | None:
+    """After a failed load, the file (and key) to blame, when it can be named: a tokenizer
+    file that is not valid JSON, or a config dtype that names no torch dtype. Read only on
+    failure: a good load pays nothing."""
+    for name in _TOKENIZER_JSON:
+        if (path / name).is_file():
+            try:
+                read_json(path / name, name.removesuffix(".json").replace("_", " "))
+            except MlxLocalError as e:
+                return e
+    bad = str(error).removeprefix("module 'torch' has no attribute ")
+    if isinstance(error, AttributeError) and bad != str(error):
+        config = read_config(path)
+        key = next((k for k in ("dtype", "torch_dtype") if repr(config.get(k)) == bad), None)
+        if key is not None:
+            return MlxLocalError(
+                f"{path / 'config.json'}: {key} is {bad}, which names no torch dtype; write "
+                f"one of {', '.join(sorted(DTYPES))}"
+            )
+    return None
 
 
 def load_tokenizer(path: str | Path):

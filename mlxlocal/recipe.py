@@ -266,9 +266,9 @@ def _apply_override(data: dict[str, Any], override: str) -> Path_:
             dotted = ".".join(path[: i + 1])
             raise MlxLocalError(f"override {override!r}: {dotted} is a value, not a section")
         node = child
-    node[path[-1]] = load_yaml(value, f"override {override!r}", "overrides", _Loader, lines=False)[
-        0
-    ]
+    # An error echoes the override, cut short: a hostile one can be 50,000 characters.
+    shown = override if len(override) <= 80 else override[:80] + "…"
+    node[path[-1]] = load_yaml(value, f"override {shown!r}", "overrides", _Loader, lines=False)[0]
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MlxLocalError
-from .models import load, read_config
+from .models import file_at_fault, load, read_config
 from .sources import resolve_source
 
 PROBES = (
@@ -64,10 +64,11 @@ def verify_conversion(
         ).eval()
         tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
     except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-        problem = " ".join(str(e).split())[:300]
+        found = file_at_fault(src_dir, e)  # a broken tokenizer file, a bad dtype: named
+        problem = f"transformers cannot load {src} as the reference ({' '.join(str(e).split())})"
         raise MlxLocalError(
-            f"--verify: transformers cannot load {src} as the reference ({problem}); the "
-            "converted model is written, but unverified — fix the source's config to verify"
+            f"--verify: {found or problem[:300]}; the converted model is written, but "
+            "unverified — fix the source to verify"
         ) from e
     model, _ = load(converted)
     vocab = reference.config.vocab_size

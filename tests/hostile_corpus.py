@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -51,6 +52,18 @@ ADAPTER_VERBS = [
     "export gguf --adapter",
     "import peft",
     "generate --adapter",
+]
+# Verbs that write an output a hostile path (a FIFO, a device) is given as.
+OUTPUT_VERBS = [
+    "convert",
+    "quantize",
+    "export gguf",
+    "export ollama",
+    "export peft",
+    "fuse",
+    "import peft",
+    "eval",
+    "batch",
 ]
 VERBS = [
     "convert",
@@ -102,6 +115,9 @@ class Case:
     make: Callable[[Path], list] | None = None  # writes the case's folder, returns its args
     # What a failed run may leave for its re-run to continue: batch's partial output.
     kept: tuple[str, ...] = BATCH_KEPT
+    # A regex the `error:` line must match, naming what is wrong (the file, key or flag);
+    # Corpus.cases() fills it from the kind (says_by_kind) where the case gives none.
+    says: str | None = None
 
 
 @dataclass
@@ -233,6 +249,11 @@ TEMPLATE_KINDS = {
     "template-zero-division": "{{ 1 // 0 }}",
     "template-recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
     "template-range": "{% for i in range(10**12) %}{% endfor %}",
+}
+TEMPLATE_ERRORS = {
+    "template-zero-division": "ZeroDivisionError",
+    "template-recursion": "RecursionError",
+    "template-range": "OverflowError: Range too big",
 }
 
 
@@ -475,7 +496,142 @@ def data_kinds() -> dict[str, Callable[[Path], None]]:
     return kinds
 
 
+# --- what each error line must say -----------------------------------------------------------
+
+# The words of a data line's error, by kind of line (test_hostile_inputs.ROWS).
+ROW_SAYS = {
+    "not-utf8": "not UTF-8",
+    "syntax": "not valid JSON",
+    "huge-int": "more than 4300 digits",
+    "deep": "nested too deeply",
+    "wrong-type": "expected a JSON object, got list",
+}
+
+
+def says_by_kind() -> dict[str, str]:
+    """kind → a regex the one `error:` line must match: the file at fault (or the key, flag,
+    value) and what is wrong with it. Families of kinds share one pattern."""
+    from test_hostile_inputs import HOSTILE_JSON
+
+    json_says = {name: re.escape(needle) for name, (_, needle) in HOSTILE_JSON.items()}
+    header_says = json_says | {"wrong-type": "not a JSON object"}
+    safetensors = r"\.safetensors: not a valid safetensors file \("
+    aliases = r"recipe\.yaml:\d+: YAML aliases/anchors are not allowed in recipes"
+    says: dict[str, str] = {}
+    for name, what in json_says.items():
+        says[f"config-{name}"] = rf"/config\.json: .*{what}"
+        says[f"index-{name}"] = rf"/model\.safetensors\.index\.json: .*{what}"
+        says[f"header-{name}"] = rf"/model{safetensors}.*{header_says[name]}"
+        says[f"adapter-config-{name}"] = rf"/adapter_config\.json: .*{what}"
+        says[f"adapter-header-{name}"] = rf"/adapters?(_model)?{safetensors}.*{header_says[name]}"
+    for name, what in ROW_SAYS.items():
+        says[f"line-{name}"] = rf"in\.jsonl:2: .*{what}"
+        says[f"data-{name}"] = rf"train\.jsonl:2: .*{what}"
+    for kind in ("bin-views-of-one-storage", "bin-stride-0"):
+        says[kind] = r"pytorch_model\.bin: its tensors expand to more than \d+ bytes"
+    for kind in ("gguf-2^60-tensors", "gguf-2^60-keys"):
+        says[kind] = r"m\.gguf: its header claims \d+ tensors and \d+ metadata entries"
+    for kind in ("gguf-2^60-tokens", "gguf-2^60-token-types"):
+        says[kind] = r"m\.gguf: .*an array claims 1152921504606846976 entries"
+    for kind, error in TEMPLATE_ERRORS.items():
+        says[kind] = rf"chat template fails on this conversation \({error}"
+    says |= {
+        # checkpoints
+        "header-length-2^62": rf"/model{safetensors}header length 4611686018427387904 runs past",
+        "header-length-past-end": rf"/model{safetensors}header length 1000000 runs past",
+        "weights-truncated": rf"/model{safetensors}tensor '.*' data .* lies outside",
+        "weights-missing": r"/model: no .*safetensors",
+        "many-tiny-layers": r"config\.json: num_hidden_layers is 20000 but",
+        "layers-1e7": r"config\.json: num_hidden_layers is 10000000 but",
+        "hidden-0": r"config\.json: hidden_size is '0'",
+        "vocab-1e9": r"config\.json: vocab_size is 1000000000 but",
+        "model-type-cache": r"model_type 'cache' is not supported",
+        "rope-theta-string": r'config\.json: rope_theta is "fast"',
+        "eos-string": r'config\.json: eos_token_id must be .*"</s>"',
+        "dtype-unknown": r"/config\.json: dtype is 'Float32', which names no torch dtype",
+        "quantization-4": r"config\.json: quantization is '4'",
+        "config-fifo": r"/config\.json: is a FIFO",
+        "config-dev-zero": r"/config\.json: is a character device",
+        "tokenizer-deep": r"/tokenizer\.json: not valid JSON \(nested too deeply",
+        "tokenizer-config-huge-int": r"/tokenizer_config\.json: not valid JSON \(.*4300 digits",
+        "tokenizer-code": r"auto_map|custom code",
+        "tool-parser-bogus": r"tokenizer_config\.json(:|'s) tool_parser_type",
+        "bin-deflated": r"pytorch_model\.bin: zip entry 'archive/data/0' is compressed",
+        "bin-code": r"pytorch_model\.bin: refusing to load: the pickle asks for posix\.system",
+        "bin-offset-past-end": r"pytorch_model\.bin: a tensor in data\.pkl reaches element",
+        "bin-not-zip": r"pytorch_model\.bin: this is a bare pickle",
+        "gguf-token-not-utf8": r"m\.gguf: a string in its metadata is not UTF-8 \(byte 0xff",
+        "gguf-name-not-utf8": r"m\.gguf: a string in its metadata is not UTF-8 \(byte 0xe9",
+        "gguf-100k-blocks": r"m\.gguf: llama\.block_count is 100000 but",
+        "gguf-truncated": r"m\.gguf: not a readable GGUF file",
+        "gguf-head-count-0": r"llama\.attention\.head_count is '0'",
+        # adapters
+        "adapter-num-layers-1e7": r"num_layers",
+        "adapter-rank-1e9": r"adapter_config\.json: (lora_parameters\.rank|r) is 1000000000 but",
+        "adapter-weights-missing": r"/adapter: not an? (PEFT )?adapter folder",
+        "adapter-weights-truncated": rf"/adapters?(_model)?{safetensors}tensor .* lies outside",
+        "adapter-config-fifo": r"/adapter_config\.json: is a FIFO",
+        # recipes, overrides, training data
+        "yaml-billion-laughs": aliases,
+        "yaml-self-reference": aliases,
+        "yaml-rules-style-bomb": aliases,
+        "yaml-not-utf8": r"recipe\.yaml: the recipe is not UTF-8",
+        "yaml-deep": r"recipe\.yaml: not valid YAML \(nested too deeply",
+        "override-bomb": r"override 'training\.optimizer_args=.*': YAML aliases/anchors are not",
+        "override-deep": r"override 'training\.optimizer_args=\[+…': not valid YAML",
+        "recipe-fifo": r"/recipe\.yaml: is a FIFO",
+        "recipe-dev-zero": r"/recipe\.yaml: is a character device",
+        "data-fifo": r"/train\.jsonl: is a FIFO",
+        "data-dev-zero": r"/train\.jsonl: is a character device",
+        "data-surrogate": r"train\.jsonl:2: .*lone surrogate U\+D800",
+        "steps-huge": r"training\.steps",
+        "model-config-deep": r"/model/config\.json: not valid JSON \(nested too deeply",
+        # data files for batch and eval
+        "line-surrogate": r"in\.jsonl:2: .*lone surrogate U\+D800",
+        "line-nan-id": r"in\.jsonl:2: id is NaN",
+        "input-fifo": r"/in\.jsonl: is a FIFO",
+        "input-dev-zero": r"/in\.jsonl: is a character device",
+        "csv-not-utf8": r"in\.csv(:2)?: .*not UTF-8",
+        "csv-long-field": r"in\.csv:2: .*field larger than field limit",
+    }
+    return says
+
+
 # --- the corpus ----------------------------------------------------------------------------------
+
+
+def command(verb: str, b: Base, d: Path, **given: Path | str) -> list:
+    """The command line that hands `verb` its inputs: the base's model, adapter, PEFT adapter
+    and the corpus's data file unless `given`; its output in the case folder `d`."""
+    model = given.get("model", b.mlx)
+    adapter = given.get("adapter", b.adapter)
+    data = given.get("data", d.parent / "data.jsonl")
+    out = given.get("out", d / (BATCH_OUT if verb == "batch" else "out"))
+    gen = ["generate", model, "-p", "hi", "--max-tokens", "2"]
+    gguf = ["export", "gguf", model, out]
+    rows = ["--input", data, "--output", out, "--field", "prompt", "--max-tokens", "2"]
+    return {
+        "generate": gen,
+        "generate --adapter": [*gen, "--adapter", adapter],
+        "chat": ["chat", model, "--max-tokens", "2"],
+        "batch": ["batch", model, *rows],
+        "eval": ["eval", model, "--data", data, "--task", "perplexity", "--output", out],
+        "quantize": ["quantize", model, out, "--no-eval"],
+        "convert": ["convert", model, out],
+        "verify": ["convert", model, out, "--verify"],
+        "info": ["info", model],
+        "export gguf": gguf,
+        "export gguf --adapter": [*gguf, "--adapter", adapter],
+        "export gguf --adapter-only": [*gguf, "--adapter", adapter, "--adapter-only"],
+        "export ollama": ["export", "ollama", model, out],
+        "export peft": ["export", "peft", adapter, out],
+        "fuse": ["fuse", model, adapter, out],
+        "import peft": ["import", "peft", given.get("peft", b.peft), out, "--model", model],
+    }[verb]
+
+
+def _data_line(prompt: str = "The film was great.") -> str:
+    return json.dumps({"prompt": prompt, "completion": "good"}) + "\n"
 
 
 class Corpus:
@@ -493,13 +649,17 @@ class Corpus:
         d.mkdir(parents=True)
         return d
 
-    def _case(self, verb: str, kind: str, make: Callable[[Path], list], **kw) -> Case:
-        return Case(verb, kind, make=make, **kw)
-
     def cases(self, ci_only: bool = False, sample: int | None = None, seed: int = 0) -> list[Case]:
         """The whole corpus, its CI subset (a few cases per verb and kind of input) or a seeded
         sample of `sample` cases; only the chosen cases' folders are written."""
-        chosen = [c for c in self._all() if c.ci or not ci_only]
+        (self.root / "data.jsonl").write_text(_data_line())
+        says = says_by_kind()
+        everything = list(self._all())
+        for case in everything:
+            case.says = case.says or says.get(case.kind)
+        unsaid = sorted({c.kind for c in everything if c.says is None and 1 in c.expect})
+        assert not unsaid, f"no expected error message for {unsaid}"
+        chosen = [c for c in everything if c.ci or not ci_only]
         if sample is not None and sample < len(chosen):
             chosen = random.Random(seed).sample(chosen, sample)
         for case in chosen:
@@ -513,9 +673,12 @@ class Corpus:
         kind(model)
         return model
 
+    def _with_model(self, verb: str, src: Path, corrupt: Callable[[Path], None]) -> Callable:
+        """A case maker: `verb` on a copy of the checkpoint `src` that `corrupt` changed."""
+        return lambda d: command(verb, self.base, d, model=self._model_copy(d, src, corrupt))
+
     def _all(self) -> Iterator[Case]:
         b = self.base
-        mark = str(self.marks / "bin-code")
         models = model_kinds()
         ci_models = {
             "convert": {
@@ -537,37 +700,8 @@ class Corpus:
             "batch": {"config-dev-zero"},
             "info": {"header-deep"},
         }
-        data = self.root / "data.jsonl"
-        data.write_text(json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n")
-
-        def model_args(verb: str, model: Path, d: Path) -> list:
-            io = {
-                "generate": ["generate", model, "-p", "hi", "--max-tokens", "2"],
-                "chat": ["chat", model, "--max-tokens", "2"],
-                "batch": [
-                    "batch",
-                    model,
-                    "--input",
-                    data,
-                    "--output",
-                    d / BATCH_OUT,
-                    "--max-tokens",
-                    "2",
-                ],
-                "eval": ["eval", model, "--data", data, "--task", "perplexity"],
-                "quantize": ["quantize", model, d / "out", "--no-eval"],
-                "export gguf": ["export", "gguf", model, d / "out"],
-                "export ollama": ["export", "ollama", model, d / "out"],
-                "convert": ["convert", model, d / "out"],
-                "verify": ["convert", model, d / "out", "--verify"],
-                "info": ["info", model],
-                "fuse": ["fuse", model, b.adapter, d / "out"],
-                "import peft": ["import", "peft", b.peft, d / "out", "--model", model],
-            }
-            return io[verb]
-
         outputs = {"batch": BATCH_FILES}
-        # Checkpoints: HF sources for convert/verify/info/quantize, MLX ones for the rest.
+        # Checkpoints: HF sources for convert/verify/info, MLX ones for the rest.
         for verb in ["convert", "verify", "info", "quantize", *MODEL_VERBS[:-3], "export gguf"]:
             src = b.hf if verb in ("convert", "verify", "info") else b.mlx
             for kind, corrupt in models.items():
@@ -587,10 +721,10 @@ class Corpus:
                     # so the export goes on and notes it (convert and quantize refuse: their
                     # output would fail to load).
                     expect = (0,)
-                yield self._case(
+                yield Case(
                     verb,
                     kind,
-                    lambda d, v=verb, s=src, k=corrupt: model_args(v, self._model_copy(d, s, k), d),
+                    make=self._with_model(verb, src, corrupt),
                     outputs=outputs.get(verb, ("out",)),
                     expect=expect,
                     stdin=b"hi\n/quit\n",
@@ -598,31 +732,27 @@ class Corpus:
                     kept=("out",) if verb == "verify" else BATCH_KEPT,
                     ci=kind in ci_models.get(verb, ()),
                 )
+        ci_pairs = {
+            ("fuse", "layers-1e7"),
+            ("import peft", "config-deep"),
+            ("import peft", "layers-1e7"),
+            ("import peft", "many-tiny-layers"),
+        }
         for verb in ["fuse", "import peft", "export ollama"]:
             for kind in ["config-deep", "header-deep", "layers-1e7", "many-tiny-layers"]:
-                yield self._case(
+                yield Case(
                     verb,
                     kind,
-                    lambda d, v=verb, k=models[kind]: model_args(
-                        v, self._model_copy(d, b.mlx, k), d
-                    ),
-                    ci=(verb, kind)
-                    in (
-                        ("fuse", "layers-1e7"),
-                        ("import peft", "config-deep"),
-                        ("import peft", "layers-1e7"),
-                        ("import peft", "many-tiny-layers"),
-                    ),
+                    make=self._with_model(verb, b.mlx, models[kind]),
+                    ci=(verb, kind) in ci_pairs,
                 )
         # Chat templates that fail at run time.
         for verb in ["generate", "chat", "batch", "eval", "export ollama"]:
             for kind, source in TEMPLATE_KINDS.items():
-                yield self._case(
+                yield Case(
                     verb,
                     kind,
-                    lambda d, v=verb, s=source: model_args(
-                        v, self._model_copy(d, b.mlx, lambda m: _template(m, s)), d
-                    ),
+                    make=self._with_model(verb, b.mlx, lambda m, s=source: _template(m, s)),
                     outputs=outputs.get(verb, ("out",)),
                     stdin=b"hi\n/quit\n",
                     expect=(0,) if verb == "chat" else (1,),  # chat notes it and goes on
@@ -630,77 +760,51 @@ class Corpus:
                 )
         # .bin checkpoints: malicious, amplifying, malformed.
         for verb in ["convert", "verify", "info", "quantize"]:
-            for kind, write in bin_kinds(mark).items():
-                yield self._case(
+            for kind, write in bin_kinds(str(self.marks / "bin-code")).items():
+                yield Case(
                     verb,
                     kind,
-                    lambda d, v=verb, w=write: model_args(v, self._model_copy(d, b.hf, w), d),
+                    make=self._with_model(verb, b.hf, write),
                     expect=(0, 1) if verb == "info" else (1,),  # info reads no tensor data
                     ci=verb == "convert" or (verb == "info" and kind == "bin-code"),
                 )
         # GGUF files.
         for kind, write in gguf_kinds().items():
-            yield self._case(
-                "convert",
-                kind,
-                lambda d, w=write: [
-                    "convert",
-                    [w(b.gguf, d / "m.gguf"), d / "m.gguf"][1],
-                    d / "out",
-                ],
-                ci=kind in ("gguf-2^60-token-types", "gguf-token-not-utf8", "gguf-100k-blocks"),
-            )
+
+            def gguf(d: Path, w=write) -> list:
+                w(b.gguf, d / "m.gguf")
+                return command("convert", b, d, model=d / "m.gguf")
+
+            ci = kind in ("gguf-2^60-token-types", "gguf-token-not-utf8", "gguf-100k-blocks")
+            yield Case("convert", kind, make=gguf, ci=ci)
         # Adapters.
+        ci_pairs = {
+            ("adapter-config-deep", "fuse"),
+            ("adapter-header-deep", "export peft"),
+            ("adapter-rank-1e9", "import peft"),
+            ("adapter-rank-1e9", "export gguf --adapter"),  # full run: it exported
+        }
         for kind, corrupt in adapter_kinds().items():
-            for verb in ADAPTER_VERBS + ["export gguf --adapter-only"]:
-                peft = verb == "import peft"
+            for verb in [*ADAPTER_VERBS, "export gguf --adapter-only"]:
 
-                def args(d, v=verb, k=corrupt, p=peft) -> list:
+                def adapter(d, v=verb, k=corrupt) -> list:
                     a = d / "adapter"
-                    shutil.copytree(b.peft if p else b.adapter, a)
+                    shutil.copytree(b.peft if v == "import peft" else b.adapter, a)
                     k(a)
-                    return {
-                        "fuse": ["fuse", b.mlx, a, d / "out"],
-                        "export peft": ["export", "peft", a, d / "out"],
-                        "export gguf --adapter": [
-                            "export",
-                            "gguf",
-                            b.mlx,
-                            d / "out",
-                            "--adapter",
-                            a,
-                        ],
-                        "export gguf --adapter-only": [
-                            "export",
-                            "gguf",
-                            b.mlx,
-                            d / "out",
-                            "--adapter",
-                            a,
-                            "--adapter-only",
-                        ],
-                        "import peft": ["import", "peft", a, d / "out", "--model", b.mlx],
-                        "generate --adapter": ["generate", b.mlx, "-p", "hi", "--adapter", a],
-                    }[v]
+                    return command(v, b, d, adapter=a, peft=a)
 
-                ci = (kind, verb) in (
-                    ("adapter-config-deep", "fuse"),
-                    ("adapter-header-deep", "export peft"),
-                    ("adapter-rank-1e9", "import peft"),
-                    ("adapter-rank-1e9", "export gguf --adapter"),  # full run: it exported
-                )
-                yield self._case(
+                yield Case(
                     verb.split(" --")[0],
                     kind,
-                    args,
+                    make=adapter,
                     expect=(0, 1) if kind == "adapter-num-layers-1e7" else (1,),  # metadata only
-                    ci=ci,
+                    ci=(kind, verb) in ci_pairs,
                 )
         # Recipes, overrides and training data.
         for kind, write in recipe_kinds().items():
             for verb in ["recipes validate", "run"]:
 
-                def args(d, w=write, v=verb, k=kind) -> list:
+                def recipe(d, w=write, v=verb, k=kind) -> list:
                     (d / "train.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
                     model = b.mlx
                     if k == "model-config-deep":
@@ -713,57 +817,35 @@ class Corpus:
                 ci = verb == "run" if kind == "data-surrogate" else ci and verb != "run"
                 # `run` writes its run folder (the resolved recipe) before reading the data:
                 # the corrected re-run continues in it.
-                yield self._case(verb, kind, args, kept=("out",), ci=ci)
+                yield Case(verb, kind, make=recipe, kept=("out",), ci=ci)
 
         # Data files for batch and eval.
+        ci_pairs = {
+            ("batch", "input-fifo"),
+            ("batch", "line-surrogate"),
+            ("eval", "line-deep"),
+            ("eval", "line-nan-id"),
+            ("batch", "line-nan-id"),
+        }
         for kind, write in data_kinds().items():
             for verb in ["batch", "eval"]:
 
-                def args(d, w=write, v=verb) -> list:
+                def rows(d, w=write, v=verb) -> list:
                     path = d / "in.jsonl"
                     w(path)
                     path = path if os.path.lexists(path) else path.with_suffix(".csv")
-                    if v == "batch":
-                        return [
-                            "batch",
-                            b.mlx,
-                            "--input",
-                            path,
-                            "--output",
-                            d / BATCH_OUT,
-                            "--field",
-                            "prompt",
-                            "--max-tokens",
-                            "2",
-                        ]
-                    return [
-                        "eval",
-                        b.mlx,
-                        "--data",
-                        path,
-                        "--task",
-                        "perplexity",
-                        "--output",
-                        d / "out",
-                    ]
+                    return command(v, b, d, data=path)
 
-                ci = (verb, kind) in (
-                    ("batch", "input-fifo"),
-                    ("batch", "line-surrogate"),
-                    ("eval", "line-deep"),
-                    ("eval", "line-nan-id"),
-                    ("batch", "line-nan-id"),
-                )
-                # eval carries no field of a row into its output, only scores (NaN never reaches it)
-                # and scores the row right: an "id": NaN is harmless there. batch keys its
+                # eval carries no field of a row into its output, only scores (NaN never reaches
+                # it) and scores the row right: an "id": NaN is harmless there. batch keys its
                 # records (and resume) by id, so it refuses that record.
                 harmless = verb == "eval" and kind == "line-nan-id"
-                yield self._case(
+                yield Case(
                     verb,
                     kind,
-                    args,
+                    make=rows,
                     outputs=outputs.get(verb, ("out",)),
-                    ci=ci,
+                    ci=(verb, kind) in ci_pairs,
                     expect=(0,) if harmless else (1,),
                 )
 
@@ -771,169 +853,125 @@ class Corpus:
         yield from self._outputs()
 
     def _flags(self) -> Iterator[Case]:
+        """Hostile flag values: kind → (verb, command line, what the error line says). In the
+        command lines OUT, DATA, RULES, FIFO and RECIPE name files of the case's folder."""
         b = self.base
         rules = "\n".join(__import__("test_hostile_inputs").LAUGHS)
         gen = ["generate", b.mlx, "-p", "hi", "--max-tokens", "2"]
+        quantize = ["quantize", b.mlx, "OUT"]
+        batch = ["batch", b.mlx, "--input", "DATA", "--output", "OUT"]
+        evaluate = ["eval", b.mlx, "--data", "DATA", "--task"]
+        invalid = "Invalid value for '{}'"
         flags = {
-            "generate": {
-                "seed-negative": [*gen, "--seed", "-1"],
-                "seed-2^64": [*gen, "--seed", str(2**64)],
-                "temp-nan": [*gen, "--temp", "nan"],
-                "top-p-2": [*gen, "--top-p", "2"],
-                "prompt-not-utf8": ["generate", b.mlx, "-p", b"caf\xe9"],
-                "stop-not-utf8": [*gen, "--stop", b"\xff"],
-                "max-tokens-huge": [*gen[:-1], "9" * 5000],
-            },
-            "chat": {"system-not-utf8": ["chat", b.mlx, "--system", b"\xff\xfe"]},
-            "quantize": {
-                "bits-0": ["quantize", b.mlx, "OUT", "--bits", "0"],
-                "rule-bits-99": ["quantize", b.mlx, "OUT", "--rule", "mlp=99", "--no-eval"],
-                "rule-bad-regex": ["quantize", b.mlx, "OUT", "--rule", "(=4", "--no-eval"],
-                "target-bpw-nan": ["quantize", b.mlx, "OUT", "--target-bpw", "nan"],
-                "rules-bomb": ["quantize", b.mlx, "OUT", "--rules", "RULES"],
-                "calib-dev-zero": ["quantize", b.mlx, "OUT", "--calib", "/dev/zero"],
-                "calib-fifo": ["quantize", b.mlx, "OUT", "--calib", "FIFO"],
-            },
-            "convert": {
-                "shard-size-negative": ["convert", b.hf, "OUT", "--shard-size", "-1GB"],
-                "shard-size-text": ["convert", b.hf, "OUT", "--shard-size", "lots"],
-                "source-fifo": ["convert", "FIFO", "OUT"],
-                "source-dev-zero": ["convert", "/dev/zero", "OUT"],
-            },
-            "batch": {
-                "batch-size-0": [
-                    "batch",
-                    b.mlx,
-                    "--input",
-                    "DATA",
-                    "--output",
-                    "OUT",
-                    "--batch-size",
-                    "0",
-                ],
-                "template-nested-spec": [
-                    "batch",
-                    b.mlx,
-                    "--input",
-                    "DATA",
-                    "--output",
-                    "OUT",
-                    "--template",
-                    "{prompt:{completion}}",
-                ],
-                "template-attribute": [
-                    "batch",
-                    b.mlx,
-                    "--input",
-                    "DATA",
-                    "--output",
-                    "OUT",
-                    "--template",
-                    "{prompt.__class__}",
-                ],
-            },
-            "eval": {
-                "labels-empty": [
-                    "eval",
-                    b.mlx,
-                    "--data",
-                    "DATA",
-                    "--task",
-                    "classify",
-                    "--labels",
-                    ",",
-                ],
-                "limit-0": [
-                    "eval",
-                    b.mlx,
-                    "--data",
-                    "DATA",
-                    "--task",
-                    "perplexity",
-                    "--limit",
-                    "0",
-                ],
-            },
-            "export gguf": {"type-bogus": ["export", "gguf", b.mlx, "OUT", "--type", "q3_k"]},
-            "run": {"resume-nothing": ["run", "RECIPE", "--resume"]},
+            "seed-negative": ("generate", [*gen, "--seed", "-1"], invalid.format("--seed")),
+            "seed-2^64": ("generate", [*gen, "--seed", str(2**64)], invalid.format("--seed")),
+            "temp-nan": ("generate", [*gen, "--temp", "nan"], "--temp"),
+            "top-p-2": ("generate", [*gen, "--top-p", "2"], "--top-p"),
+            "prompt-not-utf8": ("generate", ["generate", b.mlx, "-p", b"caf\xe9"], "--prompt"),
+            "stop-not-utf8": ("generate", [*gen, "--stop", b"\xff"], "--stop"),
+            "max-tokens-huge": ("generate", [*gen[:-1], "9" * 5000], "--max-tokens"),
+            "system-not-utf8": ("chat", ["chat", b.mlx, "--system", b"\xff\xfe"], "--system"),
+            "bits-0": ("quantize", [*quantize, "--bits", "0"], "--bits"),
+            "rule-bits-99": ("quantize", [*quantize, "--rule", "mlp=99", "--no-eval"], "99"),
+            "rule-bad-regex": (
+                "quantize",
+                [*quantize, "--rule", "(=4", "--no-eval"],
+                r"rule pattern '\(' is not a regular expression",
+            ),
+            "target-bpw-nan": ("quantize", [*quantize, "--target-bpw", "nan"], "--target-bpw"),
+            "rules-bomb": (
+                "quantize",
+                [*quantize, "--rules", "RULES"],
+                r"rules\.yaml:\d+: YAML aliases/anchors are not allowed in rules",
+            ),
+            "calib-dev-zero": (
+                "quantize",
+                [*quantize, "--calib", "/dev/zero"],
+                r"/dev/zero: is a character device",
+            ),
+            "calib-fifo": ("quantize", [*quantize, "--calib", "FIFO"], r"/fifo: is a FIFO"),
+            "shard-size-negative": (
+                "convert",
+                ["convert", b.hf, "OUT", "--shard-size", "-1GB"],
+                "cannot read size '-1GB'",
+            ),
+            "shard-size-text": (
+                "convert",
+                ["convert", b.hf, "OUT", "--shard-size", "lots"],
+                "cannot read size 'lots'",
+            ),
+            "source-fifo": ("convert", ["convert", "FIFO", "OUT"], r"/fifo\b"),
+            "source-dev-zero": ("convert", ["convert", "/dev/zero", "OUT"], r"/dev/zero\b"),
+            "batch-size-0": ("batch", [*batch, "--batch-size", "0"], "--batch-size"),
+            "template-nested-spec": (
+                "batch",
+                [*batch, "--template", "{prompt:{completion}}"],
+                r"template: \{prompt:\{completion\}\} asks for a width or precision",
+            ),
+            "template-attribute": (
+                "batch",
+                [*batch, "--template", "{prompt.__class__}"],
+                r"\{prompt\.__class__\}",
+            ),
+            "labels-empty": ("eval", [*evaluate, "classify", "--labels", ","], "label ''"),
+            "limit-0": ("eval", [*evaluate, "perplexity", "--limit", "0"], "--limit"),
+            "type-bogus": (
+                "export gguf",
+                ["export", "gguf", b.mlx, "OUT", "--type", "q3_k"],
+                "--type|q3_k",
+            ),
+            "resume-nothing": ("run", ["run", "RECIPE", "--resume"], "--resume"),
         }
         ci = {"seed-2^64", "prompt-not-utf8", "rules-bomb", "calib-fifo", "template-nested-spec"}
-        for verb, cases in flags.items():
-            for kind, args in cases.items():
+        for kind, (verb, args, says) in flags.items():
 
-                def make(d, args=args, v=verb) -> list:
-                    (d / "data.jsonl").write_text(
-                        json.dumps({"prompt": "The film was great.", "completion": "good"}) + "\n"
-                    )
-                    (d / "rules.yaml").write_text(rules)
-                    os.mkfifo(d / "fifo")
-                    (d / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
-                    (d / "recipe.yaml").write_text(RECIPE.format(model=b.mlx))
-                    names = {"OUT": BATCH_OUT if v == "batch" else "out", "DATA": "data.jsonl"}
-                    names |= {"RULES": "rules.yaml"}
-                    names |= {"FIFO": "fifo", "RECIPE": "recipe.yaml"}
-                    return [str(d / names[a]) if a in names else a for a in args]
+            def make(d, args=args, v=verb) -> list:
+                (d / "data.jsonl").write_text(_data_line())
+                (d / "rules.yaml").write_text(rules)
+                os.mkfifo(d / "fifo")
+                (d / "train.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+                (d / "recipe.yaml").write_text(RECIPE.format(model=b.mlx))
+                names = {"OUT": BATCH_OUT if v == "batch" else "out", "DATA": "data.jsonl"}
+                names |= {"RULES": "rules.yaml", "FIFO": "fifo", "RECIPE": "recipe.yaml"}
+                return [str(d / names[a]) if a in names else a for a in args]
 
-                yield self._case(
-                    verb,
-                    f"flag-{kind}",
-                    make,
-                    outputs=("out", *BATCH_FILES),
-                    stdin=b"hi\n/quit\n",
-                    ci=kind in ci,
-                )
+            yield Case(
+                verb,
+                f"flag-{kind}",
+                make=make,
+                outputs=("out", *BATCH_FILES),
+                stdin=b"hi\n/quit\n",
+                ci=kind in ci,
+                says=says,
+            )
 
     def _outputs(self) -> Iterator[Case]:
         """Outputs that must not be replaced: a FIFO, a device, a file inside a file."""
         b = self.base
-        data = self.root / "data.jsonl"
-        commands: dict[str, Callable[[Path], list]] = {
-            "convert": lambda out: ["convert", b.hf, out],
-            "quantize": lambda out: ["quantize", b.mlx, out, "--no-eval"],
-            "export gguf": lambda out: ["export", "gguf", b.mlx, out],
-            "export ollama": lambda out: ["export", "ollama", b.mlx, out],
-            "export peft": lambda out: ["export", "peft", b.adapter, out],
-            "fuse": lambda out: ["fuse", b.mlx, b.adapter, out],
-            "import peft": lambda out: ["import", "peft", b.peft, out, "--model", b.mlx],
-            "eval": lambda out: [
-                "eval",
-                b.mlx,
-                "--data",
-                data,
-                "--task",
-                "perplexity",
-                "--output",
-                out,
-            ],
-            "batch": lambda out: [
-                "batch",
-                b.mlx,
-                "--input",
-                data,
-                "--field",
-                "prompt",
-                "--output",
-                out,
-            ],
-        }
         kinds = {
             "out-fifo": lambda d, n: [_fifo(d / n), d / n][1],
             "out-dev-null": lambda d, n: [(d / n).symlink_to("/dev/null"), d / n][1],
             "out-under-a-file": lambda d, n: [(d / "file").write_text("x"), d / "file" / n][1],
         }
         ci = ("convert", "eval", "export gguf")
-        for verb, command in commands.items():
+        for verb in OUTPUT_VERBS:
+            name = BATCH_OUT if verb == "batch" else "out"
+            given = {"model": b.hf} if verb == "convert" else {}
             for kind, make in kinds.items():
+                says = rf"/{re.escape(name)} exists and is not a regular file or folder"
+                if kind == "out-under-a-file":
+                    says = rf"cannot write \S*/file/{re.escape(name)}: \S*/file cannot be made a"
                 for force in ([], ["--force"]):
-                    yield self._case(
+                    yield Case(
                         verb,
                         kind + ("-force" if force else ""),
-                        lambda d, c=command, m=make, f=force, v=verb: [
-                            *c(m(d, BATCH_OUT if v == "batch" else "out")),
+                        make=lambda d, v=verb, m=make, n=name, f=force, g=given: [
+                            *command(v, b, d, out=m(d, n), **g),
                             *f,
                         ],
                         outputs=(),
                         ci=bool(force) and kind == "out-fifo" and verb in ci,
+                        says=says,
                     )
 
 
@@ -1028,6 +1066,8 @@ def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S)
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     if rc == 1 and len(errors) != 1:
         problems.append(f"{len(errors)} error lines")
+    if case.says and len(errors) == 1 and not re.search(case.says, errors[0]):
+        problems.append(f"vague: the error line does not say /{case.says}/")
     after = _snapshot(d)
     # A failed batch keeps what it wrote so far, for its re-run to continue.
     allowed = case.outputs if rc == 0 else case.kept
@@ -1071,7 +1111,8 @@ def summary(outcomes: list[Outcome]) -> str:
     lines.append(
         f"cases {len(outcomes)}, tracebacks {count('traceback')}, code executions "
         f"{count('CODE RAN')}, leftovers {count('leftovers') + count('TMPDIR')}, created "
-        f"{count('created')}, failing {sum(bool(o.problems) for o in outcomes)}"
+        f"{count('created')}, vague {count('vague')}, "
+        f"failing {sum(bool(o.problems) for o in outcomes)}"
     )
     lines.append(
         f"largest peak RSS {worst.peak_mb} MB ({worst.case.verb} {worst.case.kind}); "
@@ -1130,7 +1171,8 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
     """(verb, file, (folder, mutated bytes writer) → args): what the mutations are applied to.
     Only the regions a reader parses are mutated: a flipped bit in tensor data is just another
     number."""
-    data = root / "data.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data.jsonl").write_text(_data_line())  # what `command` gives eval
 
     def model(verb: str, src: Path, name: str, region) -> tuple:
         def args(d: Path, rng: random.Random) -> list:
@@ -1139,42 +1181,25 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
             f = m / name
             lo, hi = region(f)
             f.write_bytes(mutate(f.read_bytes(), lo, hi, rng))
-            return {
-                "convert": ["convert", m, d / "out"],
-                "info": ["info", m],
-                "generate": ["generate", m, "-p", "hi", "--max-tokens", "2"],
-                "quantize": ["quantize", m, d / "out", "--no-eval"],
-                "export gguf": ["export", "gguf", m, d / "out"],
-                "eval": ["eval", m, "--data", data, "--task", "perplexity"],
-            }[verb]
+            return command(verb, base, d, model=m)
 
         return verb, name, args
 
     def gguf_file(d: Path, rng: random.Random) -> list:
         lo, hi = _gguf_header(base.gguf)
         (d / "m.gguf").write_bytes(mutate(base.gguf.read_bytes(), lo, hi, rng))
-        return ["convert", d / "m.gguf", d / "out"]
+        return command("convert", base, d, model=d / "m.gguf")
 
-    def adapter(verb: str, name: str) -> tuple:
+    def adapter(verb: str, name: str, src: Path = base.adapter) -> tuple:
         def args(d: Path, rng: random.Random) -> list:
             a = d / "adapter"
-            shutil.copytree(base.adapter, a)
+            shutil.copytree(src, a)
             f = a / name
             lo, hi = (_safetensors_header if name.endswith(".safetensors") else _whole)(f)
             f.write_bytes(mutate(f.read_bytes(), lo, hi, rng))
-            return {
-                "fuse": ["fuse", base.mlx, a, d / "out"],
-                "export peft": ["export", "peft", a, d / "out"],
-            }[verb]
+            return command(verb, base, d, adapter=a, peft=a)
 
         return verb, name, args
-
-    def peft(d: Path, rng: random.Random) -> list:
-        a = d / "peft"
-        shutil.copytree(base.peft, a)
-        f = a / "adapter_config.json"
-        f.write_bytes(mutate(f.read_bytes(), 0, f.stat().st_size, rng))
-        return ["import", "peft", a, d / "out", "--model", base.mlx]
 
     def recipe(verb: str) -> tuple:
         def args(d: Path, rng: random.Random) -> list:
@@ -1187,23 +1212,9 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
 
     def rows(verb: str) -> tuple:
         def args(d: Path, rng: random.Random) -> list:
-            lines = [json.dumps({"prompt": f"Review {i}", "completion": "good"}) for i in range(3)]
-            text = ("\n".join(lines) + "\n").encode()
+            text = "".join(_data_line(f"Review {i}") for i in range(3)).encode()
             (d / "in.jsonl").write_bytes(mutate(text, 0, len(text), rng))
-            if verb == "batch":
-                return [
-                    "batch",
-                    base.mlx,
-                    "--input",
-                    d / "in.jsonl",
-                    "--output",
-                    d / BATCH_OUT,
-                    "--field",
-                    "prompt",
-                    "--max-tokens",
-                    "2",
-                ]
-            return ["eval", base.mlx, "--data", d / "in.jsonl", "--task", "perplexity"]
+            return command(verb, base, d, data=d / "in.jsonl")
 
         return verb, "in.jsonl", args
 
@@ -1224,7 +1235,7 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
                 if info.filename.endswith("data.pkl"):
                     content = mutate(content, 0, len(content), rng)
                 zf.writestr(info.filename, content)
-        return ["convert", m, d / "out"]
+        return command("convert", base, d, model=m)
 
     targets = [
         model("convert", base.hf, "model.safetensors", _safetensors_header),
@@ -1244,7 +1255,7 @@ def mutation_targets(base: Base, root: Path) -> list[tuple[str, str, Callable]]:
         adapter("fuse", "adapter_config.json"),
         adapter("fuse", "adapters.safetensors"),
         adapter("export peft", "adapter_config.json"),
-        ("import peft", "adapter_config.json", peft),
+        adapter("import peft", "adapter_config.json", base.peft),
         recipe("recipes validate"),
         rows("batch"),
         rows("eval"),

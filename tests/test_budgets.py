@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -155,7 +156,19 @@ def _write_gguf(path: Path, empty: str | None = None, **fields) -> Path:
 def test_gguf_with_a_hundred_thousand_blocks(tmp_path):
     path = _write_gguf(tmp_path / "deep.gguf", block_count=100_000)
     assert path.stat().st_size < 200_000
-    _refused("convert", path, tmp_path / "out", says="num_hidden_layers is 100000")
+    _refused("convert", path, tmp_path / "out", says=f"{path}: llama.block_count is 100000 but")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("offset", [8, 16], ids=["tensors", "keys"])
+def test_gguf_header_counts_past_the_file_are_refused_before_reading(tmp_path, offset):
+    """Found by the corpus: 2^60 tensors or keys failed deep in numpy ("index 0 is out of
+    bounds")."""
+    path = _write_gguf(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = struct.pack("<Q", 1 << 60)
+    path.write_bytes(data)
+    _refused("convert", path, tmp_path / "out", says=f"{path}: its header claims ")
     assert not (tmp_path / "out").exists()
 
 

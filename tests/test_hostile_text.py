@@ -130,4 +130,12 @@ def test_a_config_value_transformers_looks_up_by_name_is_one_line(tiny_mlx, tmp_
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "dtype": "Float32"}))
     result = run("generate", model, "-p", "hi", "--max-tokens", 2)
-    assert_clean_failure(result, "cannot load the model or tokenizer", "Float32")
+    assert_clean_failure(result, f"{model / 'config.json'}: dtype is 'Float32', which names no")
+
+
+def test_a_tokenizer_file_that_fails_to_load_is_named(tiny_mlx, tmp_path):
+    """transformers' own errors name neither file nor problem ("maximum recursion depth")."""
+    model = shutil.copytree(tiny_mlx, tmp_path / "model")
+    (model / "tokenizer.json").write_text("[" * 100_000)
+    result = run("generate", model, "-p", "hi", "--max-tokens", 2)
+    assert_clean_failure(result, f"{model / 'tokenizer.json'}: not valid JSON (nested too deeply")

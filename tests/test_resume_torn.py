@@ -75,7 +75,8 @@ def test_metrics_lines_are_strict_json_and_a_garbled_one_is_named(tmp_path):
 def test_a_full_disk_while_logging_is_one_error(tmp_path):
     run = RunDir(tmp_path)
     run.metrics.symlink_to("/dev/full")  # every write: ENOSPC
-    with pytest.raises(MlxLocalError, match=r"cannot write .*metrics.jsonl \(No space left on "):
+    full = r"cannot write .*metrics.jsonl: the disk is full \(No space left on "
+    with pytest.raises(MlxLocalError, match=full):
         run.log({"step": 1, "loss": 1.0})
 
 

@@ -49,6 +49,11 @@ def read_any(path: str | Path) -> Adapter:
 def read_peft(path: str | Path) -> Adapter:
     """A PEFT LoRA/rsLoRA/DoRA adapter directory as an Adapter (tensors in mlx-lm's layout)."""
     path = Path(path)
+    if not is_peft_dir(path):
+        raise MlxLocalError(
+            f"{path}: not a PEFT adapter folder (needs adapter_config.json and {WEIGHTS} or "
+            "adapter_model.bin)"
+        )
     config = read_json(path / "adapter_config.json", "adapter config")
     if config.get("peft_type") != "LORA":
         raise MlxLocalError(
@@ -79,8 +84,13 @@ def read_peft(path: str | Path) -> Adapter:
         module = name[: -len(leaf) - 1]
         modules.setdefault(module, {})[_LEAVES[leaf]] = value.T if value.ndim == 2 else value
     kind = "dora" if config.get("use_dora") else "lora"
-    check_modules(modules, kind, path)
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r = check_modules(modules, kind, path)
+    if config.get("r") != r:  # else the scale is wrong and the shapes seem the model's fault
+        raise MlxLocalError(
+            f"{path / 'adapter_config.json'}: r is {str(config.get('r'))[:40]} but the weights "
+            f"have rank {r}; is the config from another adapter?"
+        )
+    alpha = float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora"))
     targets = config.get("target_modules") or []
     return Adapter(

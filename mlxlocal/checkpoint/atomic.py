@@ -63,7 +63,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out`, on failure it vanishes."""
     out = Path(out)
     check_output(out, force)
-    _make_parent(out)
+    make_parent(out)
     with _sibling_in_use(out, "tmp") as tmp:
         with disk_errors(out):
             tmp.mkdir()
@@ -90,7 +90,7 @@ def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
     if out.is_dir():
         raise MlxLocalError(f"{out} is a folder: give a file name")
     check_output(out, force)
-    _make_parent(out)
+    make_parent(out)
     with _sibling_in_use(out, "tmp") as tmp:
         with disk_errors(out):
             yield tmp
@@ -142,7 +142,8 @@ def _disk_full(out: Path, detail: str) -> DiskFull:
     )
 
 
-def _make_parent(out: Path) -> None:
+def make_parent(out: Path) -> None:
+    """The folder `out` goes in, made if missing; one line when a file stands in its way."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

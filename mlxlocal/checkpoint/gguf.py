@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,36 @@ class _BoundedReader(GGUFReader):
         return super()._get_field_parts(orig_offs, raw_type)
 
 
+# The fewest bytes a tensor's description and a metadata entry take in a GGUF header: name
+# length, dimension count, type and offset; key length, type and a 1-byte value.
+_TENSOR_INFO_BYTES, _KV_BYTES = 24, 13
+
+
+def _check_counts(path: Path) -> None:
+    """Refuse a header whose tensor and key counts its file cannot hold, before the reader
+    tries (it fails deep inside numpy, or allocates for 2^60 entries)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+        size = path.stat().st_size
+    except OSError:
+        return  # the reader says what is wrong
+    version = struct.unpack("<I", head[4:8])[0] if len(head) == 24 else 0
+    if head[:4] != b"GGUF" or not 2 <= version <= 0xFFFF:
+        return  # not GGUF, version 1 (32-bit counts) or big-endian: the reader decides
+    tensors, keys = struct.unpack("<QQ", head[8:24])
+    if tensors * _TENSOR_INFO_BYTES + keys * _KV_BYTES > size:
+        raise MlxLocalError(
+            f"{path}: its header claims {tensors} tensors and {keys} metadata entries, more "
+            f"than its {size} bytes can hold; the file is corrupt — re-download it"
+        )
+
+
 def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
     """A GGUF reader whose every tensor is non-empty and fills exactly its own bytes of the file,
     and its metadata as Python values (lists for arrays)."""
     path = Path(path)
+    _check_counts(path)
     try:
         reader = _BoundedReader(path)
         fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}

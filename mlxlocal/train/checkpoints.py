@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -215,9 +216,10 @@ class RunDir:
             except OSError as e:
                 with suppress(OSError):
                     f.truncate(size)
+                full = ": the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
                 raise MlxLocalError(
-                    f"cannot write {self.metrics} ({e.strerror or e}): free some space, then "
-                    "run again to resume from the last checkpoint"
+                    f"cannot write {self.metrics}{full} ({e.strerror or e}): free some space, "
+                    "then run again to resume from the last checkpoint"
                 ) from e
 
     def save_checkpoint(

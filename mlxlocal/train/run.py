@@ -361,7 +361,13 @@ def _run(
     summary.before, summary.after = before, after
     summary.next = next_commands(recipe, base, run.path)
     write_text_atomic(run.path / "summary.json", strict_dumps(summary.to_json(), indent=2))
-    summary.report = refresher.final()  # after summary.json: the page says "finished"
+    try:
+        summary.report = refresher.final()  # after summary.json: the page says "finished"
+    except MlxLocalError:
+        # A disk too full for the page: not finished, so running again (from the final
+        # checkpoint) draws it rather than refusing a finished run.
+        (run.path / "summary.json").unlink(missing_ok=True)
+        raise
     return summary
 
 
