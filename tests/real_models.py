@@ -6,12 +6,10 @@ What changes from the real config, and only this (SHRINK): 2 layers; the widths 
 (head_dim, rope, norms, softcaps, windows, activations, tying: all as shipped);
 initializer_range 0.15 so random logits are far from uniform.
 
-The tokenizer is the model's real vocabulary at its real size wherever it is vendored
-(tests/data/llama_vocab, SOURCE.md there; REAL_VOCAB below): vocab_size and every token id stay
-the shipped ones, padding rows included (Qwen2.5: 151,665 tokens in a 151,936-row embedding).
-Gemma 2's 256,000-piece vocabulary is not vendored: its tokenizer is a stand-in (a byte-level
-BPE trained here, mlxlocal.tiny.write_tokenizer) carrying the real special tokens, chat template
-and settings, with vocab_size shrunk to it and the bos/eos/pad ids moved to the same tokens.
+The tokenizer is the model's real vocabulary at its real size (tests/data/llama_vocab,
+SOURCE.md there; REAL_VOCAB below): vocab_size and every token id stay the shipped ones, padding
+rows included (Qwen2.5: 151,665 tokens in a 151,936-row embedding). Gemma 2's 256,000 pieces
+(scores, types) are Google's, its SentencePiece model rebuilt around them (gemma_model_proto).
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import lzma
 import tempfile
 from pathlib import Path
 
@@ -32,7 +31,8 @@ SHRINK = {
     "Qwen2.5-1.5B-Instruct": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
     "Qwen2.5-7B-Instruct": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
     "Phi-3.5-mini-instruct": dict(hidden_size=192, num_attention_heads=2, num_key_value_heads=2),
-    "gemma-2-2b-it": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+    # 256,000 embedding rows: the narrowest width quantization keeps (group 32 divides it).
+    "gemma-2-2b-it": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1),
     "Mistral-7B-Instruct-v0.3": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1),
 }
 ALWAYS = dict(num_hidden_layers=2, intermediate_size=256, initializer_range=0.15)
@@ -47,7 +47,9 @@ REAL_VOCAB = {
     "Qwen2.5-7B-Instruct": "qwen2",
     "Phi-3.5-mini-instruct": "phi-3",
     "Mistral-7B-Instruct-v0.3": "mistral",
+    "gemma-2-2b-it": "gemma",
 }
+GEMMA = VOCAB / "gemma2.spm.xz"
 _TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # Settings of the real tokenizer class that a fast tokenizer built from tokenizer.json ignores.
 _CLASS_ONLY = ("added_tokens_decoder", "tokenizer_class", "sp_model_kwargs", "legacy", "vocab_size")
@@ -181,7 +183,32 @@ def sentencepiece_fields(model: Path) -> dict:
 
 
 @functools.cache
-def _real_tokenizer_files(family: str) -> dict[str, str]:
+def gemma_model_proto() -> bytes:
+    """Gemma 2's SentencePiece model: its 256,000 pieces, scores and types (GEMMA, one
+    `base64(piece) score type` line each, in id order) with the settings Gemma's tokenizer
+    encodes by: BPE with byte fallback, no normalization but spaces written as "▁", no dummy
+    prefix; <pad> <eos> <bos> <unk> = 0 1 2 3. (Google's own file is not vendored; its
+    training-only fields are not needed to encode.)"""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    for line in lzma.decompress(GEMMA.read_bytes()).decode().splitlines():
+        piece, score, kind = line.split(" ")
+        model.pieces.add(piece=base64.b64decode(piece).decode(), score=float(score), type=int(kind))
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size = pb.TrainerSpec.BPE, len(model.pieces)
+    spec.byte_fallback = spec.split_digits = spec.allow_whitespace_only_pieces = True
+    for i, name in enumerate(("pad", "eos", "bos", "unk")):
+        setattr(spec, f"{name}_id", i)
+        setattr(spec, f"{name}_piece", f"<{name}>")
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces = "identity", False, False
+    norm.escape_whitespaces = True
+    return model.SerializeToString()
+
+
+@functools.cache
+def _real_tokenizer_files(family: str) -> dict[str, bytes]:
     """tokenizer.json (+ what our GGUF import writes beside it) of a vendored vocabulary,
     built once per process (Llama 3's merges take transformers ~15 s to derive)."""
     from mlxlocal.checkpoint.gguf import open_gguf
@@ -195,10 +222,27 @@ def _real_tokenizer_files(family: str) -> dict[str, str]:
             write_qwen2_tokenizer(out, QWEN25_SPECIAL, QWEN25_ADDED)
         elif family == "phi-3":  # llama.cpp's Phi-3 vocabulary GGUF, through our GGUF import
             write_tokenizer_files(open_gguf(VOCAB / "ggml-vocab-phi-3.gguf")[1], out)
+        elif family == "gemma":  # as the Hub ships it: tokenizer.model + transformers' conversion
+            return write_gemma_tokenizer(out)
         else:  # Mistral v0.3's SentencePiece model, as llama.cpp converts it, through our import
             fields = sentencepiece_fields(VOCAB / "mistral-v0.3-tokenizer.model")
             write_tokenizer_files(fields, out)
-        return {"tokenizer.json": (out / "tokenizer.json").read_text()}
+        return {"tokenizer.json": (out / "tokenizer.json").read_bytes()}
+
+
+def write_gemma_tokenizer(out: Path) -> dict[str, bytes]:
+    """tokenizer.model (gemma_model_proto) and the tokenizer.json transformers makes of it
+    (BOS added, as shipped)."""
+    from tokenizers import processors
+    from transformers import GemmaTokenizer
+
+    (out / "tokenizer.model").write_bytes(gemma_model_proto())
+    tokenizer = GemmaTokenizer.from_pretrained(str(out)).backend_tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    return {name: (out / name).read_bytes() for name in ("tokenizer.model", "tokenizer.json")}
 
 
 def write_real_tokenizer(name: str, out: Path) -> None:
@@ -207,8 +251,8 @@ def write_real_tokenizer(name: str, out: Path) -> None:
     from tokenizers import Tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    for file, text in _real_tokenizer_files(REAL_VOCAB[name]).items():
-        (out / file).write_text(text)
+    for file, data in _real_tokenizer_files(REAL_VOCAB[name]).items():
+        (out / file).write_bytes(data)
     settings = _settings(name)
     if not settings.get("add_bos_token", True):  # Phi-3.5 adds no BOS (its template has none)
         tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -220,44 +264,19 @@ def write_real_tokenizer(name: str, out: Path) -> None:
         assert vocab[token["content"]] == int(i), (name, token)  # the real ids
 
 
-def _moved_ids(name: str, value):
-    """A config's token id (or list) → the stand-in's id of the same token."""
-    decoder = tokenizer_config(name)["added_tokens_decoder"]
-    specials = special_tokens(name)
-
-    def move(i):
-        return None if i is None else specials.index(decoder[str(i)]["content"])
-
-    return [move(i) for i in value] if isinstance(value, list) else move(value)
-
-
-def small_config(name: str, vocab: int | None = None) -> dict:
-    """The shrunk config; `vocab`: the stand-in tokenizer's size (None: the real vocabulary)."""
-    config = real_config(name) | SHRINK[name] | ALWAYS
-    if vocab is not None:
-        config["vocab_size"] = -(-vocab // 64) * 64
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in config:
-                config[key] = _moved_ids(name, config[key])
-    return config
+def small_config(name: str) -> dict:
+    return real_config(name) | SHRINK[name] | ALWAYS
 
 
 def make_real_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
     """A transformers checkpoint of `name` (small_config, random weights) with its real
-    tokenizer (or the stand-in) and generation_config.json."""
+    tokenizer and generation_config.json."""
     import torch
     import transformers
 
     out = Path(out)
-    if name in REAL_VOCAB:
-        write_real_tokenizer(name, out)
-        config, generation = small_config(name), generation_config(name)
-    else:
-        config = small_config(name, write_stand_in_tokenizer(name, out))
-        generation = generation_config(name)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in generation:
-                generation[key] = _moved_ids(name, generation[key])
+    write_real_tokenizer(name, out)
+    config, generation = small_config(name), generation_config(name)
     config.pop("auto_map", None)  # phi3 is built into transformers: no remote code
     hf_config = transformers.AutoConfig.for_model(**config)
     torch.manual_seed(seed)

@@ -186,6 +186,11 @@ def _sentencepiece(writer, path: Path, data: dict | None, rows: int):
             types.append(T.NORMAL)
     for t in sorted((data or {}).get("added_tokens", []), key=lambda t: t["id"]):
         if t["id"] < len(tokens):
+            # A piece the tokenizer matches whole (SentencePiece's user-defined ones, which its
+            # Python API reports as normal: Gemma's <start_of_turn>): typed so llama.cpp does
+            # too, as its own converter types them from the added tokens.
+            if types[t["id"]] == T.NORMAL and tokens[t["id"]] == t["content"]:
+                types[t["id"]] = T.CONTROL if t.get("special") else T.USER_DEFINED
             continue
         if t["id"] != len(tokens):
             raise MlxLocalError(f"{path.parent}: added token ids are not contiguous")
