@@ -34,6 +34,7 @@ PROCESS_FLOOR = int(0.45 * GiB)
 # Saved activations per token and block, in elements, beyond the formula's named tensors:
 # measured factors (see tests/test_plan.py for the runs they were checked on).
 LOGIT_COPIES = 5  # unchunked loss: logits, log-softmax, its gradient and two temporaries
+PAIR_LOGIT_COPIES = 4  # the preference losses: one fewer (measured, tests/test_plan.py)
 CHUNK_SLICES = 6  # chunked loss: MLX allocates a few slices ahead (train/loss.py)
 REFERENCE_LOGIT_COPIES = 3  # DPO's scoring pass: the logits, in float32, and log-softmax's
 PREFILL_STEP = 2048  # mlx-lm's prompt processing chunk (generate_step's prefill_step_size)
@@ -428,7 +429,7 @@ def training_estimate(recipe: Recipe, config: dict[str, Any], dtype: str | None 
         logits = CHUNK_SLICES * batch * width * shape.vocab * 4
         note = f"chunked, {t.loss_chunk_size} positions a slice"
     else:
-        copies = LOGIT_COPIES + (2 if shape.softcap else 0)
+        copies = (PAIR_LOGIT_COPIES if pairs else LOGIT_COPIES) + (2 if shape.softcap else 0)
         logits = copies * tokens * shape.vocab * max(b, 4 if dtype == "float32" else b)
         note = f"whole: {batch} × {length} × {shape.vocab:,} vocabulary"
     parts.append(Part("logits and loss", logits, note))

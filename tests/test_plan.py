@@ -227,7 +227,8 @@ def test_preference_batches_are_pairs_and_the_dpo_reference_holds_no_model(tmp_p
     dpo = training_estimate(recipe(method__objective="dpo"), CONFIG_C, "float32")
     sft = training_estimate(recipe(training__batch_size=4), CONFIG_C, "float32")
     parts = {p.name: p for p in dpo.parts}
-    assert [p.bytes for p in dpo.parts[:-1]] == [p.bytes for p in sft.parts]
+    same = ["weights", "adapters", "gradients", "optimizer state", "activations"]
+    assert [p.bytes for p in dpo.parts[:5]] == [p.bytes for p in sft.parts if p.name in same]
     assert "2 pairs = 4 rows" in parts["activations"].note
     reference = parts["reference (DPO)"]
     assert reference.bytes == 0 and "no second model" in reference.note
@@ -235,7 +236,7 @@ def test_preference_batches_are_pairs_and_the_dpo_reference_holds_no_model(tmp_p
     full_parts = {p.name: p for p in training_estimate(full, CONFIG_C, "float32").parts}
     assert full_parts["reference (DPO)"].bytes == 0  # no second copy for full fine-tuning either
     orpo = training_estimate(recipe(method__objective="orpo"), CONFIG_C, "float32")
-    assert orpo.peak == sft.peak  # no reference at all
+    assert orpo.peak == dpo.peak and len(orpo.parts) == len(dpo.parts) - 1  # no reference
     # A reference model larger than the policy: its scoring pass is the run's peak.
     big = tmp_path / "big"
     big.mkdir()
@@ -245,4 +246,4 @@ def test_preference_batches_are_pairs_and_the_dpo_reference_holds_no_model(tmp_p
         recipe(method__objective="dpo", method__reference=str(big)), CONFIG_C, "float32"
     )
     part = {p.name: p for p in larger.parts}["reference (DPO)"]
-    assert part.bytes > 0 and larger.peak > 4 * dpo.peak
+    assert part.bytes > 0 and larger.peak > 2 * dpo.peak
