@@ -145,9 +145,7 @@ def _recipe(folder, model, pairs_file, **overrides):
         folder,
         model,
         data={"train": str(pairs_file), "valid": str(pairs_file), "max_length": 96},
-        training__steps=6,
-        training__batch_size=4,
-        **overrides,
+        **{"training__steps": 6, "training__batch_size": 4, **overrides},
     )
 
 
