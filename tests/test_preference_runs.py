@@ -351,7 +351,8 @@ def test_the_chunked_loss_equals_the_whole_one(mlx_checkpoints, tokenizer, pairs
 
     whole, chunked = scored(None), scored(7)
     assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
-    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5, atol=1e-6)
+    # The margin is a difference of sums of ~200: float32 leaves ~1e-5 of it.
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=0, atol=1e-6 * np.abs(whole[1]).max())
     grads, expected = chunked[2], whole[2]
     assert grads.keys() == expected.keys() and len(grads) > 0
     if kind == "full":
