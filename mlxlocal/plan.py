@@ -10,8 +10,9 @@ logits (whole, or ~6 slices with the chunked loss), and the process's own floor 
 the libraries), which `mx.get_peak_memory()` does not count. The activation and logit factors
 were measured against `mx.get_peak_memory()` on real runs of the engine (tests/test_plan.py).
 
-A training objective with a reference model (preference tuning) adds its parts in
-`objective_parts`: nothing else needs to change.
+Preference objectives (DPO, ORPO, SimPO) train batches of 2 × batch_size rows (each pair's
+chosen and rejected answers); DPO's reference scoring pass is a phase before training
+(`objective_parts`), and training holds no second model.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ PROCESS_FLOOR = int(0.45 * GiB)
 # Saved activations per token and block, in elements, beyond the formula's named tensors:
 # measured factors (see tests/test_plan.py for the runs they were checked on).
 LOGIT_COPIES = 5  # unchunked loss: logits, log-softmax, its gradient and two temporaries
+PAIR_LOGIT_COPIES = 4  # the preference losses: one fewer (measured, tests/test_plan.py)
 CHUNK_SLICES = 6  # chunked loss: MLX allocates a few slices ahead (train/loss.py)
+REFERENCE_LOGIT_COPIES = 3  # DPO's scoring pass: the logits, in float32, and log-softmax's
 PREFILL_STEP = 2048  # mlx-lm's prompt processing chunk (generate_step's prefill_step_size)
 SHIPPED_CONFIGS = "model_configs"  # package folder of the built-in recipes' models' configs
 
@@ -338,13 +341,29 @@ def _optimizer_factor(recipe: Recipe) -> float:
     return 1.0 if t.optimizer_args.get("beta_1") else 0.05  # adafactor: factored rows + cols
 
 
-def objective_parts(recipe: Recipe, shape: Shape) -> list[Part]:
-    """Parts a training objective adds beyond next-token cross-entropy: none yet.
+def objective_parts(
+    recipe: Recipe, shape: Shape, dtype: str, weights: int, peak: int
+) -> list[Part]:
+    """What a preference objective adds beyond its batches of 2 × batch_size rows: DPO's
+    reference is scored once before training (train/preference.py) and only its scores are
+    kept, so no second model is held, full fine-tuning included. Its scoring pass (the
+    reference's weights and a no-gradient forward of one batch) is a phase of its own: the
+    part is what it peaks above the training step, nothing when below (the usual case)."""
+    m, t, d = recipe.method, recipe.training, recipe.data
+    if m.objective != "dpo":
+        return []
+    folder = Path(m.reference)
+    if m.reference != "base" and (folder / "config.json").exists():  # a model of its own
+        from .checkpoint.inputs import read_json
 
-    A preference objective with a reference model would add the reference's weights (unless
-    it is the base with adapters switched off) and the no-gradient forward's logits here.
-    """
-    return []
+        config = read_json(folder / "config.json", "config")
+        shape = model_shape(config)
+        weights, _ = weight_bytes(shape, dtype, config.get("quantization"), [])
+    rows = 2 * t.batch_size
+    logits = REFERENCE_LOGIT_COPIES * rows * (d.max_length - 1) * shape.vocab * 4
+    scoring = weights + logits
+    note = f"scores cached before training, no second model held; scoring pass {gib(scoring)}"
+    return [Part("reference (DPO)", max(0, scoring - peak), note)]
 
 
 def training_estimate(recipe: Recipe, config: dict[str, Any], dtype: str | None = None) -> Estimate:
@@ -392,8 +411,10 @@ def training_estimate(recipe: Recipe, config: dict[str, Any], dtype: str | None 
         Part("optimizer state", int(trained * tbytes * _optimizer_factor(recipe)), t.optimizer)
     )
 
-    batch, length = t.batch_size, d.max_length - 1
+    pairs = m.objective != "sft"  # a batch of B pairs is 2B rows, chosen and rejected
+    batch, length = t.batch_size * (2 if pairs else 1), d.max_length - 1
     tokens = batch * length
+    rows = f"{t.batch_size} pairs = {batch} rows" if pairs else str(batch)
     active = shape.layers - min(layers)  # blocks the backward pass goes through
     block = _block_activations(shape, length, b)
     extra = _adapter_activations(adapted, b, m.type, m.rank, m.dropout)
@@ -403,17 +424,17 @@ def training_estimate(recipe: Recipe, config: dict[str, Any], dtype: str | None 
     else:
         acts = tokens * (active * block + extra)
         note = f"{active} blocks, no gradient checkpointing"
-    parts.append(Part("activations", acts, f"{note}; {batch} × {d.max_length} tokens"))
+    parts.append(Part("activations", acts, f"{note}; {rows} × {d.max_length} tokens"))
     if t.loss_chunk_size:
         width = min(t.loss_chunk_size, length)
         logits = CHUNK_SLICES * batch * width * shape.vocab * 4
         note = f"chunked, {t.loss_chunk_size} positions a slice"
     else:
-        copies = LOGIT_COPIES + (2 if shape.softcap else 0)
+        copies = (PAIR_LOGIT_COPIES if pairs else LOGIT_COPIES) + (2 if shape.softcap else 0)
         logits = copies * tokens * shape.vocab * max(b, 4 if dtype == "float32" else b)
         note = f"whole: {batch} × {length} × {shape.vocab:,} vocabulary"
     parts.append(Part("logits and loss", logits, note))
-    parts += objective_parts(recipe, shape)
+    parts += objective_parts(recipe, shape, dtype, weights, sum(p.bytes for p in parts))
     method = m.type if m.type == "full" else f"{m.type} r{m.rank}" + (" (QLoRA)" if q else "")
     title = f"training {method}, {len(layers)} of {shape.layers} blocks, {dtype}"
     return Estimate(title, parts)

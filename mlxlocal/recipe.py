@@ -70,7 +70,9 @@ class MethodSection(Section):
     beta: float = Field(0.1, gt=0)  # DPO/SimPO temperature, ORPO's weight of the odds term
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # DPO/SimPO: share of flipped labels
     simpo_gamma: float = Field(0.5, ge=0)  # SimPO: the reward margin asked for
-    reference: Literal["base"] = "base"  # DPO: the model the rewards are measured against
+    # DPO: what the rewards are measured against: the base (adapters off), or a folder: a
+    # model (e.g. the SFT model the policy started from) or adapters applied over the base.
+    reference: str = Field("base", min_length=1)
 
     @field_validator("layers", mode="wrap")
     @classmethod
@@ -176,6 +178,8 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
                 return f"method.{key}", "applies to lora and dora, not to method.type: full"
     # Set to other than the default (a resolved recipe, written back, holds every default).
     changed = {k for k in m.model_fields_set if getattr(m, k) != type(m).model_fields[k].default}
+    if "reference" in changed and m.objective != "dpo":
+        return "method.reference", "applies to objective dpo only (the others have none)"
     if m.objective == "sft":
         for key in ("beta", "label_smoothing", "simpo_gamma"):
             if key in changed:
@@ -189,8 +193,6 @@ def _impossible_combination(r: Recipe) -> tuple[str, str] | None:
             return "data.format", f"objective {m.objective} trains on preference data"
         if r.data.packing and "packing" in r.data.model_fields_set:
             return "data.packing", "preference pairs are not packed; remove it"
-        if r.training.loss_chunk_size is not None:
-            return "training.loss_chunk_size", "the preference losses are not chunked; remove it"
         if r.eval.task not in (None, "preference"):
             return "eval.task", f"objective {m.objective} is scored by task preference"
     if isinstance(m.layers, list) and len(set(m.layers)) != len(m.layers):
@@ -396,6 +398,9 @@ def _resolve_paths(recipe: Recipe, folder: Path, overridden: list[Path_]) -> Non
         d.valid = _resolve(d.valid, base("data", "valid"))
     if recipe.eval.data is not None:
         recipe.eval.data = _resolve(recipe.eval.data, base("eval", "data"))
+    m = recipe.method
+    if m.reference != "base":
+        m.reference = _resolve(m.reference, base("method", "reference"))
     local = base("model", "path") / Path(recipe.model.path).expanduser()
     if not recipe.model.path.startswith("builtin:") and local.exists():
         recipe.model.path = str(local.resolve())

@@ -20,6 +20,7 @@ from mlxlocal.checkpoint.dtypes import DTYPES, compute_dtype
 from mlxlocal.models import model_classes
 from mlxlocal.recipe import Recipe
 from mlxlocal.train.optim import build_optimizer
+from mlxlocal.train.preference import Objective, sequence_logps
 from mlxlocal.train.run import prepare_method, quantize_for_training
 from mlxlocal.train.trainer import gradient_checkpointing, make_step
 
@@ -29,6 +30,7 @@ class RandomBatch:
     tokens: mx.array
     weights: mx.array
     segments: mx.array
+    reference: mx.array | None = None  # a preference batch's reference scores (2B rows)
 
 
 def random_batch(vocab: int, batch: int, length: int, packed: bool, seed: int) -> RandomBatch:
@@ -42,7 +44,10 @@ def random_batch(vocab: int, batch: int, length: int, packed: bool, seed: int) -
 
 
 def measured_peak(config: dict[str, Any], recipe: Recipe, steps: int = 2) -> int:
-    """Peak bytes MLX allocated from building the model to the end of `steps` training steps."""
+    """Peak bytes MLX allocated from building the model to the end of `steps` training steps.
+
+    A preference recipe trains batches of 2 × batch_size rows; DPO first scores one such batch
+    with the model before adapters are added, as `run` scores its reference."""
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -52,8 +57,13 @@ def measured_peak(config: dict[str, Any], recipe: Recipe, steps: int = 2) -> int
     if recipe.model.quantize is not None:
         quantize_for_training(model, recipe.model.quantize)
     mx.eval(model.parameters())
-    prepare_method(model, recipe, Path("base"))
     t, d = recipe.training, recipe.data
+    objective = Objective.of(recipe.method)
+    rows = t.batch_size * (2 if objective else 1)
+    if objective is not None and objective.needs_reference:
+        b = random_batch(config["vocab_size"], rows, d.max_length, False, 7)
+        mx.eval(sequence_logps(model, b.tokens, b.weights))
+    prepare_method(model, recipe, Path("base"))
     optimizer = build_optimizer(t, steps)
     optimizer.init(model.trainable_parameters())
     step = make_step(
@@ -63,17 +73,18 @@ def measured_peak(config: dict[str, Any], recipe: Recipe, steps: int = 2) -> int
         loss_chunk_size=t.loss_chunk_size,
         packed=d.packing,
         compile=t.compile,
+        objective=objective,
     )
     state = [model.state, optimizer.state, mx.random.state]
     model.train()
     with gradient_checkpointing(model) if t.grad_checkpoint else nullcontext():
         for i in range(steps):
             micro = [
-                random_batch(
-                    config["vocab_size"], t.batch_size, d.max_length, d.packing, i * 97 + k
-                )
+                random_batch(config["vocab_size"], rows, d.max_length, d.packing, i * 97 + k)
                 for k in range(t.grad_accumulation)
             ]
+            for b in micro if objective is not None else ():
+                b.reference = mx.zeros((rows,))
             mx.eval(state, *step(micro))
     peak = mx.get_peak_memory()
     del model, optimizer, step, state

@@ -69,6 +69,7 @@ CASES = {
     "DoRA, chunked loss, packing": recipe(
         method__type="dora", training__loss_chunk_size=48, data__packing=True
     ),
+    "DPO, lora (2 × 2 rows)": recipe(method__objective="dpo"),
 }
 
 
@@ -218,3 +219,31 @@ def test_plan_gives_time_per_step_from_a_measured_throughput(tmp_path):
     assert f"time: ~2.67 s per step (400 tokens) at 150 tokens/s measured in {out}" in done.output
     done = runner.invoke(cli, ["plan", "builtin:tiny", "--throughput", "5"])
     assert done.exit_code == 1 and "apply to recipes only" in done.output
+
+
+def test_preference_batches_are_pairs_and_the_dpo_reference_holds_no_model(tmp_path):
+    """B pairs train as 2B rows; DPO's reference (base or a model folder) is a scoring pass
+    before training that counts only where it peaks above the training step."""
+    dpo = training_estimate(recipe(method__objective="dpo"), CONFIG_C, "float32")
+    sft = training_estimate(recipe(training__batch_size=4), CONFIG_C, "float32")
+    parts = {p.name: p for p in dpo.parts}
+    same = ["weights", "adapters", "gradients", "optimizer state", "activations"]
+    assert [p.bytes for p in dpo.parts[:5]] == [p.bytes for p in sft.parts if p.name in same]
+    assert "2 pairs = 4 rows" in parts["activations"].note
+    reference = parts["reference (DPO)"]
+    assert reference.bytes == 0 and "no second model" in reference.note
+    full = recipe(method__objective="dpo", method__type="full", method__layers="all")
+    full_parts = {p.name: p for p in training_estimate(full, CONFIG_C, "float32").parts}
+    assert full_parts["reference (DPO)"].bytes == 0  # no second copy for full fine-tuning either
+    orpo = training_estimate(recipe(method__objective="orpo"), CONFIG_C, "float32")
+    assert orpo.peak == dpo.peak and len(orpo.parts) == len(dpo.parts) - 1  # no reference
+    # A reference model larger than the policy: its scoring pass is the run's peak.
+    big = tmp_path / "big"
+    big.mkdir()
+    wide = {**CONFIG_C, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8}
+    (big / "config.json").write_text(json.dumps(wide))
+    larger = training_estimate(
+        recipe(method__objective="dpo", method__reference=str(big)), CONFIG_C, "float32"
+    )
+    part = {p.name: p for p in larger.parts}["reference (DPO)"]
+    assert part.bytes > 0 and larger.peak > 2 * dpo.peak

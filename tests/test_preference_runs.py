@@ -4,6 +4,8 @@ method, exact resume after SIGKILL, and the `preference` evaluation task."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from helpers import (
     assert_same_run,
     finished_run,
     killed_run,
+    make_adapter,
     read_metrics,
     uninterrupted_run,
     write_recipe,
@@ -113,6 +116,7 @@ def test_recipe_mistakes_are_one_line(mlx_checkpoints, tmp_path, override, messa
         (["method.objective=orpo", "method.simpo_gamma=1"], "applies to objective simpo only"),
         (["method.objective=dpo", "eval.task=classify", "eval.data=x.jsonl"], "task preference"),
         (["method.objective=dpo", "data.packing=true"], "pairs are not packed"),
+        (["method.objective=orpo", "method.reference=sft"], "applies to objective dpo only"),
     ],
 )
 def test_preference_settings_that_contradict_are_refused(
@@ -139,22 +143,20 @@ def _recipe(folder, model, pairs_file, **overrides):
         folder,
         model,
         data={"train": str(pairs_file), "valid": str(pairs_file), "max_length": 96},
-        training__steps=6,
-        training__batch_size=4,
-        **overrides,
+        **{"training__steps": 6, "training__batch_size": 4, **overrides},
     )
 
 
 @pytest.mark.parametrize(
-    ("objective", "method", "quantize"),
+    ("objective", "method", "quantize", "chunk"),
     [
-        ("dpo", {"type": "dora", "rank": 4}, None),
-        ("orpo", {"type": "full"}, None),
-        ("simpo", {"type": "lora", "rank": 4}, {"bits": 4, "group_size": 32}),  # QLoRA
+        ("dpo", {"type": "dora", "rank": 4}, None, None),
+        ("orpo", {"type": "full"}, None, 16),  # the chunked loss, the head trained
+        ("simpo", {"type": "lora", "rank": 4}, {"bits": 4, "group_size": 32}, None),  # QLoRA
     ],
 )
 def test_every_objective_trains_every_method(
-    mlx_checkpoints, pairs_file, tmp_path, objective, method, quantize
+    mlx_checkpoints, pairs_file, tmp_path, objective, method, quantize, chunk
 ):
     model = mlx_checkpoints("llama")
     recipe = _recipe(
@@ -165,6 +167,7 @@ def test_every_objective_trains_every_method(
         model__quantize=quantize,
         eval={"task": "preference", "every": 3},
         training__learning_rate=1e-3,
+        training__loss_chunk_size=chunk,
     )
     finished_run(recipe)
     run = tmp_path / "run"
@@ -196,7 +199,7 @@ def dpo_recipe(mlx_checkpoints, pairs_file, tmp_path_factory):
 
 
 def test_the_reference_is_the_base_scored_once_and_cached(dpo_recipe, mlx_checkpoints, tokenizer):
-    from mlxlocal.train.preference import cached_reference, reference_logps
+    from mlxlocal.train.preference import ReferenceCache, reference_logps
 
     run = uninterrupted_run(dpo_recipe)
     recipe = load_recipe(dpo_recipe)
@@ -206,11 +209,12 @@ def test_the_reference_is_the_base_scored_once_and_cached(dpo_recipe, mlx_checkp
     saved = np.load(run / "reference-train.npz")["logps"]
     np.testing.assert_allclose(saved, fresh, atol=1e-4)
     assert (saved[:, 0] != saved[:, 1]).all()
-    # A cache is used only for the pairs it was made for.
-    assert cached_reference(run, "train", None, pairs, 4, 96) is not None  # no model needed
-    other = pairs[:5]
-    again = cached_reference(run, "train", base, other, 4, 96)
-    np.testing.assert_allclose(again, fresh[:5], atol=1e-4)
+    # A cache is used only for the pairs and the reference it was made for.
+    source = mlx_checkpoints("llama")
+    cache = ReferenceCache.open(run, "base", source, {"train": pairs}, resuming=True)
+    assert not cache.missing  # no model needed
+    cache = ReferenceCache.open(run, "base", source, {"train": pairs[:5]}, resuming=True)
+    assert cache.missing == ["train"]
 
 
 def test_a_killed_dpo_run_resumes_exactly_with_its_cached_reference(dpo_recipe, tmp_path):
@@ -225,6 +229,53 @@ def test_a_killed_dpo_run_resumes_exactly_with_its_cached_reference(dpo_recipe, 
     assert_same_run(uninterrupted, run, 6)
     for a, b in zip(read_metrics(uninterrupted), read_metrics(run), strict=True):
         assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference_folders(mlx_checkpoints, tmp_path_factory):
+    """References other than the base: adapters over it, and a model of the same vocabulary
+    (the tiny Llama with other weights), copied so that a test may touch their files."""
+    root = tmp_path_factory.mktemp("references")
+    adapter = make_adapter(mlx_checkpoints("llama"), root / "sft-adapter")
+    model = shutil.copytree(mlx_checkpoints("llama", seed=1), root / "sft-model")
+    return {"adapter": adapter, "model": model}
+
+
+@pytest.mark.parametrize("kind", ["adapter", "model"])
+def test_a_reference_folder_is_scored_into_the_cache_and_tied_to_it(
+    reference_folders, mlx_checkpoints, pairs_file, tokenizer, tmp_path, kind
+):
+    from mlxlocal.train.preference import reference_logps
+
+    base, reference = mlx_checkpoints("llama"), reference_folders[kind]
+    method = {"type": "lora", "rank": 4, "objective": "dpo", "reference": str(reference)}
+    recipe = _recipe(tmp_path, base, pairs_file, method=method, training__steps=2)
+    done = mlxlocal("run", str(recipe))
+    assert done.returncode == 0, done.stderr
+    assert f"pairs with the reference ({reference})" in done.stdout + done.stderr
+    run = tmp_path / "run"
+    pairs, _ = load_examples(load_recipe(recipe).data, tokenizer)
+    width = min(96, max(len(p.tokens) for p in pairs))  # the run's batches, exactly
+    scorer, _ = load(base, adapter=reference) if kind == "adapter" else load(reference)
+    direct = reference_logps(scorer, pairs, 4, width)
+    with np.load(run / "reference-train.npz") as saved:
+        cached = saved["logps"]
+        assert str(saved["reference"]) == str(reference)
+    np.testing.assert_allclose(cached, direct, rtol=0, atol=1e-5)
+    from_base = reference_logps(load(base)[0], pairs, 4, width)
+    assert np.abs(cached - from_base).max() > 1e-2  # another reference, another cache
+    # Continuing the run reuses the cache; once the reference's files change, it is refused.
+    made = (run / "reference-train.npz").stat().st_mtime_ns
+    done = mlxlocal("run", str(recipe), "--extend", "1")
+    assert done.returncode == 0, done.stderr
+    assert (run / "reference-train.npz").stat().st_mtime_ns == made
+    weights = next(reference.glob("*.safetensors"))
+    os.utime(weights, ns=(made, weights.stat().st_mtime_ns + 10**9))
+    done = mlxlocal("run", str(recipe), "--extend", "1")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.strip().endswith(errors[0]), done.stderr
+    assert "before its files changed" in errors[0] and "reference-train.npz" in errors[0]
 
 
 def test_adapters_off_is_the_base(mlx_checkpoints, tokenizer, pairs_file):
@@ -243,3 +294,54 @@ def test_adapters_off_is_the_base(mlx_checkpoints, tokenizer, pairs_file):
     assert np.abs(adapted - base).max() > 1e-2
     np.testing.assert_array_equal(off, base)
     np.testing.assert_array_equal(reference_logps(model, pairs[:6], 3, 96), adapted)  # back on
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("name", ["dpo", "orpo", "simpo"])
+def test_the_chunked_loss_equals_the_whole_one(mlx_checkpoints, tokenizer, pairs_file, name, kind):
+    """Loss, rewards and every trainable gradient (the head's too when it trains) of a batch of
+    pairs, with the head run over slices of 7 positions, against the whole logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlxlocal.adapters.layers import add_adapters
+    from mlxlocal.data import collate_pairs
+    from mlxlocal.train.preference import Objective, batch_loss
+
+    pairs, _ = _load(tokenizer, pairs_file, max_length=96)
+    model, _ = load(mlx_checkpoints("llama"))
+    mx.random.seed(0)
+    if kind == "lora":
+        add_adapters(model, "lora", 4, 2.0, 0.0, ["self_attn.q_proj", "mlp.down_proj"], [0, 1])
+        for layer in model.layers:
+            for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                m.lora_b = 0.1 * mx.random.normal(m.lora_b.shape)
+    else:
+        model.unfreeze()
+    b = collate_pairs(pairs[:4], list(range(4)), 96)
+    reference = -40 + 5 * mx.random.normal((8,))
+    objective = Objective(name, beta=0.2, label_smoothing=0.1 if name != "orpo" else 0.0)
+
+    def scored(chunk):
+        def loss(*arrays):
+            total, _, sums = batch_loss(model, objective, *arrays, chunk_size=chunk)
+            return total, sums
+
+        (total, sums), grads = nn.value_and_grad(model, loss)(
+            b.tokens, b.weights, b.segments, reference
+        )
+        mx.eval(total, sums, grads)
+        return total.item(), np.array(sums), dict(tree_flatten(grads))
+
+    whole, chunked = scored(None), scored(7)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    # The margin is a difference of sums of ~200: float32 leaves ~1e-5 of it.
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=0, atol=1e-6 * np.abs(whole[1]).max())
+    grads, expected = chunked[2], whole[2]
+    assert grads.keys() == expected.keys() and len(grads) > 0
+    if kind == "full":
+        assert any("embed_tokens" in k or "lm_head" in k for k in grads)
+    scale = max(np.abs(np.array(g)).max() for g in expected.values())
+    for key, g in expected.items():
+        np.testing.assert_allclose(np.array(grads[key]), np.array(g), rtol=0, atol=1e-5 * scale)

@@ -77,6 +77,23 @@ def _checkpoint_of_another_recipe(d: Path) -> list[str]:
     return []
 
 
+_DPO = ["method.objective=dpo", "data.train=builtin:polite-train.jsonl"]
+
+
+def _wide_adapter(d: Path) -> Path:
+    """A LoRA adapter for a model twice as wide as the tiny one."""
+    import mlx.core as mx
+
+    out = d / "adapter"
+    out.mkdir()
+    name = "model.layers.0.self_attn.q_proj"
+    tensors = {f"{name}.lora_a": mx.zeros((128, 4)), f"{name}.lora_b": mx.zeros((4, 128))}
+    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
+    config = {"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 2.0}}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 # (id, files and overrides for the mistake, the error's pattern)
 CASES = [
     ("output is a file", _output_file, "is a file: choose a directory"),
@@ -167,6 +184,17 @@ CASES = [
             "eval.labels=[good, bad, ' ']",
         ],
         "becomes no tokens",
+    ),
+    ("no such reference", lambda d: [*_DPO, f"method.reference={d / 'sft'}"], "no such folder"),
+    (
+        "a reference that is no model",
+        lambda d: [*_DPO, f"method.reference={d}"],  # holds recipe.yaml only
+        "neither a model folder",
+    ),
+    (
+        "a reference adapter of another model size",
+        lambda d: [*_DPO, f"method.reference={_wide_adapter(d)}"],
+        "another model size",
     ),
     (
         "a row without its answer",

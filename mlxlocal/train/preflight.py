@@ -22,6 +22,7 @@ from ..models import context_length
 from ..recipe import Recipe, dump_recipe, load_recipe
 from .batches import num_batches
 from .checkpoints import RunDir
+from .preference import check_reference
 
 
 @dataclass
@@ -58,14 +59,18 @@ class Checked:
 
 def preflight(
     recipe: Recipe,
+    base: Path,
     tokenizer: Any,
     config: dict[str, Any],
     note: Callable[[str], None],
     world_size: int = 1,
 ) -> Checked:
-    """Every check `run` makes before loading weights; raises the first failure. With
-    `world_size` ranks a step takes grad_accumulation micro-batches on each."""
+    """Every check `run` makes before loading weights; raises the first failure. `base` is
+    the model's folder. With `world_size` ranks a step takes grad_accumulation micro-batches
+    on each."""
     check_model(recipe, config)
+    if recipe.method.objective == "dpo":
+        check_reference(recipe.method.reference, base, config, tokenizer)
     check_eval(recipe, tokenizer, note)
     examples, report = load_examples(recipe.data, tokenizer, "train", note)
     valid_examples, valid_report = load_examples(recipe.data, tokenizer, "valid", note)
@@ -188,7 +193,7 @@ def validate_recipe(
         return report
     config = read_config(folder)
     report.append(f"model {model}: found ({config['model_type']}, {folder})")
-    checked = preflight(recipe, load_tokenizer(folder), config, note)
+    checked = preflight(recipe, folder, load_tokenizer(folder), config, note)
     if recipe.eval.task:
         report.append(f"eval {recipe.eval.task}: ok")
     return report + checked.lines()

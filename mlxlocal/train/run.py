@@ -46,7 +46,7 @@ from .checkpoints import (
 )
 from .loss import check_output_head
 from .optim import build_optimizer
-from .preference import Objective, cached_reference, with_reference
+from .preference import BASE, Objective, ReferenceCache, load_reference, with_reference
 from .preflight import preflight
 from .trainer import BatchStream, TrainResult, train
 
@@ -262,11 +262,23 @@ def _run(
     src = resolve_source(recipe.model.path, recipe.model.revision)
     if ckpt is not None and not world.main:
         check_world(ckpt, world)
-    checked = preflight(recipe, load_tokenizer(src), read_config(src), echo, world.size)
+    checked = preflight(recipe, src, load_tokenizer(src), read_config(src), echo, world.size)
     examples, report = checked.examples, checked.report
     valid_examples, valid_report = checked.valid_examples, checked.valid_report
     maybe_set_recommended_wired_limit()
     mx.random.seed(t.seed)
+    objective = Objective.of(recipe.method)
+    cache = None
+    if objective is not None and objective.needs_reference:
+        splits = {"train": examples, "valid": valid_examples}
+        reference = recipe.method.reference
+        cache = ReferenceCache.open(run.path, reference, src, splits, ckpt is not None)
+        if cache.missing and reference != BASE:  # loaded alone, scored, freed
+            dtype = compute_dtype(recipe.model.dtype)
+            scorer = load_reference(reference, dtype, lambda: load_base(recipe, run.path, echo)[0])
+            cache.score(scorer, t.batch_size, checked.capacity, echo)
+            del scorer
+            mx.clear_cache()
     if world.main:
         model, tokenizer, base = load_base(recipe, run.path, echo)
         world.barrier()  # a converted base is whole before the other ranks look for it
@@ -278,16 +290,8 @@ def _run(
         check_output_head(model)
     d = recipe.data
     capacity = checked.capacity
-    objective = Objective.of(recipe.method)
-    references: dict[int, Any] = {}
-    if objective is not None and objective.needs_reference:
-        # The base's scores, before any adapter is added or weight trained (cached, resumable).
-        for name, pairs in (("train", examples), ("valid", valid_examples)):
-            if pairs:
-                echo(f"scoring {len(pairs):,} {name} pairs with the reference model")
-                references[id(pairs)] = cached_reference(
-                    run.path, name, model, pairs, t.batch_size, capacity
-                )
+    if cache is not None and cache.missing:  # the base's, before any adapter exists
+        cache.score(model, t.batch_size, capacity, echo)
     config = prepare_method(model, recipe, base)
 
     def batches(examples, epoch, start=0):
@@ -295,7 +299,7 @@ def _run(
             return iterate_batches(
                 examples, t.batch_size, capacity, d.packing, t.seed, epoch, start
             )
-        reference = references.get(id(examples))
+        reference = cache.of(examples) if cache is not None else None
         return (
             with_reference(b, reference)
             for b in iterate_pair_batches(examples, t.batch_size, capacity, t.seed, epoch, start)

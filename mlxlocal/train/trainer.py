@@ -109,7 +109,8 @@ def make_step(
 
     def loss_fn(tokens, weights, segments, *reference):
         if objective is not None:
-            return batch_loss(model, objective, tokens, weights, segments, *reference)
+            arrays = (tokens, weights, segments, *reference)
+            return batch_loss(model, objective, *arrays, chunk_size=loss_chunk_size)
         loss, n = loss_sums(model, tokens, weights, segments, packed, loss_chunk_size)
         return loss, n, mx.zeros((0,))
 
@@ -179,7 +180,8 @@ def evaluate(
         if i % world.size != world.rank:
             continue
         if objective is not None:
-            loss, count, part = batch_loss(model, objective, *inputs(b, objective))
+            arrays = inputs(b, objective)
+            loss, count, part = batch_loss(model, objective, *arrays, chunk_size=loss_chunk_size)
             sums = sums + part
         else:
             loss, count = loss_sums(model, b.tokens, b.weights, b.segments, packed, loss_chunk_size)
