@@ -26,8 +26,11 @@ install-test: $(VENV)/bin/python
 quickstart: install
 	$(VENV)/bin/mlxlocal quickstart
 
+# Test processes (pytest-xdist): one per core, at most 4; each test file runs whole in one of
+# them, so its module fixtures are built once. TEST_JOBS=0 runs everything in this process.
+TEST_JOBS ?= auto
 test: install-test
-	cd tests && ../$(VENV)/bin/python -m pytest -q
+	cd tests && ../$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) --maxprocesses 4 --dist loadfile
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -51,7 +51,12 @@ def main() -> None:
         )
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", default="all", help=f"comma list of {', '.join(SUITES)}, or all")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"])
+    parser.add_argument(
+        "--size",
+        default="tiny",
+        choices=["smoke", "tiny", "small", "medium"],
+        help="smoke: every suite end to end with the least work (CI; its figures mean nothing)",
+    )
     parser.add_argument("--reps", type=int, default=3, help="A/B repetitions (medians reported)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, help="where checkpoints are built (default: temp)")

@@ -20,6 +20,7 @@ import numpy as np
 from .generate import model_path
 
 RECORDS, BATCH_SIZE = 256, 32
+SMOKE = (8, 4, 8)  # records, batch size, most new tokens at --size smoke (the code path only)
 # Prompt length range in words (the chat template adds ~8 tokens), max_tokens, and the words of
 # an instruction every prompt starts with (a template's), if any.
 MIXES = {
@@ -31,7 +32,14 @@ WORDS = "the quick brown fox jumps over a lazy dog while your local model keeps 
 
 
 def _batch_figures(
-    lm, reps: int, words: tuple[int, int], max_tokens: int, shared: int, work: Path
+    lm,
+    reps: int,
+    words: tuple[int, int],
+    max_tokens: int,
+    shared: int,
+    work: Path,
+    records_n: int = RECORDS,
+    batch_size: int = BATCH_SIZE,
 ) -> dict:
     from mlx_lm.generate import batch_generate
 
@@ -39,7 +47,7 @@ def _batch_figures(
     from mlxlocal.generate import encode_prompt, generate
 
     rng = np.random.default_rng(1)
-    texts = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(*words, RECORDS)]
+    texts = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(*words, records_n)]
     template = " ".join(rng.choice(WORDS, shared)) + "\n\n{text}" if shared else "{text}"
     prompts = [template.format(text=t) for t in texts]
     records = work / "generate-batch-in.jsonl"
@@ -49,7 +57,7 @@ def _batch_figures(
     def ours(prefix_cache: bool = True):
         tic = time.perf_counter()
         r = batch(lm, records, work / "generate-batch-out.jsonl", template=template,
-                  max_tokens=max_tokens, batch_size=BATCH_SIZE, force=True,
+                  max_tokens=max_tokens, batch_size=batch_size, force=True,
                   prefix_cache=prefix_cache)  # fmt: skip
         return time.perf_counter() - tic, r.generated_tokens
 
@@ -61,7 +69,7 @@ def _batch_figures(
     def mlx_lm_batch():
         tic = time.perf_counter()
         r = batch_generate(lm.model, lm.tokenizer, ids, max_tokens=max_tokens,
-                           completion_batch_size=BATCH_SIZE, return_token_ids=True)  # fmt: skip
+                           completion_batch_size=batch_size, return_token_ids=True)  # fmt: skip
         return time.perf_counter() - tic, sum(len(t) for t in r.token_ids)
 
     contenders = {"batch": ours, "one_by_one": one_by_one, "mlx_lm_batch": mlx_lm_batch}
@@ -73,17 +81,17 @@ def _batch_figures(
         for name, fn in contenders.items():
             runs[name].append(fn())
     result = {
-        "records": RECORDS,
+        "records": records_n,
         "prompt_tokens": f"{min(map(len, ids))}–{max(map(len, ids))}",
         "max_tokens": max_tokens,
-        "batch_size": BATCH_SIZE,
+        "batch_size": batch_size,
         "shared_prefix_tokens": len(common_prefix(ids)) if shared else 0,
     }
     for name, rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
         result[name] = {
             "wall_s": round(wall, 2),
-            "records_per_s": round(RECORDS / wall, 2),
+            "records_per_s": round(records_n / wall, 2),
             "tok_per_s": round(rs[0][1] / wall, 1),
             "tokens": rs[0][1],
         }
@@ -104,8 +112,9 @@ def run(size: str, reps: int, work: Path) -> dict:
     from mlxlocal.generate import load_model
 
     lm = load_model(model_path(size, work))
+    count, batch_size, most = SMOKE if size == "smoke" else (RECORDS, BATCH_SIZE, 10**9)
     return {
-        mix: _batch_figures(lm, reps, words, max_tokens, shared, work)
+        mix: _batch_figures(lm, reps, words, min(max_tokens, most), shared, work, count, batch_size)
         for mix, (words, max_tokens, shared) in MIXES.items()
     }
 

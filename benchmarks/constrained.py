@@ -37,9 +37,10 @@ SCHEMA = {
     "required": ["category", "priority", "summary", "tags"],
 }
 BATCH_RECORDS, BATCH_SIZE = 32, 16
+SMOKE = (16, 4, 4)  # decode tokens, batch records, batch size at --size smoke (the code path)
 
 
-def _decode_figures(lm, reps: int) -> dict:
+def _decode_figures(lm, reps: int, decode_tokens: int) -> dict:
     from mlxlocal.generate import Sampling, stream
 
     ids = np.random.default_rng(0).integers(3, 500, 64).tolist()
@@ -47,7 +48,7 @@ def _decode_figures(lm, reps: int) -> dict:
 
     def contender(**constraint):
         def once() -> tuple[float, int]:
-            s = stream(lm, ids, max_tokens=DECODE_TOKENS, sampling=sampling, **constraint)
+            s = stream(lm, ids, max_tokens=decode_tokens, sampling=sampling, **constraint)
             for _ in s:
                 pass
             return s.result.generation_tps, s.result.generation_tokens
@@ -74,19 +75,21 @@ def _decode_figures(lm, reps: int) -> dict:
     return result
 
 
-def _batch_figures(lm, reps: int, work: Path) -> dict:
+def _batch_figures(
+    lm, reps: int, work: Path, decode_tokens: int, records: int, batch_size: int
+) -> dict:
     from mlxlocal.batch import batch
     from mlxlocal.generate import Sampling
 
     src = work / "constrained-batch.jsonl"
     src.write_text("".join(json.dumps({"text": f"ticket {i}: " + "words " * (i % 7)}) + "\n"
-                           for i in range(BATCH_RECORDS)))  # fmt: skip
+                           for i in range(records)))  # fmt: skip
 
     def contender(**constraint):
         def once() -> float:
             tic = time.perf_counter()
-            r = batch(lm, src, work / "constrained-out.jsonl", max_tokens=DECODE_TOKENS // 2,
-                      batch_size=BATCH_SIZE, sampling=Sampling(temp=0.8, seed=0), force=True,
+            r = batch(lm, src, work / "constrained-out.jsonl", max_tokens=decode_tokens // 2,
+                      batch_size=batch_size, sampling=Sampling(temp=0.8, seed=0), force=True,
                       **constraint)  # fmt: skip
             return r.generated_tokens / (time.perf_counter() - tic)
 
@@ -97,7 +100,7 @@ def _batch_figures(lm, reps: int, work: Path) -> dict:
         fn()
     runs = {name: [fn() for _ in range(reps)] for name, fn in contenders.items()}
     tps = {name: statistics.median(r) for name, r in runs.items()}
-    return {
+    return {"batch_size": batch_size} | {
         name: {"tps": round(t, 1), "ratio": round(t / tps["unconstrained"], 3)}
         for name, t in tps.items()
     }
@@ -107,10 +110,13 @@ def run(size: str, reps: int, work: Path) -> dict:
     from mlxlocal.generate import load_model
 
     lm = load_model(model_path(size, work))
+    tokens, records, batch_size = (
+        SMOKE if size == "smoke" else (DECODE_TOKENS, BATCH_RECORDS, BATCH_SIZE)
+    )
     return {
         "size": size,
-        "decode": _decode_figures(lm, reps),
-        "batch": _batch_figures(lm, reps, work),
+        "decode": _decode_figures(lm, reps, tokens),
+        "batch": _batch_figures(lm, reps, work, tokens, records, batch_size),
     }
 
 
@@ -124,7 +130,7 @@ def table(result: dict) -> list[str]:
         for name, target in targets.items()
     ]
     rows.append(
-        f"| batch tok/s, json_schema vs unconstrained (batch {BATCH_SIZE}) "
+        f"| batch tok/s, json_schema vs unconstrained (batch {b['batch_size']}) "
         f"| {b['json_schema']['tps']} | {b['unconstrained']['tps']} "
         f"| {b['json_schema']['ratio']}× | |"
     )

@@ -9,6 +9,7 @@ from .common import alternate_commands, measure, median, mlx_lm_convert
 
 # hidden, layers, vocab, source shard size: fp16 checkpoints, Llama-shaped.
 SIZES = {
+    "smoke": (64, 2, 1024, 2**17),  # ~0.4 MB, 3 shards: the code path, not a measurement
     "tiny": (256, 4, 8192, 2 * 2**20),  # ~12 MB
     "small": (1024, 12, 32000, 64 * 2**20),  # ~0.37 GB
     "medium": (1024, 24, 32000, 128 * 2**20),  # ~0.67 GB (~150M parameters)

@@ -22,7 +22,7 @@ import numpy as np
 
 from mlxlocal.tiny import CORPUS, write_tokenizer
 
-SIZES = {"tiny": 500, "small": 2000, "medium": 8000}
+SIZES = {"smoke": 40, "tiny": 500, "small": 2000, "medium": 8000}
 BATCH, MAX_LENGTH = 4, 1024
 
 

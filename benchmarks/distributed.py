@@ -26,6 +26,7 @@ from .common import measure
 
 # float32 elements per all-reduce: 16 KiB ... 64 MiB
 SIZES = [4096, 65536, 1 << 20, 1 << 24]
+SMOKE = ([4096, 65536], 2, 3)  # all-reduce sizes, timings each, training steps at --size smoke
 DRIVER = """
 import json, sys, time
 import mlx.core as mx
@@ -103,17 +104,17 @@ def scaling() -> list[dict]:
     return rows
 
 
-def _allreduce_times(work: Path, reps: int) -> dict[int, float]:
+def _allreduce_times(work: Path, sizes: list[int], timings: int) -> dict[int, float]:
     script, out = work / "allreduce.py", work / "allreduce.json"
     script.write_text(DRIVER)
     launcher = Path(sys.executable).parent / "mlx.launch"
-    sizes = ",".join(map(str, SIZES))
     cmd = [str(launcher), "-n", "2", "--backend", "ring", "--", sys.executable, str(script)]
-    subprocess.run([*cmd, str(out), sizes, str(max(reps, 5))], check=True, capture_output=True)
+    args = [str(out), ",".join(map(str, sizes)), str(timings)]
+    subprocess.run([*cmd, *args], check=True, capture_output=True)
     return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def _step_times(work: Path, method: str, nproc: int) -> tuple[float, int]:
+def _step_times(work: Path, method: str, nproc: int, steps: int) -> tuple[float, int]:
     """(median step seconds after the first, trainable parameters) of a tiny-model run."""
     from mlxlocal.tiny import build_tiny_checkpoint
 
@@ -127,7 +128,7 @@ def _step_times(work: Path, method: str, nproc: int) -> tuple[float, int]:
         "method": {"type": method, "rank": 8, "alpha": 16}
         if method == "lora"
         else {"type": method},
-        "training": {"learning_rate": 1e-4, "batch_size": 2, "steps": 8},
+        "training": {"learning_rate": 1e-4, "batch_size": 2, "steps": steps},
         "output": str(folder / "run"),
     }
     if nproc == 1:
@@ -140,17 +141,18 @@ def _step_times(work: Path, method: str, nproc: int) -> tuple[float, int]:
     measure(args + (["--nproc", str(nproc)] if nproc > 1 else []))
     lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
     elapsed = [json.loads(line)["elapsed_s"] for line in lines]
-    steps = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
     summary = json.loads((folder / "run" / "summary.json").read_text())
-    return statistics.median(steps), summary["trainable_parameters"]
+    return statistics.median(times), summary["trainable_parameters"]
 
 
 def run(size: str, reps: int, work: Path) -> dict:
-    times = _allreduce_times(work, reps)
+    sizes, timings, train_steps = SMOKE if size == "smoke" else (SIZES, max(reps, 5), 8)
+    times = _allreduce_times(work, sizes, timings)
     steps = {}
     for method in ("lora", "full"):
         for nproc in (1, 2):
-            seconds, params = _step_times(work, method, nproc)
+            seconds, params = _step_times(work, method, nproc, train_steps)
             steps[f"{method}-{nproc}"] = {"step_s": seconds, "gradient_bytes": params * 4}
     return {"allreduce_s": times, "steps": steps, "scaling": scaling()}
 

@@ -18,11 +18,13 @@ import numpy as np
 
 # hidden, layers, vocab (fp32, Llama-shaped, context 512).
 SIZES = {
+    "smoke": (64, 2, 1024),  # the code path only (CI), with SMOKE_TOKENS
     "tiny": (256, 4, 8192),  # ~6M parameters
     "small": (512, 8, 32000),  # ~52M parameters
     "medium": (1024, 12, 32000),  # ~170M parameters
 }
 PROMPT_TOKENS, DECODE_TOKENS = 384, 128
+SMOKE_TOKENS = (32, 8)  # prompt, decode at --size smoke
 # How each variant is made from the fp32 source: convert's dtype, or quantize's bits.
 VARIANTS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "q8": {"bits": 8},
             "q4": {"bits": 4}}  # fmt: skip
@@ -49,17 +51,17 @@ def model_path(size: str, work: Path, variant: str = "fp32") -> Path:
     return out
 
 
-def _generate_figures(lm, reps: int) -> dict:
+def _generate_figures(lm, reps: int, prompt_tokens: int, decode_tokens: int) -> dict:
     from mlx_lm.generate import stream_generate
 
     from mlxlocal.generate import stream
 
-    ids = np.random.default_rng(0).integers(3, 500, PROMPT_TOKENS).tolist()
+    ids = np.random.default_rng(0).integers(3, 500, prompt_tokens).tolist()
 
     def ours():
         mx.reset_peak_memory()
         tic = time.perf_counter()
-        s = stream(lm, ids, max_tokens=DECODE_TOKENS)
+        s = stream(lm, ids, max_tokens=decode_tokens)
         for _ in s:
             pass
         r = s.result
@@ -69,7 +71,7 @@ def _generate_figures(lm, reps: int) -> dict:
     def theirs():
         mx.reset_peak_memory()
         tic = time.perf_counter()
-        *_, r = stream_generate(lm.model, lm.tokenizer, ids, max_tokens=DECODE_TOKENS)
+        *_, r = stream_generate(lm.model, lm.tokenizer, ids, max_tokens=decode_tokens)
         wall = time.perf_counter() - tic
         return r.prompt_tps, r.generation_tps, wall, r.generation_tokens, mx.get_peak_memory()
 
@@ -80,7 +82,7 @@ def _generate_figures(lm, reps: int) -> dict:
     for _ in range(reps):
         for name, fn in contenders.items():
             runs[name].append(fn())
-    result = {}
+    result = {"prompt_tokens": prompt_tokens}
     for name, rs in runs.items():
         result[name] = {
             "prompt_tps": round(statistics.median(r[0] for r in rs), 1),
@@ -100,9 +102,11 @@ def _generate_figures(lm, reps: int) -> dict:
 def run(size: str, reps: int, work: Path) -> dict:
     from mlxlocal.generate import load_model
 
+    tokens = SMOKE_TOKENS if size == "smoke" else (PROMPT_TOKENS, DECODE_TOKENS)
     figures = {}
     for variant in VARIANTS:
-        figures[variant] = _generate_figures(load_model(model_path(size, work, variant)), reps)
+        lm = load_model(model_path(size, work, variant))
+        figures[variant] = _generate_figures(lm, reps, *tokens)
         mx.clear_cache()
     return {"size": size, "generate": figures}
 
@@ -111,7 +115,7 @@ def table(result: dict) -> list[str]:
     rows = []
     for variant, g in result["generate"].items():
         ours, theirs = g["mlxlocal"], g["mlx_lm"]
-        setup = f"{variant}, {PROMPT_TOKENS}-token prompt, {ours['tokens']} new"
+        setup = f"{variant}, {g['prompt_tokens']}-token prompt, {ours['tokens']} new"
         rows += [
             f"| generate prompt tok/s ({setup}) | {ours['prompt_tps']} | {theirs['prompt_tps']} "
             f"| {g['ratio_prompt_tps']}× | ≥ 0.95× |",

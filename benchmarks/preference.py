@@ -27,6 +27,7 @@ from .common import alternate, measure
 from .train import MODULES, _model
 
 SIZES = {  # hidden, layers, vocab, pairs, steps
+    "smoke": (64, 2, 1024, 8, 2),  # the code path only (CI)
     "tiny": (256, 4, 8192, 64, 16),
     "small": (512, 8, 32000, 64, 16),
     "medium": (1024, 12, 32000, 64, 16),

@@ -22,6 +22,7 @@ from .convert import source_checkpoint
 # hidden, layers, training steps of the quality model (the --target-bpw runs measure every layer
 # at every width, so it stays small enough for two CPU cores).
 QUALITY_MODEL = (128, 4, 300)
+SMOKE_QUALITY_MODEL = (64, 2, 5)  # at --size smoke: the code path, not a measurement
 
 
 def _mlxlocal(src: Path, out: Path, *flags: str) -> list[str]:
@@ -65,23 +66,25 @@ def run(size: str, reps: int, work: Path) -> dict:
         result["mlxlocal"]["peak_rss_mb"] / result["mlx_lm"]["peak_rss_mb"], 3
     )
     result["ratio_wall"] = round(result["mlxlocal"]["wall_s"] / result["mlx_lm"]["wall_s"], 3)
-    result["quality"] = _quality(_quality_model(work), work)
+    shape = SMOKE_QUALITY_MODEL if size == "smoke" else QUALITY_MODEL
+    result["quality"] = _quality(_quality_model(work, shape), work, shape)
     return result
 
 
-def _quality_model(work: Path) -> Path:
-    path = work / "quality-model"
+def _quality_model(work: Path, shape: tuple[int, int, int]) -> Path:
+    path = work / "quality-model-{}-{}-{}".format(*shape)
     if not (path / "config.json").exists():
         code = (
-            "import sys; from benchmarks.quantize import train_quality_model as t; t(sys.argv[1])"
+            "import sys; from benchmarks.quantize import train_quality_model as t; "
+            "t(sys.argv[1], tuple(map(int, sys.argv[2:])))"
         )
-        measure([sys.executable, "-c", code, str(path)])
+        measure([sys.executable, "-c", code, str(path), *map(str, shape)])
     return path
 
 
-def train_quality_model(out: str) -> None:
-    """Train the tiny Llama on the built-in texts (next-token loss, AdamW) and save it as an
-    MLX float16 checkpoint at `out`."""
+def train_quality_model(out: str, shape: tuple[int, int, int] = QUALITY_MODEL) -> None:
+    """Train the tiny Llama (hidden, layers, steps) on the built-in texts (next-token loss,
+    AdamW) and save it as an MLX float16 checkpoint at `out`."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -93,7 +96,7 @@ def train_quality_model(out: str) -> None:
     from mlxlocal.models import load
     from mlxlocal.tiny import CORPUS, build_tiny_checkpoint
 
-    hidden, layers, steps = QUALITY_MODEL
+    hidden, layers, steps = shape
     out = Path(out)
     hf = out.with_name(out.name + "-hf")
     build_tiny_checkpoint(hf, hidden=hidden, layers=layers)
@@ -120,7 +123,7 @@ def train_quality_model(out: str) -> None:
     print(f"trained {steps} steps, final loss {loss.item():.3f}")
 
 
-def _quality(src: Path, work: Path) -> dict:
+def _quality(src: Path, work: Path, shape: tuple[int, int, int]) -> dict:
     """Quantize one model four ways at 4 bits; read each quality report."""
     variants = {"uniform": ["--bits", "4"], "mixed": ["--bits", "4", "--preset", "mixed"]}
     reports = {
@@ -133,7 +136,7 @@ def _quality(src: Path, work: Path) -> dict:
             src, work / f"quality-target-{base}", ["--target-bpw", target]
         )
     return {
-        "source": "hidden {}, {} layers, trained {} steps".format(*QUALITY_MODEL),
+        "source": "hidden {}, {} layers, trained {} steps".format(*shape),
         "variants": {
             name: {
                 "bits_per_weight": r["bits_per_weight"],

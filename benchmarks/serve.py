@@ -30,10 +30,11 @@ import numpy as np
 from .generate import model_path
 
 CLIENTS = (1, 4, 16)
-REQUESTS_PER_CLIENT = {"tiny": 1, "small": 3, "medium": 3}
-MAX_TOKENS = {"tiny": 32, "small": 64, "medium": 64}
+REQUESTS_PER_CLIENT = {"smoke": 1, "tiny": 1, "small": 3, "medium": 3}
+MAX_TOKENS = {"smoke": 8, "tiny": 32, "small": 64, "medium": 64}
 TURN_WORDS, TURN_TOKENS = 30, 24  # each turn of the chat whose 5th turn is timed
-CHATS = 3  # the fewest chats whose turn 5 is timed (the median is reported)
+# The fewest chats whose turn 5 is timed (the median is reported).
+CHATS = {"smoke": 1, "tiny": 3, "small": 3, "medium": 3}
 WORDS = "the quick brown fox jumps over a lazy dog while your local model keeps the data".split()
 
 
@@ -185,10 +186,10 @@ def run(size: str, reps: int, work: Path) -> dict:
         servers["no_prefix_cache"] = Server(
             _commands(model, port)["no_prefix_cache"], port, ids["mlxlocal"]
         )
-        # At least 3 chats even in a 1-repetition smoke run: one chat's turn 5 is a single
-        # ~0.1-1 s figure, which a loaded machine can double.
+        # At least 3 chats even in a 1-repetition run (but --size smoke): one chat's turn 5 is
+        # a single ~0.1-1 s figure, which a loaded machine can double.
         turns = {"mlxlocal": [], "no_prefix_cache": []}
-        for rep in range(max(reps, CHATS)):
+        for rep in range(max(reps, CHATS[size])):
             chat = [" ".join(rng.choice(WORDS, TURN_WORDS)) + f" ({rep})" for _ in range(5)]
             for name in turns:
                 turns[name].append(_conversation(servers[name], chat, TURN_TOKENS)[-1])

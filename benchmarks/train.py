@@ -24,11 +24,13 @@ from .common import alternate, measure
 
 # hidden, layers, vocab of the model; examples in the data; batch size; max length.
 SIZES = {
+    "smoke": (64, 2, 1024, 8, 4, 256),  # the code path only (CI)
     "tiny": (256, 4, 8192, 48, 4, 1024),  # ~7M parameters
     "small": (512, 8, 32000, 48, 4, 1024),  # ~52M parameters
     "medium": (1024, 12, 32000, 32, 4, 1024),  # ~170M parameters
 }
 BIG_VOCAB = (256, 2, 131072, 2, 512, 128)  # hidden, layers, vocab, batch, max length, chunk
+SMOKE_BIG_VOCAB = (64, 2, 16384, 2, 128, 64)  # at --size smoke
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = (
     "the quick brown fox jumps over a lazy dog while your local model keeps the data on "
@@ -222,8 +224,10 @@ def _throughput(size: str, reps: int, work: Path) -> dict:
     return result
 
 
-def _chunked_loss(reps: int, work: Path) -> dict:
-    hidden, layers, vocab, batch, max_length, chunk = BIG_VOCAB
+def _chunked_loss(size: str, reps: int, work: Path) -> dict:
+    hidden, layers, vocab, batch, max_length, chunk = (
+        SMOKE_BIG_VOCAB if size == "smoke" else BIG_VOCAB
+    )
     model = _model(work, hidden, layers, vocab)
     data = _chat_data(work / "train-data-big-vocab", 32)
     folders = {name: work / f"train-vocab-{name}" for name in ("full", "chunked")}
@@ -253,7 +257,10 @@ def _chunked_loss(reps: int, work: Path) -> dict:
 
 
 def run(size: str, reps: int, work: Path) -> dict:
-    return {"throughput": _throughput(size, reps, work), "chunked_loss": _chunked_loss(reps, work)}
+    return {
+        "throughput": _throughput(size, reps, work),
+        "chunked_loss": _chunked_loss(size, reps, work),
+    }
 
 
 def table(result: dict) -> list[str]:
