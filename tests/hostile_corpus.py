@@ -1034,6 +1034,9 @@ def run_case(case: Case, cli: list[str], logs: Path, timeout: float = TIMEOUT_S)
         "TRANSFORMERS_OFFLINE": "1",
         "MLXLOCAL_TEST_MARK": str(Path(d).parent / "marks" / d.name),
         "PYTHONUNBUFFERED": "1",
+        # PyTorch (the transformers reference of `--verify`) keeps its compile cache in
+        # TMPDIR/torchinductor_USER: torch's own cache, not an output of ours.
+        "TORCHINDUCTOR_CACHE_DIR": str(logs / "torchinductor"),
     }
     out_path, in_path = logs / f"{d.name}.out", logs / f"{d.name}.in"
     measured = logs / f"{d.name}.rss"
