@@ -600,3 +600,24 @@ def test_prefix_cache_reuses_turns_and_answers_alike(tiny_lm, adapter_dirs, budg
     else:  # turn n reuses at least turn n-1's prompt
         turns = [render_chat(tiny_lm.tokenizer, messages[: 2 * t + 1]) for t in range(4)]
         assert reused >= sum(len(t) for t in turns[:-1])
+
+
+def test_prefix_cache_holds_no_more_than_it_counts(tiny_lm):
+    """Finished sequences' caches are cut out of their batch's: kept lazily, each would hold the
+    whole batch's KV buffer alive while counting only its own rows."""
+    import mlx.core as mx
+
+    app = create_app(tiny_lm, {}, max_concurrency=8, prefix_cache=256 * 2**20)
+    with LiveServer(app) as server:
+        client = server.client()
+        chat(client, "warm up", model=tiny_lm.path.name, max_tokens=2)
+        mx.clear_cache()
+        before, kept = mx.get_active_memory(), server.engine.kept_bytes
+        texts = prompts(8, seed=5, longest=40)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda t: chat(client, t, model=tiny_lm.path.name, max_tokens=24), texts))
+        while server.engine.load:
+            time.sleep(0.01)
+        held, kept = mx.get_active_memory() - before, server.engine.kept_bytes - kept
+        assert kept > 0
+        assert held <= 1.25 * kept, (held, kept)

@@ -114,6 +114,12 @@ class Engine:
     def load(self) -> int:
         return self._load
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of KV caches the prefix cache holds."""
+        prefixes = getattr(self, "_prefixes", None)
+        return prefixes.nbytes if prefixes is not None else 0
+
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise Busy when max_concurrency + queue requests are in already."""
         if job.model not in self.variants:
@@ -335,6 +341,9 @@ class Engine:
         """Remember a finished sequence's KV cache: a later prompt that starts with the same
         tokens (the next turn of a chat) processes only what follows them."""
         if self._prefixes is not None and tokens and cache:
+            # A sequence's cache is lazily cut out of its batch's: until evaluated it holds the
+            # whole batch's KV buffer alive, which its byte count does not see.
+            self._mx.eval([c.state for c in cache])
             self._prefixes.insert_cache(name, list(tokens), cache)
 
     def _logprob(self, token: int, logprobs, k: int) -> TokenLogprob:
