@@ -65,6 +65,17 @@ def convert_gguf(
     """Convert the GGUF file `src` into an MLX checkpoint directory `out`."""
     src, out = Path(src), Path(out)
     check_output(out, force)
+    try:
+        return _convert(src, out, dtype, shard_size, force)
+    except MlxLocalError as e:  # metadata checks say "the GGUF …": name the file
+        if str(e).startswith("the GGUF"):
+            raise MlxLocalError(f"{src}: {e}") from None
+        raise
+
+
+def _convert(
+    src: Path, out: Path, dtype: str | None, shard_size: str | int, force: bool
+) -> ConvertResult:
     reader, fields = open_gguf(src)
     tensors = {t.name: t for t in reader.tensors}
     model_type, spec = _family(fields, src)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,7 +410,8 @@ def _resolve_paths(recipe: Recipe, folder: Path, overridden: list[Path_]) -> Non
 def _resolve(value: str, folder: Path) -> str:
     if value.startswith("builtin:"):
         return value
-    return str((folder / Path(value).expanduser()).resolve())
+    # Absolute, but links kept: errors then name the file the user gave, not its target.
+    return os.path.abspath(folder / Path(value).expanduser())
 
 
 def dump_recipe(recipe: Recipe) -> str:

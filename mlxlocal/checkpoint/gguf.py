@@ -82,7 +82,8 @@ def open_gguf(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
         ) from e
     except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
         raise MlxLocalError(
-            f"{path}: not a readable GGUF file ({_one_line(e)}); is it complete? re-download it"
+            f"{path}: not a readable GGUF file: its metadata ends early or is malformed "
+            f"({_one_line(e)}); the file is truncated or corrupt — re-download it"
         ) from e
     size = path.stat().st_size
     starts = sorted(int(t.data_offset) for t in reader.tensors)
