@@ -7,6 +7,7 @@ export → llama.cpp's tokenizer → ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -205,3 +206,19 @@ def test_sentencepiece_scores_come_from_the_merges(exported, tmp_path):
     llm = llama_cpp.Llama(str(flat), vocab_only=True, verbose=False)
     encode = lambda t: llm.tokenize(t.encode(), add_bos=False, special=True)  # noqa: E731
     assert len(mismatches(encode, "llama-spm")) >= 10
+
+
+# The Hub's own files, by the SHA-256 of their LFS objects (in many public manifests; see
+# SOURCE.md): meta-llama/Llama-3.1-8B original/tokenizer.model and
+# mistralai/Mistral-7B-Instruct-v0.3 tokenizer.model(.v3).
+HUB_SHA256 = {
+    "llama3-tokenizer.model": "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+    "mistral-v0.3-tokenizer.model": (
+        "37f00374dea48658ee8f5d0f21895b9bc55cb0103939607c8185bfd1c6ca1f89"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_SHA256))
+def test_vendored_tokenizer_models_are_the_hubs_bytes(name):
+    assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == HUB_SHA256[name]
