@@ -367,7 +367,7 @@ def test_the_stop_set_is_exactly_the_real_end_of_turn_ids(real, name):
 # prompt's first four greedy tokens are distinct (seed 2 of its weights has one); and mlx-lm's
 # gemma2 always reads its output from the embedding (no lm_head to untie), so swapping output
 # rows would change the prompt too, whose template holds <end_of_turn>. Its stop set is checked
-# above, and the stop itself on the other six.
+# above, and the stop itself on the other four.
 @pytest.mark.parametrize("name", [n for n in REAL if n != "gemma-2-2b-it"])
 def test_generate_and_chat_stop_at_the_real_end_of_turn(real, name, tmp_path):
     """A model rigged to end its turn at the third token stops there in generate and chat and
