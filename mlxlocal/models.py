@@ -255,16 +255,22 @@ def build_model(config: dict[str, Any], shapes: Mapping[str, Sequence[int]]) -> 
     check_config(config)
     check_config_sizes(config, shapes)
     check_rope_built(config)
+    model = instantiate(config)
+    own_rope(model, config)
+    return model
+
+
+def instantiate(config: dict[str, Any]) -> nn.Module:
+    """mlx-lm's model for `config`, its arrays lazy; a config it cannot take names the
+    architecture rather than mlx-lm's bare exception."""
     model_class, args_class = model_classes(config)
     try:
-        model = model_class(args_class.from_dict(config))
+        return model_class(args_class.from_dict(config))
     except (TypeError, ValueError, KeyError, AssertionError, ArithmeticError) as e:
         raise MlxLocalError(
             f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
             "check the config"
-        ) from e
-    own_rope(model, config)
-    return model
+        ) from None
 
 
 # Rope types each architecture's mlx-lm model builds, where that is not every type mlx-lm knows:

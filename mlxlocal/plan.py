@@ -245,9 +245,8 @@ def model_shape(config: dict[str, Any]) -> Shape:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from .models import model_classes
+    from .models import instantiate
 
-    model_class, args_class = model_classes(config)
     text = config.get("text_config") or config
     sizes = {}
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
@@ -258,13 +257,7 @@ def model_shape(config: dict[str, Any]) -> Shape:
                 "model's sizes (a dense transformer's config)"
             )
         sizes[key] = value
-    try:
-        model = model_class(args_class.from_dict(config))  # lazy: nothing is evaluated
-    except (TypeError, ValueError, KeyError, AssertionError, ArithmeticError) as e:
-        raise MlxLocalError(
-            f"config.json does not fit mlx-lm's {config['model_type']} model ({e!r}); "
-            "check the config"
-        ) from None
+    model = instantiate(config)  # lazy: nothing is evaluated
     if not getattr(model, "layers", None):
         raise MlxLocalError(f"{config['model_type']}: plan cannot find the model's blocks")
     weights = []
