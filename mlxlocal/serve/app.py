@@ -271,6 +271,7 @@ def create_app(
             top_logprobs=top,
             logits_processors=processors,
             constrained=constrained,
+            whole=not body.stream,
         )
         try:
             engine.submit(job)

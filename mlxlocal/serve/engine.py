@@ -70,10 +70,14 @@ class Job:
     # Under a response_format: the answer's matcher (`LoadedModel.constrained`); it masks the
     # logits and ends the answer once complete.
     constrained: ConstrainedAnswer | None = None
+    # The whole answer in one event at its end (a client that does not stream): no wake-up of
+    # the HTTP side per token.
+    whole: bool = False
     # Set by the engine.
     uid: int | None = None
     done: bool = False
     answer: Answer | None = None
+    held: Event = field(default_factory=Event)  # a whole answer so far
 
 
 class Engine:
@@ -320,6 +324,12 @@ class Engine:
                     del self._running[(name, r.uid)]
                     self._keep_prefix(name, r.all_tokens, r.prompt_cache)
                     self._finish(job)
+            if job.whole:
+                job.held.text += event.text
+                job.held.logprobs += event.logprobs
+                if finish is None:
+                    continue
+                event.text, event.logprobs = job.held.text, job.held.logprobs
             if event.text or event.logprobs or finish:
                 _deliver(job, event)
 
