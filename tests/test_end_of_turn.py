@@ -7,6 +7,9 @@ templates real models ship, copied verbatim from their tokenizer_config.json:
 - Llama 3: meta-llama/Meta-Llama-3-8B-Instruct as first published (EOS `<|end_of_text|>`, turns
   end with `<|eot_id|>`).
 - Phi-3: microsoft/Phi-3.5-mini-instruct (EOS `<|endoftext|>`, turns end with `<|end|>`).
+- Gemma 2: google/gemma-2-2b-it's tokenizer_config.json as vendored (EOS `<eos>`, turns end with
+  `<end_of_turn>`; the real 256k vocabulary's own test is tests/test_real_models.py, whose
+  random Gemma model cannot be rigged).
 None of them lists its end-of-turn token as EOS, so the stop must come from the template. Each
 tokenizer is put on the tiny test model, whose output layer is then rigged (two rows swapped)
 so that greedy decoding produces the end-of-turn token a few tokens in.
@@ -83,6 +86,9 @@ PHI35 = (  # microsoft/Phi-3.5-mini-instruct, tokenizer_config.json
     "tant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_pro"
     "mpt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+GEMMA2 = json.loads(  # google/gemma-2-2b-it (vendored: tests/data/models, see SOURCE.md there)
+    (Path(__file__).parent / "data/models/gemma-2-2b-it/tokenizer_config.json").read_text()
+)["chat_template"]
 # name → (special tokens, tokenizer_config.json settings, the end of a turn as the template has it)
 STYLES = {
     "chatml": (
@@ -104,6 +110,12 @@ STYLES = {
         {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
         ["<|end|>", "<|endoftext|>"],  # the template closes a conversation with EOS too
         PHI35,
+    ),
+    "gemma2": (
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+        ["<end_of_turn>"],
+        GEMMA2,
     ),
 }
 
