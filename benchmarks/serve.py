@@ -58,7 +58,8 @@ class Server:
     def __init__(self, command: list[str], port: int, model_id: str):
         self.url = f"http://127.0.0.1:{port}"
         self.model_id = model_id
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        # MKL single-threaded, as `mlxlocal serve` runs it (mlxlocal/blas.py), for both servers.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_THREADING_LAYER": "SEQUENTIAL"}
         self.proc = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )

@@ -48,6 +48,10 @@ def test_preload_is_added_once():
     lib = str(blas.mkl_library())
     assert env["LD_PRELOAD"] == f"{lib}:/x/libother.so"
     assert env["MKL_THREADING_LAYER"] in ("GNU", "SEQUENTIAL")
+    serve = blas.fast_blas_env({"MLXLOCAL_BLAS": "mkl"}, "serve")
+    assert serve["MKL_THREADING_LAYER"] == "SEQUENTIAL"
+    mine = {"MLXLOCAL_BLAS": "mkl", "MKL_THREADING_LAYER": "INTEL"}
+    assert blas.fast_blas_env(mine, "serve")["MKL_THREADING_LAYER"] == "INTEL"
     assert blas.fast_blas_env({"MLXLOCAL_BLAS": "mkl", "LD_PRELOAD": lib}) is None
 
 
