@@ -228,19 +228,16 @@ def table(result: dict) -> list[str]:
             f"| DPO peak memory GB (MLX) vs mlx-lm-lora | {c['peak_gb']:.2f} | "
             f"{theirs['peak_gb']:.2f} | {ratio['peak_gb']:.2f}× | ≤ 1× |",
         ]
-    return (
-        peer
-        + [
-            f"| DPO pairs/s, cached reference vs recomputed | {c['pairs_per_s']:.1f} | "
-            f"{r['pairs_per_s']:.1f} | {result['ratio']:.2f}× time per step (bound "
-            f"{result['bound']:.2f}×: the step's backward costs {result['backward_per_forward']:.2f} "
-            f"forwards; first epoch with the scoring {result['epoch_ratio']:.2f}×) "
-            "| ≤ 0.60× |",
-            f"| DPO peak memory GB (MLX), cached vs recomputed | {c['peak_gb']:.2f} | "
-            f"{r['peak_gb']:.2f} | | |",
-        ]
-        + top
-    )
+    rows = [
+        f"| DPO pairs/s, cached reference vs recomputed | {c['pairs_per_s']:.1f} | "
+        f"{r['pairs_per_s']:.1f} | {result['ratio']:.2f}× time per step (bound "
+        f"{result['bound']:.2f}×: the step's backward costs {result['backward_per_forward']:.2f} "
+        f"forwards; first epoch with the scoring {result['epoch_ratio']:.2f}×) "
+        "| ≤ 0.60× |",
+        f"| DPO peak memory GB (MLX), cached vs recomputed | {c['peak_gb']:.2f} | "
+        f"{r['peak_gb']:.2f} | | |",
+    ]
+    return peer + rows + top
 
 
 def _top_half_row(result: dict) -> list[str]:
