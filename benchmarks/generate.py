@@ -30,18 +30,19 @@ VARIANTS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "q8": {
             "q4": {"bits": 4}}  # fmt: skip
 
 
-def model_path(size: str, work: Path, variant: str = "fp32") -> Path:
-    """The benchmark model in `variant`, built once per work folder."""
+def model_path(size: str, work: Path, variant: str = "fp32", fill_vocab: bool = False) -> Path:
+    """The benchmark model in `variant`, built once per work folder; with `fill_vocab`, its
+    tokenizer has a token for each of the embedding's ids (`build_tiny_checkpoint`)."""
     from mlxlocal.convert import convert
     from mlxlocal.quantize import quantize
     from mlxlocal.tiny import build_tiny_checkpoint
 
     hidden, layers, vocab = SIZES[size]
-    src, out = work / f"generate-src-{size}", work / f"generate-{size}-{variant}"
+    name = f"{size}-filled" if fill_vocab else size
+    src, out = work / f"generate-src-{name}", work / f"generate-{name}-{variant}"
     if not (src / "config.json").exists():
-        build_tiny_checkpoint(
-            src, hidden=hidden, layers=layers, vocab=vocab, dtype="float32", head_dim=64
-        )
+        build_tiny_checkpoint(src, hidden=hidden, layers=layers, vocab=vocab, dtype="float32",
+                              head_dim=64, fill_vocab=fill_vocab)  # fmt: skip
     if not (out / "config.json").exists():
         how = VARIANTS[variant]
         if "bits" in how:

@@ -8,6 +8,15 @@ requests at each client count: every client sends its requests one after another
 once; tok/s is the completion tokens the servers report over the wall time of the whole round.
 Both servers stay up and the rounds alternate between them (A/B/A/B). Peak memory is each server
 process's peak RSS (from the kernel, via wait4, once it is stopped).
+
+The decode rate at 16 clients: mlx-lm's `BatchGenerator` in a child process, no server,
+decoding 16 of the requests at once, timed once all 16 decode (no prompt processing in the
+time). Each server's 16-client tok/s is also given as a share of it: what its scheduling, prompt
+processing and HTTP leave of the model's batched decoding.
+
+The model's tokenizer has a token for every id of its 32000-wide embedding (`fill_vocab`): with
+ids that decode to nothing, mlx_lm.server samples them (answers of "!!!!") and never meets EOS,
+while ours masks them and ends earlier, and the two would not do the same work.
 """
 
 from __future__ import annotations
@@ -52,16 +61,19 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _child_env() -> dict[str, str]:
+    # MKL single-threaded, as `mlxlocal serve` runs it (mlxlocal/blas.py), for every child.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_THREADING_LAYER": "SEQUENTIAL"}
+
+
 class Server:
     """A server child process, ready once /health answers and a first request went through."""
 
     def __init__(self, command: list[str], port: int, model_id: str):
         self.url = f"http://127.0.0.1:{port}"
         self.model_id = model_id
-        # MKL single-threaded, as `mlxlocal serve` runs it (mlxlocal/blas.py), for both servers.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MKL_THREADING_LAYER": "SEQUENTIAL"}
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env()
         )
         deadline = time.monotonic() + 300
         while True:
@@ -136,6 +148,46 @@ class Server:
         return usage.ru_maxrss / 1024
 
 
+def decode_rate(model: str, max_tokens: int, texts: list[str]) -> float:
+    """Generated tok/s of mlx-lm's batched decoding alone: one sequence per text (as a chat
+    request), all decoded together, timed from the first step with all of them decoding; no
+    prompt processing and no server in the time."""
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    lm, tokenizer = load(model)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+        for t in texts
+    ]
+    n, rates = len(prompts), []
+    for _ in range(2):  # MLX's CPU back end compiles its kernels on first use: a warm-up first
+        gen = BatchGenerator(lm, completion_batch_size=n, prefill_batch_size=n)
+        gen.insert(prompts, [max_tokens] * n)
+        tic, tokens, finished = None, 0, False
+        while not finished:
+            _, responses = gen.next()
+            finished = any(r.finish_reason is not None for r in responses)
+            if tic is not None:
+                tokens += len(responses)
+            elif len(responses) == n:
+                tic = time.perf_counter()
+        rates.append(tokens / (time.perf_counter() - tic))
+        gen.close()
+    return rates[-1]
+
+
+def _decode_rate(model: Path, max_tokens: int, texts: list[str]) -> float:
+    """`decode_rate` in a child process with the servers' environment."""
+    code = ("import json, sys; from benchmarks.serve import decode_rate; "
+            "print(decode_rate(sys.argv[1], int(sys.argv[2]), json.load(sys.stdin)))")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(model), str(max_tokens)],
+        input=json.dumps(texts), capture_output=True, text=True, env=_child_env(), check=True,
+    )  # fmt: skip
+    return float(done.stdout.split()[-1])
+
+
 def _conversation(server: Server, texts: list[str], max_tokens: int) -> list[float]:
     """Seconds to the first token of each turn of one chat that resends its history."""
     messages, seconds = [], []
@@ -157,7 +209,7 @@ def _commands(model: Path, port: int) -> dict[str, list[str]]:
 
 
 def run(size: str, reps: int, work: Path) -> dict:
-    model = model_path(size, work)
+    model = model_path(size, work, fill_vocab=True)
     per_client = REQUESTS_PER_CLIENT[size]
     rng = np.random.default_rng(3)
     texts = [
@@ -177,10 +229,12 @@ def run(size: str, reps: int, work: Path) -> dict:
         for name in ids:
             port = _free_port()
             servers[name] = Server(_commands(model, port)[name], port, ids[name])
+        rates = []
         for _ in range(reps):
             for n in CLIENTS:
                 for name, server in servers.items():
                     runs[name][n].append(server.round(texts[:n], MAX_TOKENS[size]))
+            rates.append(_decode_rate(model, MAX_TOKENS[size], [c[0] for c in texts]))
         # Time to the first token of turn 5 of a chat, with the prefix cache and without (a
         # fresh conversation each repetition, so no turn is cached before it is sent).
         port = _free_port()
@@ -212,6 +266,12 @@ def run(size: str, reps: int, work: Path) -> dict:
     for n in CLIENTS:
         key = f"{n}_clients_tok_per_s"
         result[f"ratio_{n}_clients"] = round(result["mlxlocal"][key] / result["mlx_lm"][key], 3)
+    rate = statistics.median(rates)
+    result["decode_rate_16"] = {
+        "tok_per_s": round(rate, 1),
+        "mlxlocal": round(result["mlxlocal"]["16_clients_tok_per_s"] / rate, 3),
+        "mlx_lm": round(result["mlx_lm"]["16_clients_tok_per_s"] / rate, 3),
+    }
     with_cache, without = (statistics.median(turns[n]) for n in ("mlxlocal", "no_prefix_cache"))
     result["turn5_first_token_ms"] = {
         "prefix_cache": round(1000 * with_cache, 1),
@@ -234,6 +294,11 @@ def table(result: dict) -> list[str]:
         f"| {result[f'ratio_{n}_clients']}× | {targets[n]} |"
         for n in CLIENTS
     ]
+    d = result["decode_rate_16"]
+    rows.append(
+        f"| serve at 16 clients as a share of mlx-lm's batched decoding of 16 alone (no server, "
+        f"no prompts: {d['tok_per_s']} tok/s) | {d['mlxlocal']} | {d['mlx_lm']} | | |"
+    )
     t = result["turn5_first_token_ms"]
     rows.append(
         f"| serve time to first token, turn 5 of a chat ({TURN_WORDS} words a turn, "

@@ -42,12 +42,15 @@ def write_tokenizer(
     corpus: str = CORPUS,
     context: int = 512,
     special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    fill_to: int | None = None,
     **config: Any,
 ) -> int:
     """Train a byte-level BPE tokenizer on `corpus`, write HF tokenizer files; return its size.
 
     The special tokens take the first ids, in order; `config` overrides tokenizer_config.json
     (its tokens, chat template...), so tests can build the tokenizers of other model families.
+    `fill_to` adds plain tokens `<unused0>`, `<unused1>`... up to that size (as Gemma reserves
+    its unused ids), so that every id of a wider embedding decodes to text.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -61,6 +64,8 @@ def write_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(corpus.splitlines(), trainer)
+    if fill_to is not None:
+        tok.add_tokens([f"<unused{i}>" for i in range(fill_to - tok.get_vocab_size())])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {
@@ -90,16 +95,21 @@ def build_tiny_checkpoint(
     rope_theta: float = 50000.0,
     head_dim: int = 16,
     context: int = 512,
+    fill_vocab: bool = False,
 ) -> Path:
     """Write a random-weight Llama checkpoint (config, safetensors, tokenizer) to `out`.
 
-    `vocab` pads the embedding beyond the trained tokenizer (for realistic sizes);
-    `shard_bytes` splits the weights into shards with an index, as the Hub does. Tests keep
-    the small default `head_dim`; benchmarks pass 64, as in Llama 3.2 1B and Qwen2.5.
+    `vocab` pads the embedding beyond the trained tokenizer (for realistic sizes), with tokens
+    for the padded ids too when `fill_vocab` (else they decode to nothing, as in some real
+    checkpoints whose embedding is rounded up). `shard_bytes` splits the weights into shards
+    with an index, as the Hub does. Tests keep the small default `head_dim`; benchmarks pass
+    64, as in Llama 3.2 1B and Qwen2.5.
     """
     out = Path(out)
-    vocab = max(vocab or 0, write_tokenizer(out, context=context))
-    vocab = -(-vocab // 64) * 64
+    trained = write_tokenizer(out, context=context)
+    vocab = -(-max(vocab or 0, trained) // 64) * 64
+    if fill_vocab and vocab > trained:
+        write_tokenizer(out, context=context, fill_to=vocab)
     heads = max(hidden // head_dim, 1)
     kv_heads, inter = max(heads // 2, 1), hidden * 2
     head_dim = hidden // heads

@@ -350,3 +350,18 @@ def test_generation_never_picks_an_id_the_tokenizer_cannot_decode(padded, tmp_pa
     sampling = Sampling(temp=2.0, seed=1)
     sampled = generate(lm, PROMPT, max_tokens=48, ignore_eos=True, sampling=sampling).tokens
     assert max(sampled) < size
+
+
+def test_a_filled_vocabulary_decodes_every_id(tmp_path):
+    """`fill_vocab` (the serve benchmark's model): every embedding row is a token, so nothing
+    is masked and a generated token's text tokenizes back to that token."""
+    from mlxlocal.decoding import decodable_only
+    from mlxlocal.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path / "plain", vocab=640)
+    build_tiny_checkpoint(tmp_path / "filled", vocab=640, fill_vocab=True)
+    plain, filled = load_tokenizer(tmp_path / "plain"), load_tokenizer(tmp_path / "filled")
+    assert len(plain.get_vocab()) < 640 == len(filled.get_vocab())
+    assert decodable_only(plain, 640) is not None and decodable_only(filled, 640) is None
+    assert filled.encode(plain.decode([5, 200]), add_special_tokens=False) == [5, 200]
+    assert filled.encode(filled.decode([600, 639]), add_special_tokens=False) == [600, 639]
