@@ -19,9 +19,9 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from mlxlocal.cli import cli  # noqa: E402
-from mlxlocal.errors import MlxLocalError  # noqa: E402
-from mlxlocal.plan import (  # noqa: E402
+from mlxlocal.cli import cli
+from mlxlocal.errors import MlxLocalError
+from mlxlocal.plan import (
     inference_estimate,
     memory_warning,
     model_config,
@@ -29,7 +29,7 @@ from mlxlocal.plan import (  # noqa: E402
     plan_recipe,
     training_estimate,
 )
-from mlxlocal.recipe import Recipe  # noqa: E402
+from mlxlocal.recipe import Recipe
 
 CONFIG_C = {
     "model_type": "qwen2",
