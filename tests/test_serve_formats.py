@@ -156,7 +156,7 @@ def test_openai_parse_with_a_pydantic_model(client, tiny_lm):
 
 def test_constrained_and_free_streams_together_equal_each_alone(live, client, tiny_lm):
     """One batch mixes sequences with a mask (each its own matcher) and without one; only the
-    constrained ones carry a logits processor (any processor sends mlx-lm's batch down its
+    constrained ones carry a logits processor (any processor sends the batch down its
     per-sequence path, so a batch of free requests must have none)."""
     formats = [schema_format(), None, {"type": "json_object"}, None]
     jobs = [(t, formats[i % 4], 8 + 5 * (i % 3)) for i, t in enumerate(TEXTS * 3)]
@@ -182,9 +182,9 @@ def test_constrained_and_free_streams_together_equal_each_alone(live, client, ti
     gen = live.engine._gens[client.base_model]
     inserted, insert = [], gen.insert
 
-    def spy(prompts, *args, logits_processors=None, **kwargs):
-        inserted.extend(bool(p) for p in logits_processors or [[]] * len(prompts))
-        return insert(prompts, *args, logits_processors=logits_processors, **kwargs)
+    def spy(prompt, *args, logits_processors=(), **kwargs):
+        inserted.append(bool(logits_processors))
+        return insert(prompt, *args, logits_processors=logits_processors, **kwargs)
 
     gen.insert = spy
     try:

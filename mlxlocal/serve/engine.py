@@ -1,7 +1,7 @@
-"""The serving loop: one thread owns the model and mlx-lm's `BatchGenerator`s; requests join and
-leave between decode steps (continuous batching, as `batch` does).
+"""The serving loop: one thread owns the model and its decode batches (`batching.DecodeBatch`);
+requests join and leave between decode steps (continuous batching).
 
-Each model id (the base, and each adapter over it) has its own generator, since one forward pass
+Each model id (the base, and each adapter over it) has its own batch, since one forward pass
 runs one set of weights: sequences for the same id share a batch, and every step advances each
 id's batch in turn. A bounded number of requests run at once (`max_concurrency`); a bounded number
 more wait (`queue`); past that `submit` refuses (the HTTP layer answers 429). A cancelled request
@@ -26,6 +26,7 @@ from typing import Any
 from ..constraints import ConstrainedAnswer
 from ..errors import MlxLocalError
 from ..generate import Answer, LoadedModel, Sampling
+from .batching import DecodeBatch
 
 log = logging.getLogger("mlxlocal.serve")
 
@@ -190,13 +191,16 @@ class Engine:
 
     def _loop(self) -> None:
         import mlx.core as mx
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
 
         self._mx = mx
         # Ids the tokenizer cannot decode are masked inside the samplers, not by a logits
         # processor: any processor sends mlx-lm's batch down its one-sequence-at-a-time path.
         self._mask = self.lm.decodable_only
         self._greedy = self.lm.batch_sampler(Sampling(temp=0.0))
-        self._gens: dict[str, Any] = {}
+        self._gens: dict[str, DecodeBatch] = {}
+        # As mlx-lm's generators do: on a Mac, keep the model's memory wired while serving.
+        wired = maybe_set_recommended_wired_limit()
         self._running: dict[tuple[str, int], Job] = {}
         self._prefixes = None
         if self.prefix_cache_bytes:
@@ -222,20 +226,19 @@ class Engine:
         for job in list(self._running.values()):
             self._remove(job)
             _deliver(job, Event(error="the server is shutting down"))
-        for gen in self._gens.values():
-            gen.close()
+        if wired is not None:
+            mx.synchronize()
+            mx.set_wired_limit(wired)
 
-    def _generator(self, name: str):
-        from mlx_lm.generate import BatchGenerator
-
+    def _generator(self, name: str) -> DecodeBatch:
         if name not in self._gens:
-            self._gens[name] = BatchGenerator(
+            self._gens[name] = DecodeBatch(
                 self.variants[name],
-                stop_tokens=[[t] for t in sorted(self.lm.stop_ids)],
-                sampler=self._greedy,
-                completion_batch_size=self.max_concurrency,
-                prefill_batch_size=min(self.max_concurrency, 8),
-                prefill_step_size=self.prefill_step_size,
+                frozenset(self.lm.stop_ids),
+                self._greedy,
+                max_rows=self.max_concurrency,
+                prefill_rows=min(self.max_concurrency, 8),
+                prefill_step=self.prefill_step_size,
             )
         return self._gens[name]
 
@@ -243,20 +246,21 @@ class Engine:
         try:
             gen = self._generator(job.model)
             # Only a constrained job gets its mask as a processor; a batch whose sequences have
-            # none stays on mlx-lm's batched path (a mixed one runs the processors per row).
+            # none stays on the batched path (a mixed one runs the processors per row).
             processors = job.sampling.logits_processors() + job.logits_processors
             if job.constrained is not None:
                 processors.append(job.constrained.processor())
             cache, rest = None, job.ids
             if self._prefixes is not None:
                 cache, rest = self._reuse(job)
-            (job.uid,) = gen.insert(
-                [rest],
-                [job.max_tokens],
-                caches=[cache] if cache is not None else None,
-                all_tokens=[job.ids[: len(job.ids) - len(rest)]],
-                samplers=[self._sampler(job.sampling)],
-                logits_processors=[processors],
+            job.uid = gen.insert(
+                rest,
+                job.max_tokens,
+                cache=cache,
+                all_tokens=job.ids[: len(job.ids) - len(rest)],
+                sampler=self._sampler(job.sampling),
+                logits_processors=processors,
+                logprobs=job.top_logprobs is not None,
             )
         except Exception as e:  # noqa: BLE001 - one request fails, the loop goes on
             log.exception("could not start a request")
@@ -285,10 +289,9 @@ class Engine:
         """Take a running job out of its batch (cancelled, or ended on a stop string)."""
         if self._running.pop((job.model, job.uid), None) is not None:
             try:
-                keep = self._prefixes is not None
-                caches = self._gens[job.model].remove([job.uid], return_prompt_caches=keep)
-                for cache, tokens in caches.values():
-                    self._keep_prefix(job.model, tokens, cache)
+                kept = self._gens[job.model].remove(job.uid, keep_cache=self._prefixes is not None)
+                if kept is not None:
+                    self._keep_prefix(job.model, kept[1], kept[0])
             except Exception:  # noqa: BLE001
                 log.exception("could not remove a sequence; its batch starts afresh")
                 self._drop(job.model, "the batch this request was in failed")
@@ -302,7 +305,7 @@ class Engine:
 
     def _step(self, name: str) -> None:
         try:
-            _, responses = self._gens[name].next()
+            responses = self._gens[name].next()
         except Exception as e:  # noqa: BLE001 - the batch fails, the server goes on
             log.exception("a generation step failed")
             self._drop(name, f"generation failed ({type(e).__name__}: {e})")
