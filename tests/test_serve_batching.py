@@ -117,3 +117,21 @@ def test_bad_sequences_are_refused(tiny_lm):
     with pytest.raises(ValueError, match="max_tokens"):
         b.insert([1, 2], 0)
     assert len(b) == 0
+
+
+def test_prompts_are_grouped_by_length():
+    """Admitted prompts are processed in groups of similar lengths (padding costs as much as
+    tokens): short ones together, long ones together, never more than `most` in a group, and a
+    few very short ones not split (each group costs a pass over the weights)."""
+    from types import SimpleNamespace
+
+    from mlxlocal.serve.batching import _groups
+
+    def lengths(sizes, most=8):
+        rows = [SimpleNamespace(prompt=[0] * (n + 1)) for n in sizes]
+        return [[len(r.prompt) - 1 for r in g] for g in _groups(rows, most)]
+
+    assert lengths([60, 11, 61, 10, 12]) == [[10, 11, 12], [60, 61]]
+    assert lengths([1, 3, 2, 0]) == [[0, 1, 2, 3]]
+    assert lengths([40] * 5, most=2) == [[40], [40, 40], [40, 40]]
+    assert lengths([]) == []
