@@ -6,13 +6,17 @@ Each server runs as a child process on a free loopback port (16 sequences decode
 prompts processed at once, for both), answers a warm-up request, then serves the same greedy chat
 requests at each client count: every client sends its requests one after another, all clients at
 once; tok/s is the completion tokens the servers report over the wall time of the whole round.
+Every round has texts of its own, new to both servers: repeated ones would be answered from each
+server's prefix cache (ours holds every recent prompt, mlx_lm.server's 10 by default), which the
+5th-turn figure measures on its own.
 Both servers stay up and the rounds alternate between them (A/B/A/B). Peak memory is each server
 process's peak RSS (from the kernel, via wait4, once it is stopped).
 
 The decode rate at 16 clients: mlx-lm's `BatchGenerator` in a child process, no server,
-decoding 16 of the requests at once, timed once all 16 decode (no prompt processing in the
-time). Each server's 16-client tok/s is also given as a share of it: what its scheduling, prompt
-processing and HTTP leave of the model's batched decoding.
+decoding 16 requests at once, timed once all 16 decode (no prompt processing in the time).
+Each server's 16-client tok/s is also given as a share of it: what its scheduling, prompt
+processing and HTTP leave of mlx-lm's batched decoding (ours decodes with a step of its own,
+`mlxlocal/serve/batching.py`, so its share can pass 1).
 
 The model's tokenizer has a token for every id of its 32000-wide embedding (`fill_vocab`): with
 ids that decode to nothing, mlx_lm.server samples them (answers of "!!!!") and never meets EOS,
@@ -212,10 +216,13 @@ def run(size: str, reps: int, work: Path) -> dict:
     model = model_path(size, work, fill_vocab=True)
     per_client = REQUESTS_PER_CLIENT[size]
     rng = np.random.default_rng(3)
-    texts = [
-        [" ".join(rng.choice(WORDS, n)) for n in rng.integers(8, 60, per_client)]
-        for _ in range(max(CLIENTS))
-    ]
+
+    def fresh(clients: int) -> list[list[str]]:
+        """Texts no server has seen: a prompt sent again would be answered from the prefix
+        cache (each server's holds a different number of them), not measure the batching."""
+        lengths = rng.integers(8, 60, (clients, per_client))
+        return [[" ".join(rng.choice(WORDS, n)) for n in row] for row in lengths]
+
     # The model id each server answers to: ours names the base after its folder; mlx_lm.server
     # takes the path it was started with.
     ids = {"mlxlocal": model.name, "mlx_lm": str(model)}
@@ -232,9 +239,10 @@ def run(size: str, reps: int, work: Path) -> dict:
         rates = []
         for _ in range(reps):
             for n in CLIENTS:
+                texts = fresh(n)  # the same for both servers
                 for name, server in servers.items():
-                    runs[name][n].append(server.round(texts[:n], MAX_TOKENS[size]))
-            rates.append(_decode_rate(model, MAX_TOKENS[size], [c[0] for c in texts]))
+                    runs[name][n].append(server.round(texts, MAX_TOKENS[size]))
+            rates.append(_decode_rate(model, MAX_TOKENS[size], [c[0] for c in fresh(16)]))
         # Time to the first token of turn 5 of a chat, with the prefix cache and without (a
         # fresh conversation each repetition, so no turn is cached before it is sent).
         port = _free_port()

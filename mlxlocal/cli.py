@@ -609,7 +609,8 @@ def _adapter_pair(ctx, param, values) -> dict[str, str]:
     "--prefix-cache",
     default="512MB",
     show_default=True,
-    help="KV caches kept for prompts that share a prefix (chat turns); 0: off.",
+    help="KV caches kept for prompts that share a prefix (chat turns), at most twice "
+    "--max-concurrency of them; 0: off.",
 )
 @click.option("--log-prompts", is_flag=True, help="Put prompt text in the access log.")
 def serve(

@@ -621,3 +621,25 @@ def test_prefix_cache_holds_no_more_than_it_counts(tiny_lm):
         held, kept = mx.get_active_memory() - before, server.engine.kept_bytes - kept
         assert kept > 0
         assert held <= 1.25 * kept, (held, kept)
+
+
+def test_prefix_cache_keeps_twice_max_concurrency_answers(tiny_lm):
+    """Each lookup walks the stored prompts that share the new one's first tokens (every
+    prompt shares the chat template's header), so the store is bounded in entries too: the
+    most recent ones stay, and a chat's next turn still finds its previous answer."""
+    app = create_app(tiny_lm, {}, max_concurrency=2, prefix_cache=256 * 2**20)
+    with LiveServer(app) as server:
+        client = server.client()
+        texts = prompts(7, seed=11)
+        answers = [chat(client, t, model=tiny_lm.path.name, max_tokens=4) for t in texts]
+        assert len(server.engine._prefixes) == 4
+        before = server.engine.reused_tokens
+        messages = [
+            {"role": "user", "content": texts[-1]},
+            {"role": "assistant", "content": answers[-1].choices[0].message.content},
+            {"role": "user", "content": "and then?"},
+        ]
+        client.chat.completions.create(
+            model=tiny_lm.path.name, messages=messages, temperature=0, max_tokens=4
+        )
+        assert server.engine.reused_tokens > before

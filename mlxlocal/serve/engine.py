@@ -8,7 +8,8 @@ more wait (`queue`); past that `submit` refuses (the HTTP layer answers 429). A 
 (a client that went away) leaves its batch at the next step and frees its slot.
 
 With a prefix cache, each finished sequence's KV cache is kept (mlx-lm's `LRUPromptCache`, keyed
-by model id, bounded in bytes, least recently used out first) and a new prompt starts from the
+by model id, bounded in bytes and to twice `max_concurrency` entries, least recently used out
+first) and a new prompt starts from the
 longest stored prefix it shares: a chat client resending its whole conversation each turn has
 only the new turn processed.
 """
@@ -206,7 +207,12 @@ class Engine:
         if self.prefix_cache_bytes:
             from mlx_lm.models.cache import LRUPromptCache
 
-            self._prefixes = LRUPromptCache(max_size=1 << 30, max_bytes=self.prefix_cache_bytes)
+            # Bounded in entries as well as bytes: each lookup walks every stored prompt that
+            # shares the new one's first tokens (a chat template's header is shared by all),
+            # ~0.08 ms an entry on the loop thread, where the model waits for it.
+            self._prefixes = LRUPromptCache(
+                max_size=2 * self.max_concurrency, max_bytes=self.prefix_cache_bytes
+            )
         while True:
             with self._cv:
                 while not (self._stopping or self._waiting or self._cancelled or self._running):
