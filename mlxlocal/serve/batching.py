@@ -58,12 +58,17 @@ class _Row:
 
 @dataclass
 class _Filling:
-    """A group of prompts processed together, one chunk of at most `step` tokens a call."""
+    """A group of prompts processed together, one chunk of at most `prefill_step` tokens a
+    call."""
 
     rows: list[_Row]
     cache: list
     lengths: list[int]  # each row's prompt but its last token
     done: int = 0
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
 
 
 # A prompt group's forward pass costs about this many prompt tokens more than its tokens, padding
@@ -91,7 +96,7 @@ def _groups(rows: list[_Row], most: int) -> list[list[_Row]]:
     return groups[::-1]
 
 
-def _group(rows: list[_Row]) -> _Filling:
+def _prepare(rows: list[_Row]) -> _Filling:
     """Merge `rows`' caches into one batch cache, ready for their prompts, right-padded."""
     # Each row's last prompt token is its first input to a decode step.
     lengths = [len(r.prompt) - 1 for r in rows]
@@ -211,16 +216,16 @@ class DecodeBatch:
             if not self._waiting or room <= 0:
                 return
             admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-            self._filling = [_group(rows) for rows in _groups(admitted, self.prefill_rows)]
+            self._filling = [_prepare(rows) for rows in _groups(admitted, self.prefill_rows)]
         for group in self._filling:
             self._chunk(group)
-        finished = [g for g in self._filling if g.done == max(g.lengths)]
-        self._filling = [g for g in self._filling if g.done < max(g.lengths)]
+        finished = [g for g in self._filling if g.done == g.width]
+        self._filling = [g for g in self._filling if g.done < g.width]
         for group in finished:
             self._join(group)
 
     def _chunk(self, group: _Filling) -> None:
-        width = max(group.lengths)
+        width = group.width
         if group.done == width:
             return
         end = min(group.done + self.prefill_step, width)

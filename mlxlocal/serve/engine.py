@@ -9,9 +9,8 @@ more wait (`queue`); past that `submit` refuses (the HTTP layer answers 429). A 
 
 With a prefix cache, each finished sequence's KV cache is kept (mlx-lm's `LRUPromptCache`, keyed
 by model id, bounded in bytes and to twice `max_concurrency` entries, least recently used out
-first) and a new prompt starts from the
-longest stored prefix it shares: a chat client resending its whole conversation each turn has
-only the new turn processed.
+first) and a new prompt starts from the longest stored prefix it shares: a chat client resending
+its whole conversation each turn has only the new turn processed.
 """
 
 from __future__ import annotations
@@ -196,7 +195,7 @@ class Engine:
 
         self._mx = mx
         # Ids the tokenizer cannot decode are masked inside the samplers, not by a logits
-        # processor: any processor sends mlx-lm's batch down its one-sequence-at-a-time path.
+        # processor: any processor sends the batch down its one-sequence-at-a-time path.
         self._mask = self.lm.decodable_only
         self._greedy = self.lm.batch_sampler(Sampling(temp=0.0))
         self._gens: dict[str, DecodeBatch] = {}
@@ -240,7 +239,7 @@ class Engine:
         if name not in self._gens:
             self._gens[name] = DecodeBatch(
                 self.variants[name],
-                frozenset(self.lm.stop_ids),
+                self.lm.stop_ids,
                 self._greedy,
                 max_rows=self.max_concurrency,
                 prefill_rows=min(self.max_concurrency, 8),
@@ -297,7 +296,8 @@ class Engine:
             try:
                 kept = self._gens[job.model].remove(job.uid, keep_cache=self._prefixes is not None)
                 if kept is not None:
-                    self._keep_prefix(job.model, kept[1], kept[0])
+                    cache, tokens = kept
+                    self._keep_prefix(job.model, tokens, cache)
             except Exception:  # noqa: BLE001
                 log.exception("could not remove a sequence; its batch starts afresh")
                 self._drop(job.model, "the batch this request was in failed")
